@@ -1,0 +1,46 @@
+"""``python -m fttrain +exp=NAME [overrides]``: compose, validate, run.
+
+Under ``accelerate launch`` every rank runs this: each composes the same
+config and writes into the same run directory (``output_root/name`` unless
+``hydra.run.dir`` says otherwise; never a timestamp, which would differ per rank).
+"""
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from fttrain.config.schema import register_configs
+from fttrain.paths import CONF_DIR
+
+register_configs()
+log = logging.getLogger("fttrain")
+
+
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig):
+    from fttrain.config.checks import check_config
+    from fttrain import outputs
+
+    check_config(cfg)  # cross-field rules; types and key names were checked while composing
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    outputs.guard_run_dir(run_dir, cfg.overwrite, cfg.resume_from)
+    if int(os.environ.get("RANK", "0")) == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite:
+            outputs.clear_finished_markers(run_dir)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (run_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(list(HydraConfig.get().overrides.task)))
+
+    from fttrain.recipes import run_task
+
+    metrics = run_task(cfg, run_dir)
+    # Returned for Hydra sweepers (Optuna optimises this value).
+    return (metrics or {}).get("eval_loss")
+
+
+if __name__ == "__main__":
+    main()

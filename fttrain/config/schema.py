@@ -1,0 +1,271 @@
+"""The typed schema of an fttrain run.
+
+Every YAML file under ``conf/`` is merged onto these dataclasses while Hydra
+composes the run, so an unknown key, a misspelled key or a wrong type fails at
+compose time with the full key path (``peft.rr``, ``data.max_length``), before
+any model or dataset is touched.
+
+Config groups whose options carry different knobs (``peft``, ``task``) use one
+dataclass per option, all subclasses of the group's base class. Each YAML of
+such a group starts its defaults list with ``/schema/<group>/<option>@_here_``,
+which types the node as that subclass.
+
+Cross-field rules (this knob only makes sense with that one) live in
+``fttrain.config.checks``, not here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+# --------------------------------------------------------------------- enums
+class AttnImpl(str, Enum):
+    sdpa = "sdpa"
+    flash_attention_2 = "flash_attention_2"
+    eager = "eager"
+
+
+class DataFormat(str, Enum):
+    alpaca = "alpaca"  # instruction / input / output
+    sharegpt = "sharegpt"  # conversations: [{from, value}]
+    messages = "messages"  # OpenAI style: messages: [{role, content}]
+    prompt_completion = "prompt_completion"  # prompt / completion
+    text = "text"  # raw text, every token trained
+
+
+class Overlength(str, Enum):
+    truncate = "truncate"
+    drop = "drop"
+    raise_ = "raise"
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 on a GPU that supports it, fp32 otherwise
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class DistPlan(str, Enum):
+    single = "single"
+    ddp = "ddp"
+
+
+# ------------------------------------------------------------------- model
+@dataclass
+class TinyModelConfig:
+    """Shape of the offline tiny Llama built by ``fttrain.models.tiny``."""
+
+    vocab_size: int = 384
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 512
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    # A hub id, a local directory, or "builtin:tiny-llama" for the offline tiny model.
+    name_or_path: str = MISSING
+    revision: Optional[str] = None
+    tokenizer: Optional[str] = None  # defaults to name_or_path
+    trust_remote_code: bool = False
+    attn_implementation: AttnImpl = AttnImpl.sdpa
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+# -------------------------------------------------------------------- peft
+@dataclass
+class PeftConfig:
+    method: str = MISSING
+
+
+@dataclass
+class FullConfig(PeftConfig):
+    method: str = "full"
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    method: str = "lora"
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    bias: str = "none"  # none | all | lora_only
+    # Presets "attention" and "all_linear" are resolved per architecture;
+    # anything else is taken as a module name.
+    target_modules: List[str] = field(default_factory=lambda: ["all_linear"])
+    modules_to_save: List[str] = field(default_factory=list)
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: str = "default"  # default | gaussian | pissa
+
+
+@dataclass
+class QLoraConfig(LoraConfig):
+    method: str = "qlora"
+    bits: int = 4  # 4 (nf4/fp4) or 8
+    quant_type: str = "nf4"  # nf4 | fp4
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    # Needed for ZeRO-3 / FSDP: must equal the compute dtype there.
+    quant_storage: Optional[str] = None
+
+
+# -------------------------------------------------------------------- task
+@dataclass
+class GenerationEvalConfig:
+    """Greedy generation on held-out prompts before and after training."""
+
+    num_samples: int = 8  # prompts written to samples.jsonl
+    exact_match_samples: int = 0  # >0: score exact match on this many eval rows
+    max_new_tokens: int = 48
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+
+
+@dataclass
+class SFTTaskConfig(TaskConfig):
+    name: str = "sft"
+    # Train only on assistant tokens (and their end-of-turn). Needs a chat
+    # template with {% generation %} markers for chat data.
+    assistant_only_loss: bool = True
+    generation_eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
+
+
+@dataclass
+class PretrainTaskConfig(TaskConfig):
+    """Continued pretraining on raw text; every token trained."""
+
+    name: str = "pt"
+    generation_eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
+
+
+# -------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    # A local .jsonl/.json/.csv/.parquet file, a `datasets` name or path, or
+    # "builtin:<name>" for a generated data set (see fttrain.data.synthetic).
+    train: str = MISSING
+    eval: Optional[str] = None  # a file; otherwise eval_fraction of train
+    eval_fraction: float = 0.05
+    split_seed: int = 1234
+    train_split: str = "train"  # for `datasets` sources
+    format: DataFormat = DataFormat.messages
+    # Column names that differ from the format's defaults, e.g. {messages: conversation}.
+    columns: Dict[str, str] = field(default_factory=dict)
+    # Role names in the data mapped to system/user/assistant (sharegpt: human->user, gpt->assistant).
+    role_map: Dict[str, str] = field(default_factory=dict)
+    system_prompt: Optional[str] = None  # prepended to every chat without one
+    # "tokenizer" uses the model's own template; a name picks a shipped template
+    # (fttrain/data/templates/<name>.jinja) that has {% generation %} markers.
+    chat_template: str = "tokenizer"
+    max_length: int = 1024  # longer sequences cost memory quadratically in eager attention
+    overlength: Overlength = Overlength.truncate
+    # strict: a bad row raises with its index and field. lenient: it is dropped and counted.
+    strict: bool = True
+    packing: bool = True  # best-fit-decreasing, padding-free; faster, same loss
+    max_samples: Optional[int] = None  # cap on training rows, for smoke tests
+    num_proc: int = 1
+
+
+# -------------------------------------------------------------- dist, prec
+@dataclass
+class DistConfig:
+    plan: DistPlan = DistPlan.ddp
+    # Set it to make fttrain refuse a launch that did not start this many
+    # processes (e.g. `accelerate launch --num_processes 2` without --multi_gpu
+    # starts one).
+    expected_world_size: Optional[int] = None
+    backend: Optional[str] = None  # None: nccl on GPU, gloo on CPU
+    ddp_find_unused_parameters: bool = False
+    timeout_minutes: int = 30
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: Precision = Precision.auto
+
+
+# ----------------------------------------------------------------- trainer
+@dataclass
+class TrainerConfig:
+    micro_batch_size: int = 4  # per device; packed rows hold several samples each
+    gradient_accumulation_steps: int = 1
+    # If set, accumulation is derived: global = micro x accumulation x world size.
+    global_batch_size: Optional[int] = None
+    max_steps: int = -1  # >0 overrides num_epochs
+    num_epochs: float = 1.0
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    gradient_checkpointing: bool = False  # less activation memory, ~30% slower steps
+    logging_steps: int = 1
+    eval_steps: Optional[int] = None  # None: evaluate once at the end
+    save_steps: Optional[int] = None  # None: save only the final model
+    save_total_limit: int = 2
+    dataloader_num_workers: int = 0
+    seed: int = 42
+    # Debug aid: each rank writes the ids of the samples it trained on.
+    record_sample_ids: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    report_to: List[str] = field(default_factory=list)  # tensorboard | wandb | mlflow
+    project: Optional[str] = None
+    progress_bar: bool = True
+
+
+# ------------------------------------------------------------------ run
+@dataclass
+class FTConfig:
+    name: str = MISSING  # the experiment's name; the run dir is output_root/name
+    output_root: str = "outputs"
+    # null | "auto" (newest checkpoint in the run dir) | a checkpoint path
+    resume_from: Optional[str] = None
+    # Allow reusing a run dir that holds a finished run (its files are replaced).
+    overwrite: bool = False
+    model: ModelConfig = MISSING
+    peft: PeftConfig = MISSING
+    task: TaskConfig = MISSING
+    data: DataConfig = MISSING
+    dist: DistConfig = MISSING
+    precision: PrecisionConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+
+
+GROUP_SCHEMAS: Dict[str, Dict[str, Any]] = {
+    "model": {"model": ModelConfig},
+    "peft": {"full": FullConfig, "lora": LoraConfig, "qlora": QLoraConfig},
+    "task": {"sft": SFTTaskConfig, "pt": PretrainTaskConfig},
+    "data": {"data": DataConfig},
+    "dist": {"dist": DistConfig},
+    "precision": {"precision": PrecisionConfig},
+    "trainer": {"trainer": TrainerConfig},
+    "logger": {"logger": LoggerConfig},
+}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="fttrain_schema", node=FTConfig)
+    for group, options in GROUP_SCHEMAS.items():
+        for option, node in options.items():
+            cs.store(group=f"schema/{group}", name=option, node=node)

@@ -1,0 +1,136 @@
+"""From ``cfg.data`` to training rows: load, split, validate, tokenize, pack.
+
+Nothing is dropped silently: every row that does not reach training is
+counted under its reason in the report (``data_report.json`` in the run dir),
+and in strict mode (the default) a bad row stops the run with its file, row
+index and field.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from fttrain.data.formats import Example, Formatter, RowError
+from fttrain.data.packing import as_rows, pack
+from fttrain.data.sources import DataError, load_rows
+from fttrain.data.tokenize import Tokenizer, TemplateError, apply_overlength, count_trained
+
+
+@dataclass
+class SplitData:
+    rows: List[Dict]  # what the trainer iterates: packed or one sample per row
+    examples: Dict[int, Example]  # kept examples by row id, for generation eval
+    report: Dict = field(default_factory=dict)
+
+
+@dataclass
+class PreparedData:
+    train: SplitData
+    eval: Optional[SplitData]
+
+    @property
+    def report(self) -> Dict:
+        out = {"train": self.train.report}
+        if self.eval is not None:
+            out["eval"] = self.eval.report
+        return out
+
+
+def split_train_eval(rows: List[Dict], fraction: float, seed: int):
+    """Deterministic held-out split; returns (train ids, eval ids) in file order."""
+    ids = list(range(len(rows)))
+    n_eval = int(round(len(rows) * fraction))
+    if fraction > 0 and n_eval == 0 and len(rows) > 1:
+        n_eval = 1
+    held = set(random.Random(seed).sample(ids, n_eval))
+    return [i for i in ids if i not in held], sorted(held)
+
+
+def _process(
+    source: str,
+    rows: List[Dict],
+    ids: List[int],
+    formatter: Formatter,
+    tokenizer: Tokenizer,
+    data_cfg,
+) -> SplitData:
+    policy = data_cfg.overlength.value if hasattr(data_cfg.overlength, "value") else str(data_cfg.overlength)
+    dropped: Counter = Counter()
+    truncated = 0
+    samples, examples = [], {}
+    for i in ids:
+        try:
+            ex = formatter(rows[i])
+        except RowError as e:
+            if data_cfg.strict:
+                raise DataError(
+                    f"{source} row {i}: {e} (field '{e.field}'). Fix the row, or set data.strict=false to drop "
+                    "such rows with a count."
+                ) from None
+            dropped[e.reason] += 1
+            continue
+        ids_, labels = tokenizer(ex)
+        if tokenizer.assistant_only_loss and count_trained(labels) == 0 and len(ids_) <= data_cfg.max_length:
+            raise TemplateError(
+                f"{source} row {i}: the chat template marked no assistant tokens. Its template has no "
+                "{% generation %} markers; set data.chat_template=llama3 (or chatml), or task.assistant_only_loss=false."
+            )
+        sample, outcome = apply_overlength(ids_, labels, data_cfg.max_length, policy)
+        if outcome == "raise":
+            raise DataError(
+                f"{source} row {i}: {len(ids_)} tokens is longer than data.max_length={data_cfg.max_length}. "
+                "Set data.overlength=truncate or drop, or raise data.max_length."
+            )
+        if sample is None:
+            dropped[outcome] += 1
+            continue
+        truncated += outcome == "truncated"
+        sample["sample_id"] = i
+        samples.append(sample)
+        examples[i] = ex
+    if not samples:
+        raise DataError(f"{source}: no usable rows out of {len(ids)} (dropped: {dict(dropped)})")
+    packed_rows = pack(samples, data_cfg.max_length) if data_cfg.packing else as_rows(samples)
+    n_tokens = sum(len(s["input_ids"]) for s in samples)
+    report = {
+        "source": source,
+        "rows": len(ids),
+        "kept": len(samples),
+        "dropped": dict(dropped),
+        "truncated": truncated,
+        "tokens": n_tokens,
+        "trained_tokens": sum(count_trained(s["labels"]) for s in samples),
+        "rows_after_packing": len(packed_rows),
+    }
+    if data_cfg.packing:
+        report["packing_efficiency"] = round(n_tokens / (len(packed_rows) * data_cfg.max_length), 4)
+    return SplitData(packed_rows, examples, report)
+
+
+def prepare_data(data_cfg, tokenizer, chat_template: Optional[str], assistant_only_loss: bool) -> PreparedData:
+    fmt = data_cfg.format.value if hasattr(data_cfg.format, "value") else str(data_cfg.format)
+    formatter = Formatter(fmt, dict(data_cfg.columns), dict(data_cfg.role_map), data_cfg.system_prompt)
+    tok = Tokenizer(tokenizer, chat_template, assistant_only_loss)
+
+    rows = load_rows(data_cfg.train, data_cfg.train_split)
+    if data_cfg.eval:
+        train_ids, eval_ids, eval_rows = list(range(len(rows))), None, load_rows(data_cfg.eval, "validation")
+    elif data_cfg.eval_fraction > 0:
+        train_ids, eval_ids = split_train_eval(rows, data_cfg.eval_fraction, data_cfg.split_seed)
+        eval_rows = rows
+    else:
+        train_ids, eval_ids, eval_rows = list(range(len(rows))), None, None
+    if data_cfg.max_samples is not None:
+        train_ids = train_ids[: data_cfg.max_samples]
+
+    train = _process(data_cfg.train, rows, train_ids, formatter, tok, data_cfg)
+    evaluation = None
+    if eval_rows is not None:
+        eval_source = data_cfg.eval or f"{data_cfg.train} (held-out {data_cfg.eval_fraction:.0%})"
+        if eval_ids is None:
+            eval_ids = list(range(len(eval_rows)))
+        evaluation = _process(eval_source, eval_rows, eval_ids, formatter, tok, data_cfg)
+    return PreparedData(train, evaluation)

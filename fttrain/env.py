@@ -1,0 +1,87 @@
+"""What the machine and the launcher give us: device, precision, world size.
+
+Two traps this module exists for (seen with accelerate 1.15 / torch 2.13):
+* On a machine without CUDA, accelerate must be told it is on CPU
+  (``use_cpu``), or ``accelerate launch --multi_gpu --num_processes N`` runs
+  N independent single-process trainings that never talk to each other.
+* ``accelerate launch --num_processes N`` without ``--multi_gpu`` on a CPU
+  machine starts one process and says nothing. Set
+  ``dist.expected_world_size=N`` to make fttrain refuse that.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+@dataclass
+class Runtime:
+    use_cpu: bool
+    precision: str  # bf16 | fp16 | fp32, resolved
+    launcher_world_size: int
+    rank: int
+    local_rank: int
+
+
+def resolve_precision(requested: str, on_gpu: bool) -> str:
+    if requested == "auto":
+        return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
+    if requested == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
+        raise LaunchError(
+            f"precision=bf16 but {torch.cuda.get_device_name()} has no bf16 support; use precision=fp16 or fp32"
+        )
+    if requested == "fp16" and not on_gpu:
+        raise LaunchError("precision=fp16 needs a GPU (CPU autocast has no fp16 loss scaling); use fp32 or bf16")
+    return requested
+
+
+def detect_runtime(precision_cfg) -> Runtime:
+    on_gpu = torch.cuda.is_available()
+    requested = precision_cfg.dtype.value if hasattr(precision_cfg.dtype, "value") else str(precision_cfg.dtype)
+    return Runtime(
+        use_cpu=not on_gpu,
+        precision=resolve_precision(requested, on_gpu),
+        launcher_world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        rank=int(os.environ.get("RANK", "0")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def check_world_size(realised: int, runtime: Runtime, dist_cfg) -> None:
+    """The world size we train with must be what the launcher started."""
+    if realised != runtime.launcher_world_size:
+        raise LaunchError(
+            f"training world size is {realised} but the launcher started WORLD_SIZE={runtime.launcher_world_size} "
+            "processes: they would train independently. On CPU use "
+            "`accelerate launch --multi_gpu --num_processes N` (fttrain sets use_cpu)."
+        )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        pg = torch.distributed.get_world_size()
+        if pg != realised:
+            raise LaunchError(f"process group has {pg} ranks but the trainer sees {realised}")
+    elif realised > 1:
+        raise LaunchError(f"world size {realised} but no process group was initialised")
+    if dist_cfg.expected_world_size is not None and realised != dist_cfg.expected_world_size:
+        raise LaunchError(
+            f"dist.expected_world_size={dist_cfg.expected_world_size} but {realised} process(es) started. "
+            "`accelerate launch --num_processes N` on a CPU machine needs --multi_gpu to start N processes."
+        )
+    plan = dist_cfg.plan.value if hasattr(dist_cfg.plan, "value") else str(dist_cfg.plan)
+    if plan == "single" and realised != 1:
+        raise LaunchError(f"dist=single but {realised} processes started; use dist=ddp")
+
+
+def peak_memory_bytes(use_cpu: bool) -> int:
+    """Peak GPU memory allocated by torch, or on CPU the process's peak RSS."""
+    if not use_cpu and torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB

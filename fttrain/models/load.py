@@ -1,0 +1,108 @@
+"""Load the tokenizer and the model named by ``cfg.model``.
+
+The same code loads a hub id, a local folder, or the offline tiny model
+(``builtin:tiny-llama``, built on first use). Tests feed it local paths.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from fttrain.models.tiny import BUILTIN_NAME, tiny_model_dir
+
+log = logging.getLogger(__name__)
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "data" / "templates"
+
+
+def resolve_model_path(model_cfg) -> str:
+    if model_cfg.name_or_path == BUILTIN_NAME:
+        return str(tiny_model_dir(model_cfg.tiny))
+    return model_cfg.name_or_path
+
+
+def shipped_templates():
+    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.jinja"))
+
+
+def resolve_chat_template(name: str, tokenizer) -> Optional[str]:
+    """"tokenizer" -> the tokenizer's own template; a shipped name -> that file."""
+    if name == "tokenizer":
+        return getattr(tokenizer, "chat_template", None)
+    path = TEMPLATE_DIR / f"{name}.jinja"
+    if not path.exists():
+        raise ValueError(f"data.chat_template: no shipped template {name!r}; choose one of {shipped_templates()}")
+    return path.read_text()
+
+
+def load_tokenizer(model_cfg, path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_cfg.tokenizer or path,
+        revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer) -> str:
+    """Give the tokenizer a pad token, preferring one that is not EOS.
+
+    Order: its own pad token if distinct from EOS; a reserved pad token the
+    vocabulary already has (Llama 3's <|finetune_right_pad_id|>); its unk
+    token. Only if none exists is EOS reused, which is safe here because the
+    collators mask padding by position, never by ``input_ids == pad``, so EOS
+    stays in the labels and the model learns to stop. Adding a new token is
+    avoided: it would resize the embeddings, which a LoRA adapter does not save.
+    Returns the strategy used, for the run log.
+    """
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
+        return "own"
+    vocab = tokenizer.get_vocab()
+    for candidate in ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]"):
+        if candidate in vocab and vocab[candidate] != eos:
+            tokenizer.pad_token = candidate
+            return f"reserved {candidate}"
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != eos:
+        tokenizer.pad_token = tokenizer.unk_token
+        return "unk"
+    tokenizer.pad_token = tokenizer.eos_token
+    log.warning("tokenizer has no pad token distinct from EOS; padding with EOS (labels keep EOS trained)")
+    return "eos (masked by position)"
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def load_model(model_cfg, path: str, precision: str, quantization_config=None):
+    """Weights are loaded in fp32 for fp16/bf16 mixed precision (the optimizer
+    needs fp32 masters), except with pure-bf16 on GPU where bf16 weights save
+    half the memory; quantised models load in their compute dtype."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    kwargs = dict(
+        revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+        attn_implementation=model_cfg.attn_implementation.value
+        if hasattr(model_cfg.attn_implementation, "value")
+        else str(model_cfg.attn_implementation),
+        dtype=dtype,
+    )
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model
+
+
+def param_counts(model) -> Tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

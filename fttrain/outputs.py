@@ -1,0 +1,125 @@
+"""The run directory: the output contract later stages and users rely on.
+
+    <run_dir>/
+      config.yaml          resolved config of this run
+      overrides.yaml       the command-line overrides
+      run_info.json        batch arithmetic, world size, versions, pad strategy
+      data_report.json     rows kept, dropped (per reason) and truncated, per split
+      model/               adapter (PEFT) or full model, plus tokenizer, HF format
+      metrics.json         final metrics (see METRIC_KEYS)
+      train_log.jsonl      one line per logged step: loss, grad_norm, lr, eval_loss
+      loss_curve.png
+      samples.jsonl        generations on eval prompts after training
+      checkpoints/         trainer checkpoints, when trainer.save_steps is set
+      ranks/rank<r>.json   per-rank record: sample ids trained on, weight hash
+      train_rank<r>.log    each rank's log
+      COMPLETE             written last; its presence means every file above is whole
+
+A directory with COMPLETE is never overwritten unless ``overwrite=true``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Dict, List
+
+METRIC_KEYS = [
+    "train_loss",
+    "eval_loss",
+    "train_tokens_per_second",
+    "padding_fraction",
+    "peak_memory_bytes",
+    "trainable_params",
+    "total_params",
+    "world_size",
+    "global_batch_size",
+    "steps",
+]
+COMPLETE = "COMPLETE"
+
+
+class RunDirError(RuntimeError):
+    pass
+
+
+def guard_run_dir(run_dir: Path, overwrite: bool, resume_from) -> None:
+    """Refuse to clobber a finished run, or restart over an unfinished one."""
+    if overwrite or resume_from is not None:
+        return
+    if (run_dir / COMPLETE).exists():
+        raise RunDirError(
+            f"{run_dir} holds a finished run. Choose another directory (name=OTHER or hydra.run.dir=PATH), "
+            "continue it from its last checkpoint with resume_from=auto (and a larger trainer.max_steps), "
+            "or replace it with overwrite=true."
+        )
+    ckpts = run_dir / "checkpoints"
+    if ckpts.is_dir() and any(ckpts.glob("checkpoint-*")):
+        raise RunDirError(
+            f"{run_dir} holds an unfinished run with checkpoints. Continue it with resume_from=auto, "
+            "or start over with overwrite=true, or choose another directory (name=OTHER or hydra.run.dir=PATH)."
+        )
+
+
+def clear_finished_markers(run_dir: Path) -> None:
+    for name in (COMPLETE, "metrics.json"):
+        p = run_dir / name
+        if p.exists():
+            p.unlink()
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: List[Dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Swap a fully written folder into place; a reader sees the old one or the new one."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def plot_loss_curve(log_rows: List[Dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in log_rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in log_rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (per trained token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def mark_complete(run_dir: Path) -> None:
+    (run_dir / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")

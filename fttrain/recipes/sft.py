@@ -1,0 +1,328 @@
+"""Causal-LM fine-tuning recipe (tasks ``sft`` and ``pt``), top to bottom:
+
+    setup      runtime (device, precision, ranks) -> tokenizer -> data -> model + PEFT -> trainer
+    train      generations before, train, eval loss, generations after
+    save       model/ (atomically), metrics.json, loss curve, samples, COMPLETE
+
+Every rank runs this file; only rank 0 writes shared files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fttrain import outputs
+from fttrain.config.checks import check_tokenizer_template
+from fttrain.data.pipeline import prepare_data
+from fttrain.data.packing import PackedCollator, PaddingCollator
+from fttrain.data.tokenize import IGNORE
+from fttrain.env import LaunchError, check_world_size, detect_runtime, peak_memory_bytes
+from fttrain.generation_eval import exact_match, generate_answers
+from fttrain.models.load import (
+    ensure_pad_token,
+    load_model,
+    load_tokenizer,
+    param_counts,
+    resolve_chat_template,
+    resolve_model_path,
+)
+from fttrain.peft_setup import apply_peft, quantization_config
+
+log = logging.getLogger("fttrain")
+
+
+def _v(x):
+    return x.value if hasattr(x, "value") else x
+
+
+def render_marked_sample(tokenizer, row) -> str:
+    """One training row as text, trained tokens in [[...]], for the start-up log."""
+    parts, cur, trained = [], [], None
+    for tok, lab in zip(row["input_ids"], row["labels"]):
+        t = lab != IGNORE
+        if trained is not None and t != trained:
+            parts.append((trained, cur))
+            cur = []
+        cur.append(tok)
+        trained = t
+    parts.append((trained, cur))
+    return "".join(
+        f"[[{tokenizer.decode(ids)}]]" if t else tokenizer.decode(ids) for t, ids in parts
+    )
+
+
+class SFTRecipe:
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+
+    # ------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.runtime = detect_runtime(cfg.precision)
+        self.args = self._training_args()  # initialises the process group
+        check_world_size(self.args.world_size, self.runtime, cfg.dist)
+        self.is_main = self.args.process_index == 0
+        self._batch_arithmetic()
+
+        path = resolve_model_path(cfg.model)
+        self.model_path = path
+        self.tokenizer = load_tokenizer(cfg.model, path)
+        self.pad_strategy = ensure_pad_token(self.tokenizer)
+        self.chat_template = resolve_chat_template(cfg.data.chat_template, self.tokenizer)
+        check_tokenizer_template(cfg, self.chat_template)
+
+        assistant_only = bool(getattr(cfg.task, "assistant_only_loss", False))
+        self.data = prepare_data(cfg.data, self.tokenizer, self.chat_template, assistant_only)
+        if self.is_main:
+            log.info("data: %s", self.data.report)
+            log.info("sample with trained tokens in [[...]]:\n%s", render_marked_sample(self.tokenizer, self._first_sample()))
+            outputs.write_json(self.run_dir / "data_report.json", self.data.report)
+
+        quant = quantization_config(cfg.peft)
+        # Frozen base weights may live in bf16; fully trained weights stay fp32
+        # masters under autocast.
+        load_precision = "bf16" if self.runtime.precision == "bf16" and cfg.peft.method != "full" else "fp32"
+        model = load_model(cfg.model, path, load_precision, quantization_config=quant)
+        model.config.use_cache = False  # packed batches and checkpointing both need it off
+        if cfg.trainer.gradient_checkpointing:
+            log.info("gradient checkpointing on: use_cache turned off")
+        self.model = apply_peft(model, cfg.peft, cfg.trainer.gradient_checkpointing)
+        self.trainable, self.total = param_counts(self.model)
+        if self.is_main:
+            log.info(
+                "parameters: %d trainable of %d (%.4f%%)", self.trainable, self.total, 100 * self.trainable / self.total
+            )
+        self.trainer = self._trainer()
+
+    def _first_sample(self):
+        row = self.data.train.rows[0]
+        if "position_ids" not in row:
+            return row
+        end = row["position_ids"][1:].index(0) + 1 if 0 in row["position_ids"][1:] else len(row["input_ids"])
+        return {"input_ids": row["input_ids"][:end], "labels": row["labels"][:end]}
+
+    def _training_args(self):
+        from transformers import TrainingArguments
+
+        cfg, rt, t = self.cfg, self.runtime, self.cfg.trainer
+        has_eval = cfg.data.eval is not None or cfg.data.eval_fraction > 0
+        report_to = list(cfg.logger.report_to) or "none"
+        if cfg.logger.project and "wandb" in (report_to if isinstance(report_to, list) else []):
+            os.environ.setdefault("WANDB_PROJECT", cfg.logger.project)
+        return TrainingArguments(
+            output_dir=str(self.run_dir / "checkpoints"),
+            run_name=cfg.name,
+            per_device_train_batch_size=t.micro_batch_size,
+            per_device_eval_batch_size=t.micro_batch_size,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            max_steps=t.max_steps,
+            num_train_epochs=t.num_epochs,
+            learning_rate=t.learning_rate,
+            lr_scheduler_type=t.lr_scheduler,
+            warmup_steps=t.warmup_ratio,  # < 1: a fraction of the total steps
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm,
+            optim=t.optim,
+            gradient_checkpointing=t.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+            logging_steps=t.logging_steps,
+            eval_strategy="steps" if (t.eval_steps and has_eval) else "no",
+            eval_steps=t.eval_steps,
+            save_strategy="steps" if t.save_steps else "no",
+            save_steps=t.save_steps or 500,
+            save_total_limit=t.save_total_limit,
+            bf16=rt.precision == "bf16",
+            fp16=rt.precision == "fp16",
+            use_cpu=rt.use_cpu,
+            # Only under a multi-process launch: a backend with one process makes
+            # accelerate look for a process group that does not exist.
+            ddp_backend=(cfg.dist.backend or ("gloo" if rt.use_cpu else None)) if rt.launcher_world_size > 1 else None,
+            ddp_find_unused_parameters=cfg.dist.ddp_find_unused_parameters,
+            ddp_timeout=cfg.dist.timeout_minutes * 60,
+            average_tokens_across_devices=True,  # loss / trained tokens of the whole global batch
+            seed=t.seed,
+            data_seed=t.seed,
+            remove_unused_columns=False,
+            dataloader_num_workers=t.dataloader_num_workers,
+            disable_tqdm=not cfg.logger.progress_bar,
+            report_to=report_to,
+        )
+
+    def _batch_arithmetic(self) -> None:
+        t, world = self.cfg.trainer, self.args.world_size
+        if t.global_batch_size is not None:
+            per_step = t.micro_batch_size * world
+            if t.global_batch_size % per_step:
+                raise LaunchError(
+                    f"trainer.global_batch_size={t.global_batch_size} cannot be reached with "
+                    f"trainer.micro_batch_size={t.micro_batch_size} x {world} rank(s); it must be a multiple of {per_step}"
+                )
+            self.args.gradient_accumulation_steps = t.global_batch_size // per_step
+        accum = self.args.gradient_accumulation_steps
+        self.global_batch = t.micro_batch_size * accum * world
+        max_len = self.cfg.data.max_length
+        unit = "packed rows" if self.cfg.data.packing else "samples"
+        self.batch_info = {
+            "micro_batch_size": t.micro_batch_size,
+            "gradient_accumulation_steps": accum,
+            "world_size": world,
+            "global_batch_size": self.global_batch,
+            "global_batch_unit": unit,
+            "max_tokens_per_step": self.global_batch * max_len,
+        }
+        if self.args.process_index == 0:
+            log.info(
+                "global batch = %d micro x %d accumulation x %d rank(s) = %d %s per step; <= %d x %d = %d tokens per step",
+                t.micro_batch_size, accum, world, self.global_batch, unit, self.global_batch, max_len,
+                self.global_batch * max_len,
+            )
+
+    def _trainer(self):
+        from fttrain.trainer import FTTrainer, JsonlLogCallback
+
+        pad = self.tokenizer.pad_token_id
+        if self.cfg.data.packing:
+            flatten = _v(self.cfg.model.attn_implementation) == "flash_attention_2"
+            collator = PackedCollator(pad, flatten=flatten)
+        else:
+            collator = PaddingCollator(pad)
+        return FTTrainer(
+            model=self.model,
+            args=self.args,
+            train_dataset=self.data.train.rows,
+            eval_dataset=self.data.eval.rows if self.data.eval else None,
+            data_collator=collator,
+            processing_class=self.tokenizer,
+            callbacks=[JsonlLogCallback(self.run_dir / "train_log.jsonl")],
+            record_sample_ids=self.cfg.trainer.record_sample_ids,
+        )
+
+    # ------------------------------------------------------------ train
+    def _generation_eval(self, when: str):
+        gen_cfg = getattr(self.cfg.task, "generation_eval", None)
+        if gen_cfg is None or self.data.eval is None or not self.is_main:
+            return None
+        n = max(gen_cfg.num_samples, gen_cfg.exact_match_samples)
+        if n <= 0:
+            return None
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        results = generate_answers(
+            model, self.tokenizer, self.chat_template, self.data.eval.examples, n, gen_cfg.max_new_tokens
+        )
+        if not results:
+            return None
+        scored = results[: gen_cfg.exact_match_samples] if gen_cfg.exact_match_samples else []
+        em = exact_match(scored) if scored else None
+        if em is not None:
+            log.info("eval exact match %s training: %.3f on %d held-out rows", when, em, len(scored))
+        return {"results": results, "exact_match": em, "n": len(scored)}
+
+    def train(self) -> None:
+        cfg = self.cfg
+        self.before = self._generation_eval("before")
+        self.trainer.accelerator.wait_for_everyone()
+        resume = cfg.resume_from
+        if resume == "auto":
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume = get_last_checkpoint(str(self.run_dir / "checkpoints"))
+            if resume is None:
+                log.warning("resume_from=auto: no checkpoint in %s, starting fresh", self.run_dir / "checkpoints")
+        start = time.time()
+        self.train_output = self.trainer.train(resume_from_checkpoint=resume)
+        self.train_seconds = time.time() - start
+        self.eval_metrics = self.trainer.evaluate() if self.data.eval is not None else {}
+        self.after = self._generation_eval("after")
+
+    # ------------------------------------------------------------- save
+    def save(self) -> dict:
+        from fttrain.trainer import write_rank_record
+
+        trainer, run_dir = self.trainer, self.run_dir
+        real, slots = trainer.global_token_counts()
+        peak = peak_memory_bytes(self.runtime.use_cpu)
+        peaks = trainer.accelerator.gather(torch.tensor([peak], device=self.args.device)).max().item()
+        write_rank_record(trainer, run_dir)
+
+        tmp = run_dir / "model.tmp"
+        trainer.save_model(str(tmp))  # gathers sharded weights; writes on rank 0 only
+        trainer.accelerator.wait_for_everyone()
+        if not self.is_main:
+            return {}
+        self.tokenizer.save_pretrained(tmp)
+        outputs.publish_dir(tmp, run_dir / "model")
+
+        train_metrics = self.train_output.metrics
+        runtime_s = train_metrics.get("train_runtime", self.train_seconds)
+        metrics = {
+            "train_loss": self.train_output.training_loss,
+            "eval_loss": self.eval_metrics.get("eval_loss"),
+            "train_tokens_per_second": real / runtime_s if runtime_s else None,
+            "train_tokens": real,
+            "padding_fraction": 1 - real / slots if slots else 0.0,
+            "peak_memory_bytes": int(peaks),
+            "peak_memory_kind": "cpu_max_rss" if self.runtime.use_cpu else "cuda_max_allocated",
+            "trainable_params": self.trainable,
+            "total_params": self.total,
+            "trainable_percent": 100 * self.trainable / self.total,
+            "world_size": self.args.world_size,
+            "global_batch_size": self.global_batch,
+            "steps": trainer.state.global_step,
+            "train_runtime_seconds": runtime_s,
+            "precision": self.runtime.precision,
+        }
+        for when, res in (("before", self.before), ("after", self.after)):
+            if res and res["exact_match"] is not None:
+                metrics[f"eval_exact_match_{when}"] = res["exact_match"]
+        log_rows = [{"step": r.get("step"), **r} for r in trainer.state.log_history]
+        outputs.plot_loss_curve(log_rows, run_dir / "loss_curve.png")
+        if self.after:
+            outputs.write_jsonl(run_dir / "samples.jsonl", self.after["results"][: max(1, self.cfg.task.generation_eval.num_samples)])
+        outputs.write_json(run_dir / "metrics.json", metrics)
+        outputs.mark_complete(run_dir)
+        log.info("metrics: %s", {k: metrics[k] for k in outputs.METRIC_KEYS})
+        if "eval_exact_match_after" in metrics:
+            log.info(
+                "held-out exact match: %.3f before -> %.3f after training",
+                metrics.get("eval_exact_match_before", float("nan")), metrics["eval_exact_match_after"],
+            )
+        log.info("run directory: %s", run_dir)
+        return metrics
+
+
+def write_run_info(cfg: DictConfig, run_dir: Path, recipe: SFTRecipe) -> None:
+    import accelerate
+    import peft
+    import transformers
+
+    info = {
+        "name": cfg.name,
+        "model_path": recipe.model_path,
+        "batch": recipe.batch_info,
+        "precision": recipe.runtime.precision,
+        "device": "cpu" if recipe.runtime.use_cpu else torch.cuda.get_device_name(),
+        "pad_token_strategy": recipe.pad_strategy,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "accelerate": accelerate.__version__,
+        },
+    }
+    outputs.write_json(run_dir / "run_info.json", info)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    recipe = SFTRecipe(cfg, run_dir)
+    recipe.setup()
+    if recipe.is_main:
+        write_run_info(cfg, run_dir, recipe)
+    recipe.train()
+    return recipe.save()

@@ -1,0 +1,135 @@
+"""The HF ``Trainer`` with the accounting fttrain's output contract needs.
+
+Why the plain Trainer and not TRL's SFTTrainer: fttrain's data layer already
+formats, masks and packs (``fttrain.data``), so SFTTrainer's own dataset
+preparation would only repeat it. The Trainer brings what we keep: the
+step loop, gradient accumulation with loss normalised by the number of
+trained tokens across micro-batches *and* ranks (``num_items_in_batch``),
+DDP/DeepSpeed/FSDP through accelerate, checkpointing and resume.
+
+Added here:
+* real-token and padding accounting for ``train_tokens_per_second`` and
+  ``padding_fraction``;
+* a guard: a step whose batches hold no trained token never reaches the
+  optimizer (it would divide by zero and poison the weights with NaN);
+* a token-weighted eval loss (the Trainer averages per-batch means);
+* optionally, the ids of the samples each rank trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from fttrain.data.tokenize import IGNORE
+
+
+class ZeroTrainedTokensError(RuntimeError):
+    pass
+
+
+class FTTrainer(Trainer):
+    def __init__(self, *args, record_sample_ids: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.record_sample_ids = record_sample_ids
+        self.real_tokens = 0
+        self.slot_tokens = 0
+        self.seen_sample_ids = []
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batch_samples and num_items is not None and int(num_items) == 0:
+            raise ZeroTrainedTokensError(
+                "an optimizer step would see zero trained tokens; the data layer should have dropped such rows"
+            )
+        return batch_samples, num_items
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        sample_ids = inputs.pop("sample_ids", None)
+        n_real = inputs.pop("num_real_tokens", None)
+        if model.training:
+            self.slot_tokens += inputs["input_ids"].numel()
+            self.real_tokens += int(n_real) if n_real is not None else inputs["input_ids"].numel()
+            if self.record_sample_ids and sample_ids is not None:
+                self.seen_sample_ids.append(sample_ids.tolist())
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    # ------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """Loss = sum of token losses / number of trained tokens, over all ranks."""
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        model = self.model_wrapped if self.model_wrapped is not None else self.model
+        was_training = model.training
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        for inputs in dataloader:
+            inputs = self._prepare_inputs(inputs)
+            inputs.pop("sample_ids", None)
+            inputs.pop("num_real_tokens", None)
+            n = (inputs["labels"][..., 1:] != IGNORE).sum()
+            if n == 0:
+                continue
+            # num_items_in_batch=1 turns the model's mean into a sum over tokens.
+            with self.compute_loss_context_manager():
+                out = model(**inputs, use_cache=False, num_items_in_batch=torch.tensor(1, device=n.device))
+            total += torch.stack([out.loss.double(), n.double()])
+        total = self.accelerator.reduce(total, reduction="sum")
+        if was_training:
+            model.train()
+        metrics = {f"{metric_key_prefix}_loss": float(total[0] / total[1].clamp(min=1))}
+        metrics[f"{metric_key_prefix}_tokens"] = int(total[1])
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def global_token_counts(self):
+        t = torch.tensor([self.real_tokens, self.slot_tokens], dtype=torch.float64, device=self.args.device)
+        t = self.accelerator.reduce(t, reduction="sum")
+        return int(t[0]), int(t[1])
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Streams every log line (per-step loss, grad norm, lr, eval loss) to
+    ``train_log.jsonl`` as it happens, so a crashed run still has its curve."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and not (args.resume_from_checkpoint and self.path.exists()):
+            self.path.write_text("")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def write_rank_record(trainer: FTTrainer, run_dir: Path) -> None:
+    """Each rank writes what it trained on and a fingerprint of its weights.
+    Tests use these to prove that ranks trained on disjoint shards and ended
+    with identical weights."""
+    import hashlib
+
+    rank = trainer.args.process_index
+    h = hashlib.sha256()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    for name, p in sorted(model.named_parameters()):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    folder = Path(run_dir) / "ranks"
+    folder.mkdir(exist_ok=True)
+    record = {
+        "rank": rank,
+        "world_size": trainer.args.world_size,
+        "pid": os.getpid(),
+        "trainable_sha256": h.hexdigest(),
+        "sample_ids_per_micro_batch": trainer.seen_sample_ids,
+    }
+    (folder / f"rank{rank}.json").write_text(json.dumps(record))
