@@ -7,6 +7,7 @@ config and writes into the same run directory (``output_root/name`` unless
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -20,8 +21,27 @@ register_configs()
 log = logging.getLogger("fttrain")
 
 
+def _user_errors():
+    """Errors that are the user's to fix: shown as one clear message, no traceback."""
+    from fttrain.config.checks import ConfigCheckError
+    from fttrain.data.sources import DataError
+    from fttrain.data.tokenize import TemplateError
+    from fttrain.env import LaunchError
+    from fttrain.outputs import RunDirError
+
+    return (ConfigCheckError, DataError, TemplateError, LaunchError, RunDirError)
+
+
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig):
+    try:
+        return _main(cfg)
+    except _user_errors() as e:
+        print(f"fttrain: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
+def _main(cfg: DictConfig):
     from fttrain.config.checks import check_config
     from fttrain import outputs
 

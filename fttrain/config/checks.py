@@ -25,11 +25,43 @@ def _v(x):
     return x.value if hasattr(x, "value") else x
 
 
+def unknown_keys(node, path: str = "") -> List[str]:
+    """Keys that a node's schema does not declare.
+
+    Composing catches misspelled keys, but Hydra's ``+key=value`` opens the
+    struct flag to add a key, so ``+trainer.lerning_rate=1e-4`` would slip
+    through; this walk catches it.
+    """
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    found: List[str] = []
+    if not isinstance(node, DictConfig):
+        return found
+    schema = OmegaConf.get_type(node)
+    declared = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key in node.keys():
+        full = f"{path}.{key}" if path else str(key)
+        if declared is not None and key not in declared:
+            found.append(f"{full}: unknown key (not in {schema.__name__}; check the spelling)")
+            continue
+        if declared is not None:
+            found += unknown_keys(node._get_node(key), full)
+    return found
+
+
 def check_config(cfg: DictConfig) -> None:
-    problems: List[str] = []
+    problems: List[str] = [p for p in unknown_keys(cfg) if not p.startswith("hydra")]
+    if problems:  # the remaining checks read keys and could trip over the unknown ones
+        raise ConfigCheckError(problems)
     data, task, peft, trainer, model = cfg.data, cfg.task, cfg.peft, cfg.trainer, cfg.model
 
     # --- data
+    from fttrain.config.schema import OVERLENGTH_POLICIES
+
+    if data.overlength not in OVERLENGTH_POLICIES:
+        problems.append(f"data.overlength={data.overlength!r} must be one of {list(OVERLENGTH_POLICIES)}")
     if data.max_length < 8:
         problems.append(f"data.max_length={data.max_length} is too small to hold a prompt and a response")
     if not 0.0 <= data.eval_fraction < 1.0:

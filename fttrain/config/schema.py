@@ -39,10 +39,7 @@ class DataFormat(str, Enum):
     text = "text"  # raw text, every token trained
 
 
-class Overlength(str, Enum):
-    truncate = "truncate"
-    drop = "drop"
-    raise_ = "raise"
+OVERLENGTH_POLICIES = ("truncate", "drop", "raise")  # a str, not an Enum: `raise` is a keyword
 
 
 class Precision(str, Enum):
@@ -163,6 +160,7 @@ class DataConfig:
     eval_fraction: float = 0.05
     split_seed: int = 1234
     train_split: str = "train"  # for `datasets` sources
+    eval_split: str = "validation"  # for `datasets` sources given as data.eval
     format: DataFormat = DataFormat.messages
     # Column names that differ from the format's defaults, e.g. {messages: conversation}.
     columns: Dict[str, str] = field(default_factory=dict)
@@ -173,7 +171,7 @@ class DataConfig:
     # (fttrain/data/templates/<name>.jinja) that has {% generation %} markers.
     chat_template: str = "tokenizer"
     max_length: int = 1024  # longer sequences cost memory quadratically in eager attention
-    overlength: Overlength = Overlength.truncate
+    overlength: str = "truncate"  # truncate | drop | raise
     # strict: a bad row raises with its index and field. lenient: it is dropped and counted.
     strict: bool = True
     packing: bool = True  # best-fit-decreasing, padding-free; faster, same loss

@@ -119,7 +119,7 @@ class Formatter:
     def _fmt_alpaca(self, row: Dict) -> Example:
         instruction = self._get(row, "instruction")
         extra = self._get(row, "input", required=False)
-        output = self._get(row, "output")
+        output = self._get(row, "output", allow_empty=True)
         if not isinstance(output, str) or not output.strip():
             raise RowError(self.col("output"), "empty_response", f"field '{self.col('output')}' is an empty response")
         user = f"{instruction}\n\n{extra}" if extra else instruction

@@ -57,7 +57,7 @@ def _process(
     tokenizer: Tokenizer,
     data_cfg,
 ) -> SplitData:
-    policy = data_cfg.overlength.value if hasattr(data_cfg.overlength, "value") else str(data_cfg.overlength)
+    policy = data_cfg.overlength
     dropped: Counter = Counter()
     truncated = 0
     samples, examples = [], {}
@@ -67,7 +67,7 @@ def _process(
         except RowError as e:
             if data_cfg.strict:
                 raise DataError(
-                    f"{source} row {i}: {e} (field '{e.field}'). Fix the row, or set data.strict=false to drop "
+                    f"{source} row {i}: {e}. Fix the row, or set data.strict=false to drop "
                     "such rows with a count."
                 ) from None
             dropped[e.reason] += 1
@@ -117,7 +117,7 @@ def prepare_data(data_cfg, tokenizer, chat_template: Optional[str], assistant_on
 
     rows = load_rows(data_cfg.train, data_cfg.train_split)
     if data_cfg.eval:
-        train_ids, eval_ids, eval_rows = list(range(len(rows))), None, load_rows(data_cfg.eval, "validation")
+        train_ids, eval_ids, eval_rows = list(range(len(rows))), None, load_rows(data_cfg.eval, data_cfg.eval_split)
     elif data_cfg.eval_fraction > 0:
         train_ids, eval_ids = split_train_eval(rows, data_cfg.eval_fraction, data_cfg.split_seed)
         eval_rows = rows

@@ -57,6 +57,18 @@ def render_marked_sample(tokenizer, row) -> str:
     )
 
 
+def _checkpointing_args(on: bool) -> dict:
+    """transformers 5.2x renamed gradient_checkpointing to activation_checkpointing."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    # Non-reentrant checkpointing works with frozen inputs (LoRA) without input grads.
+    return {f"{prefix}_checkpointing": on, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if on else None}
+
+
 class SFTRecipe:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg = cfg
@@ -130,8 +142,7 @@ class SFTRecipe:
             weight_decay=t.weight_decay,
             max_grad_norm=t.max_grad_norm,
             optim=t.optim,
-            gradient_checkpointing=t.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+            **_checkpointing_args(t.gradient_checkpointing),
             logging_steps=t.logging_steps,
             eval_strategy="steps" if (t.eval_steps and has_eval) else "no",
             eval_steps=t.eval_steps,

@@ -1,0 +1,57 @@
+"""Shared fixtures: an isolated cache (tiny model, generated data), no hub access,
+helpers to compose configs and to run fttrain as a user would."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    # One cache per test session, shared by subprocesses: the tiny model is built once.
+    if not os.environ.get("FTTRAIN_CACHE"):
+        import tempfile
+
+        os.environ["FTTRAIN_CACHE"] = tempfile.mkdtemp(prefix="fttrain-test-cache-")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # no test may need the hub
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir():
+    from fttrain.config.schema import TinyModelConfig
+    from fttrain.models.tiny import tiny_model_dir
+
+    return tiny_model_dir(TinyModelConfig())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def compose(overrides=(), return_hydra_config=False):
+    from hydra import compose as hcompose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fttrain.config.schema import register_configs
+    from fttrain.paths import CONF_DIR
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return hcompose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+def run_cli(args, cwd, timeout=600, launcher=None, env=None):
+    """Run `python -m fttrain ARGS` (or under a launcher) in cwd; returns CompletedProcess."""
+    cmd = (launcher or [sys.executable]) + ["-m", "fttrain"] + list(args)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)

@@ -1,0 +1,133 @@
+"""Every experiment composes and validates; bad configs fail at compose time,
+naming the key, before any model or data loads."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import REPO, compose, run_cli
+from fttrain.config.checks import ConfigCheckError, check_config
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "exp").glob("*.yaml"))
+
+
+def test_experiments_are_found():
+    assert {"demo", "demo_pretrain", "llama8b_qlora", "tiny_sft"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(exp):
+    cfg = compose([f"+exp={exp}"])
+    check_config(cfg)
+    # Everything resolves (no missing mandatory values, no broken interpolations).
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert cfg.name == exp
+
+
+def test_every_yaml_starts_with_its_command():
+    for path in (REPO / "conf").rglob("*.yaml"):
+        lines = path.read_text().splitlines()
+        head = lines[1] if lines[0].startswith("# @package") else lines[0]
+        assert head.startswith("# ") and ("fttrain" in head or "accelerate" in head), path
+
+
+def test_experiments_start_with_global_package():
+    for path in (REPO / "conf" / "exp").glob("*.yaml"):
+        assert path.read_text().startswith("# @package _global_"), path
+
+
+def test_llama8b_qlora_is_a_real_qlora_experiment():
+    cfg = compose(["+exp=llama8b_qlora"])
+    assert cfg.model.name_or_path == "meta-llama/Llama-3.1-8B"
+    assert cfg.peft.method == "qlora" and cfg.peft.bits == 4 and cfg.peft.quant_type == "nf4"
+    assert cfg.precision.dtype.value == "bf16"
+    assert cfg.data.chat_template == "llama3"
+
+
+def test_default_run_dir_is_derived_from_name_not_time():
+    cfg = compose(["+exp=tiny_sft"], return_hydra_config=True)
+    assert cfg.hydra.run.dir == "outputs/tiny_sft"
+    cfg = compose(["+exp=tiny_sft", "output_root=/scratch/me"], return_hydra_config=True)
+    assert cfg.hydra.run.dir == "/scratch/me/tiny_sft"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("peft.rr=8", "peft.rr"),  # misspelled key
+        ("+trainer.lerning_rate=1e-4", "trainer.lerning_rate"),  # unknown key, even with +
+        ("trainer.max_steps=ten", "trainer.max_steps"),  # wrong type
+        ("data.overlength=chop", "data.overlength"),  # not one of the choices
+        ("data.format=jsonl", "data.format"),
+        ("data.packing=maybe", "data.packing"),
+        ("model.attn_implementation=flash3", "model.attn_implementation"),
+    ],
+)
+def test_bad_overrides_fail_with_key_path(override, key):
+    with pytest.raises(Exception) as err:
+        check_config(compose(["+exp=tiny_sft", override]))
+    assert f"full_key: {key}" in str(err.value) or key in str(err.value)
+
+
+def test_typo_inside_an_experiment_file_fails_with_key_path(tmp_path):
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "typo.yaml").write_text(
+        "# @package _global_\n# python -m fttrain +exp=typo\nname: typo\ndata:\n  max_lenght: 64\n"
+    )
+    with pytest.raises(Exception) as err:
+        compose([f"hydra.searchpath=[file://{tmp_path}]", "+exp=typo"])
+    assert "data.max_lenght" in str(err.value)
+
+
+def test_wrong_type_inside_an_experiment_file(tmp_path):
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "bad.yaml").write_text("# @package _global_\nname: bad\npeft:\n  r: sixteen\n")
+    with pytest.raises(Exception) as err:
+        compose([f"hydra.searchpath=[file://{tmp_path}]", "+exp=bad"])
+    assert "peft.r" in str(err.value)
+
+
+def test_keys_of_another_peft_method_are_rejected():
+    with pytest.raises(Exception) as err:
+        compose(["+exp=tiny_sft", "peft=full", "peft.r=8"])
+    assert "peft.r" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["task=pt"], "data.format must be 'text'"),
+        (["data.format=text"], "task.assistant_only_loss"),
+        (["trainer.global_batch_size=7"], "trainer.global_batch_size=7"),
+        (["data.eval=null", "data.eval_fraction=0", "trainer.eval_steps=2"], "trainer.eval_steps"),
+        (["data.chat_template=vicuna"], "data.chat_template='vicuna'"),
+        (["data.eval_fraction=1.5"], "data.eval_fraction"),
+        (["resume_from=auto", "overwrite=true"], "resume_from"),
+        (["model.attn_implementation=flash_attention_2"], "flash-attn"),
+    ],
+)
+def test_cross_field_checks(overrides, needle):
+    cfg = compose(["+exp=tiny_sft"] + overrides)
+    with pytest.raises(ConfigCheckError) as err:
+        check_config(cfg)
+    assert needle in str(err.value)
+
+
+def test_cli_rejects_a_typo_before_loading_anything(tmp_path):
+    start = time.time()
+    proc = run_cli(["+exp=tiny_sft", "peft.rr=8"], cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "peft.rr" in proc.stderr + proc.stdout
+    assert not (tmp_path / "outputs" / "tiny_sft" / "config.yaml").exists()
+    assert time.time() - start < 60
+
+
+def test_cli_reports_cross_field_problem_without_training(tmp_path):
+    proc = run_cli(["+exp=tiny_sft", "task=pt"], cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "data.format must be 'text'" in proc.stderr + proc.stdout
+    assert not (tmp_path / "outputs" / "tiny_sft" / "model").exists()

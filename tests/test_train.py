@@ -1,0 +1,118 @@
+"""End to end: a short SFT run writes the output contract, and what it saved
+reloads with plain transformers/peft and generates."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+from fttrain.outputs import METRIC_KEYS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("lora")
+    proc = run_cli(["+exp=tiny_sft", "trainer.max_steps=6"], cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return cwd / "outputs" / "tiny_sft", proc
+
+
+def test_run_dir_holds_the_output_contract(lora_run):
+    run_dir, _ = lora_run
+    for name in ["config.yaml", "overrides.yaml", "run_info.json", "data_report.json", "metrics.json",
+                 "train_log.jsonl", "loss_curve.png", "samples.jsonl", "COMPLETE", "train_rank0.log"]:
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "model" / "adapter_config.json").is_file()
+    assert (run_dir / "model" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "model" / "tokenizer.json").is_file()
+    assert not (run_dir / "model.tmp").exists()
+    assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_are_complete_and_sane(lora_run):
+    run_dir, _ = lora_run
+    m = json.loads((run_dir / "metrics.json").read_text())
+    for key in METRIC_KEYS:
+        assert m[key] is not None, key
+    assert m["steps"] == 6 and m["world_size"] == 1 and m["global_batch_size"] == 2
+    assert 0 < m["trainable_params"] < m["total_params"]
+    assert m["train_tokens_per_second"] > 0 and 0 <= m["padding_fraction"] < 0.5
+    assert m["peak_memory_bytes"] > 10 * 2**20
+    steps = [json.loads(l) for l in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["batch"]["global_batch_size"] == 2
+
+
+def test_start_log_shows_batch_arithmetic_and_a_marked_sample(lora_run):
+    run_dir, _ = lora_run
+    log = (run_dir / "train_rank0.log").read_text()
+    assert "global batch = 2 micro x 1 accumulation x 1 rank(s) = 2 packed rows per step" in log
+    assert "[[" in log and "<|eot_id|>]]" in log
+
+
+def test_adapter_reloads_with_plain_peft_and_generates(lora_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, _ = lora_run
+    cfg = (run_dir / "config.yaml").read_text()
+    base_path = json.loads((run_dir / "run_info.json").read_text())["model_path"]
+    tok = AutoTokenizer.from_pretrained(run_dir / "model")
+    base = AutoModelForCausalLM.from_pretrained(base_path)
+    model = PeftModel.from_pretrained(base, run_dir / "model").eval()
+    assert "tiny-llama" in base_path and "builtin:tiny-llama" in cfg
+    ids = tok.apply_chat_template([{"role": "user", "content": "Reverse: a b c"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    # The adapter changed the model: its outputs differ from the base's.
+    with torch.no_grad():
+        with model.disable_adapter():
+            base_logits = model(**ids).logits
+        tuned = model(**ids).logits
+    assert (tuned - base_logits).abs().max() > 1e-4
+
+
+def test_finished_run_is_not_overwritten(lora_run):
+    run_dir, _ = lora_run
+    cwd = run_dir.parent.parent
+    before = (run_dir / "metrics.json").read_text()
+    proc = run_cli(["+exp=tiny_sft", "trainer.max_steps=6"], cwd=cwd, timeout=120)
+    assert proc.returncode == 2
+    assert "holds a finished run" in proc.stderr and "resume_from=auto" in proc.stderr and "hydra.run.dir" in proc.stderr
+    assert (run_dir / "metrics.json").read_text() == before
+
+
+def test_full_finetune_reloads_with_automodel(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    proc = run_cli(["+exp=tiny_pretrain", "trainer.max_steps=3", "hydra.run.dir=custom_dir"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir = tmp_path / "custom_dir"
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["trainable_params"] == m["total_params"] and m["steps"] == 3
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    assert sum(p.numel() for p in model.parameters()) == m["total_params"]
+
+
+def test_unpacked_run_reports_padding(tmp_path):
+    proc = run_cli(["+exp=tiny_sft", "data.packing=false", "trainer.max_steps=2", "trainer.micro_batch_size=4"],
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    m = json.loads((tmp_path / "outputs" / "tiny_sft" / "metrics.json").read_text())
+    assert m["padding_fraction"] > 0
+
+
+def test_bad_data_file_stops_with_row_and_field(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    proc = run_cli(["+exp=tiny_sft", f"data.train={path}", "data.format=alpaca", "data.eval=null",
+                    "data.eval_fraction=0"], cwd=tmp_path,
+                   timeout=120)
+    assert proc.returncode == 2
+    assert "bad.jsonl row 1: field 'output' is missing" in proc.stderr
+    assert not (tmp_path / "outputs" / "tiny_sft" / "model").exists()
