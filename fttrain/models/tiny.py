@@ -41,9 +41,13 @@ def tiny_model_dir(spec) -> Path:
     d = _spec_dict(spec)
     key = hashlib.sha256(json.dumps({**d, "v": BUILD_VERSION}, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_dir() / "models" / f"tiny-llama-{key}"
-    if not (folder / "config.json").exists():
+    if not _is_complete(folder):
         _build(d, folder)
     return folder
+
+
+def _is_complete(folder: Path) -> bool:
+    return all((folder / f).exists() for f in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
 def build_tokenizer(vocab_size: int):
@@ -111,8 +115,19 @@ def _build(d: dict, folder: Path) -> None:
     # model never see a half-written one.
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    # Written piece by piece rather than with model.save_pretrained, which
+    # under torch.distributed writes only on global rank 0; this build belongs
+    # to whichever process calls it (local rank 0 of each node).
+    from safetensors.torch import save_file
+
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors",
+              metadata={"format": "pt"})
+    model.config.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if not _is_complete(tmp):
+        raise RuntimeError(f"building the tiny model left an incomplete folder {tmp}")
     (tmp / "fttrain_tiny_spec.json").write_text(json.dumps(d, indent=2, sort_keys=True))
     folder.parent.mkdir(parents=True, exist_ok=True)
     try:

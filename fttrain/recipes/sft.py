@@ -83,7 +83,9 @@ class SFTRecipe:
         self.is_main = self.args.process_index == 0
         self._batch_arithmetic()
 
-        path = resolve_model_path(cfg.model)
+        # Local rank 0 builds the tiny model or generated data once; the others wait, then reuse it.
+        with self.args.main_process_first(local=True, desc="prepare model files"):
+            path = resolve_model_path(cfg.model)
         self.model_path = path
         self.tokenizer = load_tokenizer(cfg.model, path)
         self.pad_strategy = ensure_pad_token(self.tokenizer)
@@ -97,6 +99,11 @@ class SFTRecipe:
             log.info("sample with trained tokens in [[...]]:\n%s", render_marked_sample(self.tokenizer, self._first_sample()))
             outputs.write_json(self.run_dir / "data_report.json", self.data.report)
 
+        # Seed before any weight is created: adapter init (LoRA A) draws from the
+        # global RNG, and runs must start from the same weights to be comparable.
+        from transformers import set_seed
+
+        set_seed(cfg.trainer.seed)
         quant = quantization_config(cfg.peft)
         # Frozen base weights may live in bf16; fully trained weights stay fp32
         # masters under autocast.
