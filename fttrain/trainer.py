@@ -99,10 +99,17 @@ class JsonlLogCallback(TrainerCallback):
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.resume_step = None  # set by the recipe when resuming from a checkpoint
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and not (args.resume_from_checkpoint and self.path.exists()):
-            self.path.write_text("")
+        if not state.is_world_process_zero:
+            return
+        kept = []
+        if self.resume_step is not None and self.path.exists():
+            # Keep the history up to the checkpoint; lines logged after it
+            # (by a run that went on before stopping) are replayed anew.
+            kept = [l for l in self.path.read_text().splitlines() if json.loads(l)["step"] <= self.resume_step]
+        self.path.write_text("".join(l + "\n" for l in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:

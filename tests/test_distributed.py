@@ -15,6 +15,14 @@ from fttrain.env import LaunchError, Runtime, check_world_size
 COMMON = ["+exp=tiny_sft", "trainer.max_steps=4", "trainer.micro_batch_size=2", "trainer.logging_steps=1"]
 
 
+def shipped_cpu_config(port):
+    """The documented CPU form: launch/cpu_2proc.yaml."""
+    from conftest import REPO
+
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"),
+            "--main_process_port", str(port)]
+
+
 def accelerate(n, port, multi_gpu=True):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
@@ -29,7 +37,7 @@ def losses(run_dir):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("dist")
-    two = run_cli(COMMON + ["hydra.run.dir=two_ranks"], cwd=cwd, launcher=accelerate(2, 29511))
+    two = run_cli(COMMON + ["hydra.run.dir=two_ranks"], cwd=cwd, launcher=shipped_cpu_config(29511))
     assert two.returncode == 0, two.stderr[-5000:]
     # Same global batch (4) on one process: 2 micro x 2 accumulation.
     one = run_cli(COMMON + ["trainer.gradient_accumulation_steps=2", "hydra.run.dir=one_rank"], cwd=cwd)

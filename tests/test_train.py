@@ -116,3 +116,41 @@ def test_bad_data_file_stops_with_row_and_field(tmp_path):
     assert proc.returncode == 2
     assert "bad.jsonl row 1: field 'output' is missing" in proc.stderr
     assert not (tmp_path / "outputs" / "tiny_sft" / "model").exists()
+
+
+def test_gradient_checkpointing_runs(tmp_path):
+    proc = run_cli(["+exp=tiny_sft", "trainer.gradient_checkpointing=true", "trainer.max_steps=2"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "gradient checkpointing on" in (tmp_path / "outputs" / "tiny_sft" / "train_rank0.log").read_text()
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path):
+    first = run_cli(["+exp=tiny_sft", "trainer.max_steps=4", "trainer.save_steps=2"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-4000:]
+    run_dir = tmp_path / "outputs" / "tiny_sft"
+    assert (run_dir / "checkpoints" / "checkpoint-4").is_dir()
+    more = run_cli(["+exp=tiny_sft", "trainer.max_steps=6", "trainer.save_steps=2", "resume_from=auto"], cwd=tmp_path)
+    assert more.returncode == 0, more.stderr[-4000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 6
+    logged = [json.loads(l)["step"] for l in (run_dir / "train_log.jsonl").read_text().splitlines()
+              if "loss" in json.loads(l)]
+    assert logged == [1, 2, 3, 4, 5, 6]  # steps 1-4 kept from the first run, 5-6 appended
+
+
+def test_a_step_with_zero_trained_tokens_never_reaches_the_optimizer(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from fttrain.data.packing import PaddingCollator
+    from fttrain.trainer import FTTrainer, ZeroTrainedTokensError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, -100, -100], "sample_ids": [i]} for i in range(4)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, use_cpu=True,
+                             report_to="none", remove_unused_columns=False, disable_tqdm=True)
+    trainer = FTTrainer(model=model, args=args, train_dataset=rows, data_collator=PaddingCollator(0),
+                        record_sample_ids=False)
+    with pytest.raises(ZeroTrainedTokensError):
+        trainer.train()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

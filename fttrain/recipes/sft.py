@@ -253,6 +253,14 @@ class SFTRecipe:
             resume = get_last_checkpoint(str(self.run_dir / "checkpoints"))
             if resume is None:
                 log.warning("resume_from=auto: no checkpoint in %s, starting fresh", self.run_dir / "checkpoints")
+        if resume is not None:
+            from fttrain.trainer import JsonlLogCallback
+
+            step = int(Path(resume).name.rsplit("-", 1)[-1])
+            for cb in self.trainer.callback_handler.callbacks:
+                if isinstance(cb, JsonlLogCallback):
+                    cb.resume_step = step
+            log.info("resuming from %s (step %d)", resume, step)
         start = time.time()
         self.train_output = self.trainer.train(resume_from_checkpoint=resume)
         self.train_seconds = time.time() - start
