@@ -51,7 +51,7 @@ def _main(cfg: DictConfig):
     if int(os.environ.get("RANK", "0")) == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.overwrite:
-            outputs.clear_finished_markers(run_dir)
+            outputs.clear_previous_run(run_dir)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (run_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(list(HydraConfig.get().overrides.task)))
 

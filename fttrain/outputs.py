@@ -64,11 +64,16 @@ def guard_run_dir(run_dir: Path, overwrite: bool, resume_from) -> None:
         )
 
 
-def clear_finished_markers(run_dir: Path) -> None:
-    for name in (COMPLETE, "metrics.json"):
+def clear_previous_run(run_dir: Path) -> None:
+    """overwrite=true: remove what the old run derived, so nothing of it (a
+    stale checkpoint picked by a later resume, an old COMPLETE) passes for
+    the new run's. model/ is swapped for the new one when that is saved."""
+    for name in (COMPLETE, "metrics.json", "samples.jsonl", "train_log.jsonl", "data_report.json"):
         p = run_dir / name
         if p.exists():
             p.unlink()
+    for name in ("checkpoints", "ranks"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
 def write_json(path: Path, obj) -> None:

@@ -33,9 +33,9 @@ class ZeroTrainedTokensError(RuntimeError):
 
 
 class FTTrainer(Trainer):
-    def __init__(self, *args, record_sample_ids: bool, **kwargs):
+    def __init__(self, *args, rank_records: bool, **kwargs):
         super().__init__(*args, **kwargs)
-        self.record_sample_ids = record_sample_ids
+        self.rank_records = rank_records
         self.real_tokens = 0
         self.slot_tokens = 0
         self.seen_sample_ids = []
@@ -54,7 +54,7 @@ class FTTrainer(Trainer):
         if model.training:
             self.slot_tokens += inputs["input_ids"].numel()
             self.real_tokens += int(n_real) if n_real is not None else inputs["input_ids"].numel()
-            if self.record_sample_ids and sample_ids is not None:
+            if self.rank_records and sample_ids is not None:
                 self.seen_sample_ids.append(sample_ids.tolist())
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
@@ -118,6 +118,8 @@ class JsonlLogCallback(TrainerCallback):
 
 
 def write_rank_record(trainer: FTTrainer, run_dir: Path) -> None:
+    if not trainer.rank_records:
+        return
     """Each rank writes what it trained on and a fingerprint of its weights.
     Tests use these to prove that ranks trained on disjoint shards and ended
     with identical weights."""

@@ -136,6 +136,14 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
               if "loss" in json.loads(l)]
     assert logged == [1, 2, 3, 4, 5, 6]  # steps 1-4 kept from the first run, 5-6 appended
 
+    # overwrite=true starts over and leaves nothing of the old run that a later
+    # resume could pick up.
+    again = run_cli(["+exp=tiny_sft", "trainer.max_steps=2", "overwrite=true"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert not list((run_dir / "checkpoints").glob("checkpoint-*"))
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 2
+    assert len([l for l in (run_dir / "train_log.jsonl").read_text().splitlines() if '"loss"' in l]) == 2
+
 
 def test_a_step_with_zero_trained_tokens_never_reaches_the_optimizer(tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM, TrainingArguments
@@ -149,7 +157,7 @@ def test_a_step_with_zero_trained_tokens_never_reaches_the_optimizer(tiny_dir, t
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, use_cpu=True,
                              report_to="none", remove_unused_columns=False, disable_tqdm=True)
     trainer = FTTrainer(model=model, args=args, train_dataset=rows, data_collator=PaddingCollator(0),
-                        record_sample_ids=False)
+                        rank_records=False)
     with pytest.raises(ZeroTrainedTokensError):
         trainer.train()
     after = model.state_dict()

@@ -12,6 +12,7 @@ from typing import List
 
 from omegaconf import DictConfig
 
+from fttrain.config.schema import value_of
 from fttrain.models.load import TEMPLATE_DIR, shipped_templates
 
 
@@ -19,10 +20,6 @@ class ConfigCheckError(ValueError):
     def __init__(self, problems: List[str]):
         self.problems = problems
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-def _v(x):
-    return x.value if hasattr(x, "value") else x
 
 
 def unknown_keys(node, path: str = "") -> List[str]:
@@ -70,7 +67,7 @@ def check_config(cfg: DictConfig) -> None:
     if template != "tokenizer" and template not in shipped_templates():
         problems.append(f"data.chat_template={template!r}: not 'tokenizer' nor a shipped template {shipped_templates()}")
     chat_formats = {"alpaca", "sharegpt", "messages"}
-    if task.name == "sft" and task.assistant_only_loss and _v(data.format) in chat_formats:
+    if task.name == "sft" and task.assistant_only_loss and value_of(data.format) in chat_formats:
         # Only checkable here for shipped templates; the tokenizer's own
         # template is checked right after the tokenizer loads (before the model).
         if template != "tokenizer":
@@ -80,16 +77,16 @@ def check_config(cfg: DictConfig) -> None:
                     f"task.assistant_only_loss=true needs {{% generation %}} markers, which data.chat_template={template} "
                     "lacks; pick another template or set task.assistant_only_loss=false"
                 )
-    if task.name == "pt" and _v(data.format) != "text":
-        problems.append(f"task=pt trains on raw text: data.format must be 'text', not {_v(data.format)!r}")
-    if task.name == "sft" and _v(data.format) == "text" and task.assistant_only_loss:
+    if task.name == "pt" and value_of(data.format) != "text":
+        problems.append(f"task=pt trains on raw text: data.format must be 'text', not {value_of(data.format)!r}")
+    if task.name == "sft" and value_of(data.format) == "text" and task.assistant_only_loss:
         problems.append(
             "data.format=text has no responses to isolate: set task.assistant_only_loss=false (every token trained) "
             "or use task=pt"
         )
 
     # --- model
-    if _v(model.attn_implementation) == "flash_attention_2":
+    if value_of(model.attn_implementation) == "flash_attention_2":
         try:
             import flash_attn  # noqa: F401
         except ImportError:
@@ -97,8 +94,6 @@ def check_config(cfg: DictConfig) -> None:
                 "model.attn_implementation=flash_attention_2 but flash-attn is not installed; "
                 "pip install flash-attn, or use sdpa"
             )
-    if data.packing and _v(model.attn_implementation) not in ("sdpa", "eager", "flash_attention_2"):
-        problems.append("data.packing=true needs an attention implementation that honours position_ids")
 
     # --- peft
     if peft.method in ("lora", "qlora"):
@@ -138,12 +133,12 @@ def check_config(cfg: DictConfig) -> None:
 def check_tokenizer_template(cfg: DictConfig, template) -> None:
     """Runs after the tokenizer loads and before the model does."""
     chat_formats = {"alpaca", "sharegpt", "messages"}
-    if cfg.task.name != "sft" or _v(cfg.data.format) not in chat_formats:
+    if cfg.task.name != "sft" or value_of(cfg.data.format) not in chat_formats:
         return
     if not template:
         raise ConfigCheckError(
             [
-                f"data.format={_v(cfg.data.format)} needs a chat template and the tokenizer has none: "
+                f"data.format={value_of(cfg.data.format)} needs a chat template and the tokenizer has none: "
                 f"set data.chat_template to one of {shipped_templates()}"
             ]
         )

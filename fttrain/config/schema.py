@@ -25,6 +25,11 @@ from omegaconf import MISSING
 
 
 # --------------------------------------------------------------------- enums
+def value_of(x):
+    """An Enum member's value, or the thing itself (configs built without the schema)."""
+    return x.value if isinstance(x, Enum) else x
+
+
 class AttnImpl(str, Enum):
     sdpa = "sdpa"
     flash_attention_2 = "flash_attention_2"
@@ -176,7 +181,6 @@ class DataConfig:
     strict: bool = True
     packing: bool = True  # best-fit-decreasing, padding-free; faster, same loss
     max_samples: Optional[int] = None  # cap on training rows, for smoke tests
-    num_proc: int = 1
 
 
 # -------------------------------------------------------------- dist, prec
@@ -219,8 +223,9 @@ class TrainerConfig:
     save_total_limit: int = 2
     dataloader_num_workers: int = 0
     seed: int = 42
-    # Debug aid: each rank writes the ids of the samples it trained on.
-    record_sample_ids: bool = True
+    # Each rank writes ranks/rank<r>.json: the sample ids it trained on and a
+    # hash of its trainable weights (one pass over them at the end).
+    rank_records: bool = True
 
 
 @dataclass

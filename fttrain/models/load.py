@@ -39,6 +39,7 @@ def resolve_chat_template(name: str, tokenizer) -> Optional[str]:
 
 
 def load_tokenizer(model_cfg, path: str):
+    """Returns (tokenizer, pad-token strategy used)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
@@ -46,8 +47,7 @@ def load_tokenizer(model_cfg, path: str):
         revision=model_cfg.revision,
         trust_remote_code=model_cfg.trust_remote_code,
     )
-    ensure_pad_token(tokenizer)
-    return tokenizer
+    return tokenizer, ensure_pad_token(tokenizer)
 
 
 def ensure_pad_token(tokenizer) -> str:

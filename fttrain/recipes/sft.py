@@ -19,13 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from fttrain import outputs
 from fttrain.config.checks import check_tokenizer_template
+from fttrain.config.schema import value_of
 from fttrain.data.pipeline import prepare_data
 from fttrain.data.packing import PackedCollator, PaddingCollator
 from fttrain.data.tokenize import IGNORE
 from fttrain.env import LaunchError, check_world_size, detect_runtime, peak_memory_bytes
 from fttrain.generation_eval import exact_match, generate_answers
 from fttrain.models.load import (
-    ensure_pad_token,
     load_model,
     load_tokenizer,
     param_counts,
@@ -35,10 +35,6 @@ from fttrain.models.load import (
 from fttrain.peft_setup import apply_peft, quantization_config
 
 log = logging.getLogger("fttrain")
-
-
-def _v(x):
-    return x.value if hasattr(x, "value") else x
 
 
 def render_marked_sample(tokenizer, row) -> str:
@@ -87,8 +83,7 @@ class SFTRecipe:
         with self.args.main_process_first(local=True, desc="prepare model files"):
             path = resolve_model_path(cfg.model)
         self.model_path = path
-        self.tokenizer = load_tokenizer(cfg.model, path)
-        self.pad_strategy = ensure_pad_token(self.tokenizer)
+        self.tokenizer, self.pad_strategy = load_tokenizer(cfg.model, path)
         self.chat_template = resolve_chat_template(cfg.data.chat_template, self.tokenizer)
         check_tokenizer_template(cfg, self.chat_template)
 
@@ -207,7 +202,7 @@ class SFTRecipe:
 
         pad = self.tokenizer.pad_token_id
         if self.cfg.data.packing:
-            flatten = _v(self.cfg.model.attn_implementation) == "flash_attention_2"
+            flatten = value_of(self.cfg.model.attn_implementation) == "flash_attention_2"
             collator = PackedCollator(pad, flatten=flatten)
         else:
             collator = PaddingCollator(pad)
@@ -219,7 +214,7 @@ class SFTRecipe:
             data_collator=collator,
             processing_class=self.tokenizer,
             callbacks=[JsonlLogCallback(self.run_dir / "train_log.jsonl")],
-            record_sample_ids=self.cfg.trainer.record_sample_ids,
+            rank_records=self.cfg.trainer.rank_records,
         )
 
     # ------------------------------------------------------------ train
@@ -278,6 +273,11 @@ class SFTRecipe:
         write_rank_record(trainer, run_dir)
 
         tmp = run_dir / "model.tmp"
+        if self.is_main and tmp.exists():  # left by a run that died while saving
+            import shutil
+
+            shutil.rmtree(tmp)
+        trainer.accelerator.wait_for_everyone()
         trainer.save_model(str(tmp))  # gathers sharded weights; writes on rank 0 only
         trainer.accelerator.wait_for_everyone()
         if not self.is_main:
