@@ -299,3 +299,26 @@ def test_pack_restarts_positions_and_keeps_sample_ids():
     assert len(rows) == 1
     assert rows[0]["position_ids"] == [0, 1, 2, 0, 1, 0, 1, 2]
     assert sorted(rows[0]["sample_ids"]) == [0, 1, 2]
+
+
+def test_prepared_data_cache_is_reused_and_invalidated(tmp_path, tokenizer):
+    from fttrain.data.pipeline import prepare_data_cached
+
+    path = tmp_path / "c.jsonl"
+    write_jsonl(path, [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(5)])
+    cfg = data_cfg(str(path), fmt="prompt_completion")
+    first = prepare_data_cached(cfg, tokenizer, None, True, tmp_path / "cache")
+    files = list((tmp_path / "cache" / "prepared").glob("*.pkl"))
+    assert len(files) == 1
+    again = prepare_data_cached(cfg, tokenizer, None, True, tmp_path / "cache")
+    assert again.train.rows == first.train.rows
+    # A changed knob or a changed file gets its own entry.
+    prepare_data_cached(data_cfg(str(path), fmt="prompt_completion", max_length=64), tokenizer, None, True,
+                        tmp_path / "cache")
+    import os, time
+
+    write_jsonl(path, [{"prompt": "new", "completion": " row"}])
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    changed = prepare_data_cached(cfg, tokenizer, None, True, tmp_path / "cache")
+    assert changed.train.report["kept"] == 1
+    assert len(list((tmp_path / "cache" / "prepared").glob("*.pkl"))) == 3

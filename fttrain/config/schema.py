@@ -181,6 +181,9 @@ class DataConfig:
     strict: bool = True
     packing: bool = True  # best-fit-decreasing, padding-free; faster, same loss
     max_samples: Optional[int] = None  # cap on training rows, for smoke tests
+    # Reuse tokenized data from an identical earlier preparation (keyed by this
+    # section, the files' size and mtime, the tokenizer and the template).
+    cache: bool = True
 
 
 # -------------------------------------------------------------- dist, prec

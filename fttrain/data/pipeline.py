@@ -8,6 +8,11 @@ index and field.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import pickle
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,6 +22,9 @@ from fttrain.data.formats import Example, Formatter, RowError
 from fttrain.data.packing import as_rows, pack
 from fttrain.data.sources import DataError, load_rows
 from fttrain.data.tokenize import Tokenizer, TemplateError, apply_overlength, count_trained
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1  # bump when tokenization, masking or packing changes
 
 
 @dataclass
@@ -134,3 +142,61 @@ def prepare_data(data_cfg, tokenizer, chat_template: Optional[str], assistant_on
             eval_ids = list(range(len(eval_rows)))
         evaluation = _process(eval_source, eval_rows, eval_ids, formatter, tok, data_cfg)
     return PreparedData(train, evaluation)
+
+
+# ------------------------------------------------------------------ cache
+def _source_fingerprint(source) -> dict:
+    """Path, size and mtime of a local file; the name alone for `datasets` sources."""
+    if source is None:
+        return {}
+    if source.startswith("builtin:"):
+        from fttrain.data.synthetic import resolve_builtin
+
+        source = resolve_builtin(source)
+    if os.path.exists(source):
+        st = os.stat(source)
+        return {"path": os.path.abspath(source), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"name": source}
+
+
+def cache_key(data_cfg, tokenizer, chat_template: Optional[str], assistant_only_loss: bool) -> str:
+    from omegaconf import OmegaConf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    tok_id = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    material = {
+        "v": CACHE_VERSION,
+        "data": OmegaConf.to_container(data_cfg, resolve=True, enum_to_str=True)
+        if OmegaConf.is_config(data_cfg) else data_cfg,
+        "train": _source_fingerprint(data_cfg.train),
+        "eval": _source_fingerprint(data_cfg.eval),
+        "tokenizer": hashlib.sha256(tok_id.encode()).hexdigest(),
+        "special": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
+        "template": chat_template,
+        "assistant_only_loss": assistant_only_loss,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare_data_cached(data_cfg, tokenizer, chat_template, assistant_only_loss, cache_root) -> PreparedData:
+    """prepare_data, reusing the result of an identical earlier preparation.
+
+    Called by local rank 0 first (the others wait, then load what it wrote),
+    so a large data set is tokenized once per node instead of once per rank,
+    and a rerun or a resumed run skips tokenizing altogether.
+    """
+    if not data_cfg.cache:
+        return prepare_data(data_cfg, tokenizer, chat_template, assistant_only_loss)
+    path = cache_root / "prepared" / f"{cache_key(data_cfg, tokenizer, chat_template, assistant_only_loss)}.pkl"
+    if path.exists():
+        with open(path, "rb") as f:
+            data = pickle.load(f)
+        log.info("data: reusing prepared data %s", path)
+        return data
+    data = prepare_data(data_cfg, tokenizer, chat_template, assistant_only_loss)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+    return data

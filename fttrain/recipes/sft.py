@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from fttrain import outputs
 from fttrain.config.checks import check_tokenizer_template
 from fttrain.config.schema import value_of
-from fttrain.data.pipeline import prepare_data
+from fttrain.data.pipeline import prepare_data_cached
 from fttrain.data.packing import PackedCollator, PaddingCollator
 from fttrain.data.tokenize import IGNORE
 from fttrain.env import LaunchError, check_world_size, detect_runtime, peak_memory_bytes
@@ -32,6 +32,7 @@ from fttrain.models.load import (
     resolve_chat_template,
     resolve_model_path,
 )
+from fttrain.paths import cache_dir
 from fttrain.peft_setup import apply_peft, quantization_config
 
 log = logging.getLogger("fttrain")
@@ -88,7 +89,8 @@ class SFTRecipe:
         check_tokenizer_template(cfg, self.chat_template)
 
         assistant_only = bool(getattr(cfg.task, "assistant_only_loss", False))
-        self.data = prepare_data(cfg.data, self.tokenizer, self.chat_template, assistant_only)
+        with self.args.main_process_first(local=True, desc="prepare data"):
+            self.data = prepare_data_cached(cfg.data, self.tokenizer, self.chat_template, assistant_only, cache_dir())
         if self.is_main:
             log.info("data: %s", self.data.report)
             log.info("sample with trained tokens in [[...]]:\n%s", render_marked_sample(self.tokenizer, self._first_sample()))
