@@ -50,10 +50,11 @@ def _main(cfg: DictConfig):
     outputs.guard_run_dir(run_dir, cfg.overwrite, cfg.resume_from)
     if int(os.environ.get("RANK", "0")) == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        outputs.unmark_complete(run_dir)
         if cfg.overwrite:
             outputs.clear_previous_run(run_dir)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (run_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(list(HydraConfig.get().overrides.task)))
+        outputs.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        outputs.write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(list(HydraConfig.get().overrides.task)))
 
     from fttrain.recipes import run_task
 

@@ -26,8 +26,6 @@ class Runtime:
     use_cpu: bool
     precision: str  # bf16 | fp16 | fp32, resolved
     launcher_world_size: int
-    rank: int
-    local_rank: int
 
 
 def resolve_precision(requested: str, on_gpu: bool) -> str:
@@ -49,8 +47,6 @@ def detect_runtime(precision_cfg) -> Runtime:
         use_cpu=not on_gpu,
         precision=resolve_precision(requested, on_gpu),
         launcher_world_size=int(os.environ.get("WORLD_SIZE", "1")),
-        rank=int(os.environ.get("RANK", "0")),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
     )
 
 

@@ -46,10 +46,31 @@ class RunDirError(RuntimeError):
     pass
 
 
+def latest_checkpoint(run_dir: Path):
+    """Newest checkpoint that was written to the end (trainer_state.json is its
+    last file); a half-written one is skipped."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.rsplit("-", 1)[-1]), default=None)
+
+
 def guard_run_dir(run_dir: Path, overwrite: bool, resume_from) -> None:
     """Refuse to clobber a finished run, or restart over an unfinished one."""
-    if overwrite or resume_from is not None:
+    if overwrite:
         return
+    if resume_from == "auto":
+        if latest_checkpoint(run_dir) is None:
+            raise RunDirError(
+                f"resume_from=auto: {run_dir / 'checkpoints'} holds no complete checkpoint to resume from "
+                "(set trainer.save_steps to write them). Choose another directory or drop resume_from."
+            )
+        return
+    if resume_from is not None:
+        inside = Path(resume_from).resolve().is_relative_to(run_dir.resolve())
+        if inside or not (run_dir / COMPLETE).exists():
+            return
     if (run_dir / COMPLETE).exists():
         raise RunDirError(
             f"{run_dir} holds a finished run. Choose another directory (name=OTHER or hydra.run.dir=PATH), "
@@ -64,6 +85,20 @@ def guard_run_dir(run_dir: Path, overwrite: bool, resume_from) -> None:
         )
 
 
+def unmark_complete(run_dir: Path) -> None:
+    """A directory being rewritten (resume, overwrite) is not complete until the end."""
+    for name in (COMPLETE, "metrics.json"):
+        p = run_dir / name
+        if p.exists():
+            p.unlink()
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def clear_previous_run(run_dir: Path) -> None:
     """overwrite=true: remove what the old run derived, so nothing of it (a
     stale checkpoint picked by a later resume, an old COMPLETE) passes for
@@ -72,7 +107,7 @@ def clear_previous_run(run_dir: Path) -> None:
         p = run_dir / name
         if p.exists():
             p.unlink()
-    for name in ("checkpoints", "ranks"):
+    for name in ("checkpoints", "ranks", "model.old", "model.tmp"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
 
 

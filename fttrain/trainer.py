@@ -35,6 +35,11 @@ class ZeroTrainedTokensError(RuntimeError):
 class FTTrainer(Trainer):
     def __init__(self, *args, rank_records: bool, **kwargs):
         super().__init__(*args, **kwargs)
+        if not self.model_accepts_loss_kwargs:
+            raise RuntimeError(
+                f"{type(self.accelerator.unwrap_model(self.model)).__name__}.forward takes no loss kwargs, so the loss "
+                "could not be normalised by the trained tokens of the whole batch (it would average micro-batch means)"
+            )
         self.rank_records = rank_records
         self.real_tokens = 0
         self.slot_tokens = 0
@@ -62,8 +67,15 @@ class FTTrainer(Trainer):
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         """Loss = sum of token losses / number of trained tokens, over all ranks."""
-        dataloader = self.get_eval_dataloader(eval_dataset)
-        model = self.model_wrapped if self.model_wrapped is not None else self.model
+        # Each rank takes every world-size-th row, each row exactly once: the
+        # Trainer's eval loader pads ranks to even batches by repeating rows.
+        from torch.utils.data import DataLoader
+
+        rows = eval_dataset if eval_dataset is not None else self.eval_dataset
+        rank, world = self.args.process_index, self.args.world_size
+        dataloader = DataLoader(rows[rank::world], batch_size=self.args.per_device_eval_batch_size,
+                                collate_fn=self.data_collator)
+        model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.args.device)
@@ -93,6 +105,14 @@ class FTTrainer(Trainer):
         return int(t[0]), int(t[1])
 
 
+def _step_of(line: str) -> float:
+    """Step of a log line; a line torn by a crash counts as past any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class JsonlLogCallback(TrainerCallback):
     """Streams every log line (per-step loss, grad norm, lr, eval loss) to
     ``train_log.jsonl`` as it happens, so a crashed run still has its curve."""
@@ -108,8 +128,15 @@ class JsonlLogCallback(TrainerCallback):
         if self.resume_step is not None and self.path.exists():
             # Keep the history up to the checkpoint; lines logged after it
             # (by a run that went on before stopping) are replayed anew.
-            kept = [l for l in self.path.read_text().splitlines() if json.loads(l)["step"] <= self.resume_step]
+            kept = [l for l in self.path.read_text().splitlines() if _step_of(l) <= self.resume_step]
         self.path.write_text("".join(l + "\n" for l in kept))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Log the last step even when max_steps is not a multiple of
+        # logging_steps, so the logged losses cover every step.
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:

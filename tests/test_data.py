@@ -322,3 +322,29 @@ def test_prepared_data_cache_is_reused_and_invalidated(tmp_path, tokenizer):
     changed = prepare_data_cached(cfg, tokenizer, None, True, tmp_path / "cache")
     assert changed.train.report["kept"] == 1
     assert len(list((tmp_path / "cache" / "prepared").glob("*.pkl"))) == 3
+
+
+def test_wrong_types_and_template_rejections_name_the_row(tmp_path, tokenizer):
+    rows = [{"instruction": "a", "output": "b"}, {"instruction": 5, "output": "b"}]
+    with pytest.raises(DataError, match=r"row 1: field 'instruction' must be a str"):
+        prepared(tokenizer, data_cfg(write_jsonl(tmp_path / "a.jsonl", rows), fmt="alpaca"))
+    strict_template = ("{% for m in messages %}{% if loop.index0 % 2 == 0 and m['role'] != 'user' %}"
+                       "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+                       "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}"
+                       "{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
+    chats = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+             {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"},
+                           {"role": "assistant", "content": "b"}]}]
+    cfg = data_cfg(write_jsonl(tmp_path / "c.jsonl", chats))
+    with pytest.raises(DataError, match="row 1: the chat template rejected it: roles must alternate"):
+        prepare_data(cfg, tokenizer, strict_template, True)
+    lenient = data_cfg(write_jsonl(tmp_path / "c.jsonl", chats), strict=False)
+    assert prepare_data(lenient, tokenizer, strict_template, True).train.report["dropped"] == {"template_error": 1}
+
+
+def test_generation_marker_spellings():
+    from fttrain.data.tokenize import has_generation_markers
+
+    for tag in ("{% generation %}", "{%- generation %}", "{% generation -%}", "{%- generation -%}"):
+        assert has_generation_markers(f"x{tag}y{{% endgeneration %}}")
+    assert not has_generation_markers("{% for m in messages %}{{ m.content }}{% endfor %}")

@@ -101,6 +101,15 @@ def test_per_step_losses_match_one_process_at_same_global_batch(runs):
 
 
 @pytest.mark.slow
+def test_eval_counts_every_row_once_across_ranks(runs):
+    two, one = runs
+    ev = lambda d: [json.loads(l) for l in (d / "train_log.jsonl").read_text().splitlines() if "eval_loss" in l][-1]
+    a, b = ev(two), ev(one)
+    assert a["eval_tokens"] == b["eval_tokens"] > 0
+    assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-4
+
+
+@pytest.mark.slow
 def test_accumulation_matches_one_big_batch(runs):
     two, one = runs
     big = one.parent / "big_batch"
@@ -169,7 +178,7 @@ def test_launch_that_starts_one_process_is_refused(tmp_path):
 
 
 def runtime(world):
-    return Runtime(use_cpu=True, precision="fp32", launcher_world_size=world, rank=0, local_rank=0)
+    return Runtime(use_cpu=True, precision="fp32", launcher_world_size=world)
 
 
 def dist_cfg(expected=None, plan="ddp"):

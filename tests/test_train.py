@@ -95,6 +95,8 @@ def test_full_finetune_reloads_with_automodel(tmp_path):
     run_dir = tmp_path / "custom_dir"
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["trainable_params"] == m["total_params"] and m["steps"] == 3
+    samples = [json.loads(l) for l in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["prompt"] and "generated" in s for s in samples)  # continuations of eval documents
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
     assert sum(p.numel() for p in model.parameters()) == m["total_params"]
 
@@ -118,6 +120,15 @@ def test_bad_data_file_stops_with_row_and_field(tmp_path):
     assert not (tmp_path / "outputs" / "tiny_sft" / "model").exists()
 
 
+def test_resume_without_a_checkpoint_is_refused(tmp_path):
+    first = run_cli(["+exp=tiny_sft", "trainer.max_steps=2"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-4000:]
+    before = (tmp_path / "outputs" / "tiny_sft" / "metrics.json").read_text()
+    again = run_cli(["+exp=tiny_sft", "trainer.max_steps=4", "resume_from=auto"], cwd=tmp_path, timeout=120)
+    assert again.returncode == 2 and "no complete checkpoint" in again.stderr
+    assert (tmp_path / "outputs" / "tiny_sft" / "metrics.json").read_text() == before
+
+
 def test_gradient_checkpointing_runs(tmp_path):
     proc = run_cli(["+exp=tiny_sft", "trainer.gradient_checkpointing=true", "trainer.max_steps=2"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -129,6 +140,8 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
     assert first.returncode == 0, first.stderr[-4000:]
     run_dir = tmp_path / "outputs" / "tiny_sft"
     assert (run_dir / "checkpoints" / "checkpoint-4").is_dir()
+    # A half-written checkpoint (no trainer_state.json yet) is never picked.
+    (run_dir / "checkpoints" / "checkpoint-99").mkdir()
     more = run_cli(["+exp=tiny_sft", "trainer.max_steps=6", "trainer.save_steps=2", "resume_from=auto"], cwd=tmp_path)
     assert more.returncode == 0, more.stderr[-4000:]
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 6

@@ -117,6 +117,13 @@ def check_config(cfg: DictConfig) -> None:
             f"trainer.global_batch_size={trainer.global_batch_size} is not a multiple of "
             f"trainer.micro_batch_size={trainer.micro_batch_size}"
         )
+    if trainer.global_batch_size is not None and trainer.gradient_accumulation_steps != 1:
+        problems.append(
+            "set trainer.global_batch_size or trainer.gradient_accumulation_steps, not both: "
+            "accumulation is derived from the global batch"
+        )
+    if not 0.0 <= trainer.warmup_ratio < 1.0:
+        problems.append(f"trainer.warmup_ratio={trainer.warmup_ratio} must be a fraction in [0, 1)")
     if trainer.max_steps <= 0 and trainer.num_epochs <= 0:
         problems.append("set trainer.max_steps > 0 or trainer.num_epochs > 0")
     if trainer.eval_steps is not None and data.eval is None and data.eval_fraction == 0:

@@ -131,6 +131,7 @@ class GenerationEvalConfig:
     num_samples: int = 8  # prompts written to samples.jsonl
     exact_match_samples: int = 0  # >0: score exact match on this many eval rows
     max_new_tokens: int = 48
+    batch_size: int = 8  # prompts per generate call: more is faster, needs memory for the KV cache
 
 
 @dataclass

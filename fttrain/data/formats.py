@@ -60,13 +60,15 @@ class Formatter:
         return self.columns.get(name, name)
 
     # ------------------------------------------------------------- helpers
-    def _get(self, row: Dict, name: str, required: bool = True, allow_empty: bool = False):
+    def _get(self, row: Dict, name: str, required: bool = True, allow_empty: bool = False, expect=None):
         key = self.col(name)
         value = row.get(key) if isinstance(row, dict) else None
         if value is None:
             if required:
                 raise RowError(key, "missing_field", f"field '{key}' is missing")
             return None
+        if expect is not None and not isinstance(value, expect):
+            raise RowError(key, "bad_type", f"field '{key}' must be a {expect.__name__}, not {type(value).__name__}")
         if isinstance(value, str) and not value.strip() and not allow_empty:
             if required:
                 raise RowError(key, "empty_field", f"field '{key}' is empty")
@@ -117,19 +119,19 @@ class Formatter:
         return getattr(self, f"_fmt_{self.fmt}")(row)
 
     def _fmt_alpaca(self, row: Dict) -> Example:
-        instruction = self._get(row, "instruction")
-        extra = self._get(row, "input", required=False)
-        output = self._get(row, "output", allow_empty=True)
+        instruction = self._get(row, "instruction", expect=str)
+        extra = self._get(row, "input", required=False, expect=str)
+        output = self._get(row, "output", allow_empty=True, expect=str)
         if not isinstance(output, str) or not output.strip():
             raise RowError(self.col("output"), "empty_response", f"field '{self.col('output')}' is an empty response")
         user = f"{instruction}\n\n{extra}" if extra else instruction
         turns = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-        return self._chat(turns, self.col("output"), self._get(row, "system", required=False))
+        return self._chat(turns, self.col("output"), self._get(row, "system", required=False, expect=str))
 
     def _fmt_sharegpt(self, row: Dict) -> Example:
         field = self.col("conversations")
         turns = self._turns(self._get(row, "conversations"), field, "from", "value")
-        return self._chat(turns, field, self._get(row, "system", required=False))
+        return self._chat(turns, field, self._get(row, "system", required=False, expect=str))
 
     def _fmt_messages(self, row: Dict) -> Example:
         field = self.col("messages")
@@ -164,4 +166,7 @@ def example_prompt_and_reference(example: Example):
         return example.messages[:last], example.messages[last]["content"]
     if isinstance(example, PromptCompletion):
         return example.prompt, example.completion
-    return None, None
+    # Text: the model continues the first half of the document.
+    words = example.text.split(" ")
+    half = max(1, len(words) // 2)
+    return " ".join(words[:half]), " ".join(words[half:])

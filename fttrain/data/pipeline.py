@@ -57,6 +57,17 @@ def split_train_eval(rows: List[Dict], fraction: float, seed: int):
     return [i for i in ids if i not in held], sorted(held)
 
 
+def _tokenize_row(tokenizer: Tokenizer, ex):
+    """Tokenize one example; a chat template that rejects the row (e.g. one
+    that demands alternating roles) becomes an error about that row."""
+    try:
+        return tokenizer(ex)
+    except TemplateError:
+        raise
+    except Exception as e:  # jinja's TemplateError, the template's raise_exception, ...
+        raise RowError("<chat template>", "template_error", f"the chat template rejected it: {e}") from None
+
+
 def _process(
     source: str,
     rows: List[Dict],
@@ -72,6 +83,7 @@ def _process(
     for i in ids:
         try:
             ex = formatter(rows[i])
+            ids_, labels = _tokenize_row(tokenizer, ex)
         except RowError as e:
             if data_cfg.strict:
                 raise DataError(
@@ -80,7 +92,6 @@ def _process(
                 ) from None
             dropped[e.reason] += 1
             continue
-        ids_, labels = tokenizer(ex)
         if tokenizer.assistant_only_loss and count_trained(labels) == 0 and len(ids_) <= data_cfg.max_length:
             raise TemplateError(
                 f"{source} row {i}: the chat template marked no assistant tokens. Its template has no "
@@ -153,6 +164,10 @@ def _source_fingerprint(source) -> dict:
         from fttrain.data.synthetic import resolve_builtin
 
         source = resolve_builtin(source)
+    state = os.path.join(source, "state.json")
+    if os.path.isdir(source) and os.path.exists(state):  # save_to_disk folder: its content fingerprint
+        with open(state) as f:
+            return {"path": os.path.abspath(source), "state": json.load(f).get("_fingerprint")}
     if os.path.exists(source):
         st = os.stat(source)
         return {"path": os.path.abspath(source), "size": st.st_size, "mtime_ns": st.st_mtime_ns}

@@ -32,7 +32,9 @@ class TemplateError(ValueError):
 
 
 def has_generation_markers(template: Optional[str]) -> bool:
-    return bool(template) and "{% generation %}" in template.replace("{%- generation %}", "{% generation %}")
+    import re
+
+    return bool(template) and re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
 
 
 class Tokenizer:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fttrain import outputs
 from fttrain.config.checks import check_tokenizer_template
@@ -222,14 +222,15 @@ class SFTRecipe:
     # ------------------------------------------------------------ train
     def _generation_eval(self, when: str):
         gen_cfg = getattr(self.cfg.task, "generation_eval", None)
-        if gen_cfg is None or self.data.eval is None or not self.is_main:
+        if gen_cfg is None or self.data.eval is None:
             return None
         n = max(gen_cfg.num_samples, gen_cfg.exact_match_samples)
         if n <= 0:
             return None
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
         results = generate_answers(
-            model, self.tokenizer, self.chat_template, self.data.eval.examples, n, gen_cfg.max_new_tokens
+            model, self.tokenizer, self.chat_template, self.data.eval.examples, n, gen_cfg.max_new_tokens,
+            batch_size=gen_cfg.batch_size,
         )
         if not results:
             return None
@@ -239,17 +240,29 @@ class SFTRecipe:
             log.info("eval exact match %s training: %.3f on %d held-out rows", when, em, len(scored))
         return {"results": results, "exact_match": em, "n": len(scored)}
 
+    def _on_main(self, what: str, fn):
+        """Run fn on rank 0 while the others wait; a failure there stops every
+        rank at once instead of leaving them in a barrier until the timeout."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as e:  # re-raised below, after telling the other ranks
+                error = e
+        ok = torch.tensor([0.0 if error else 1.0], device=self.args.device)
+        ok = self.trainer.accelerator.reduce(ok, reduction="sum") if self.args.world_size > 1 else ok
+        if error is not None:
+            raise error
+        if float(ok) < self.args.world_size:
+            raise RuntimeError(f"rank 0 failed during {what}; see train_rank0.log")
+        return result
+
     def train(self) -> None:
         cfg = self.cfg
-        self.before = self._generation_eval("before")
-        self.trainer.accelerator.wait_for_everyone()
+        self.before = self._on_main("generation before training", lambda: self._generation_eval("before"))
         resume = cfg.resume_from
-        if resume == "auto":
-            from transformers.trainer_utils import get_last_checkpoint
-
-            resume = get_last_checkpoint(str(self.run_dir / "checkpoints"))
-            if resume is None:
-                log.warning("resume_from=auto: no checkpoint in %s, starting fresh", self.run_dir / "checkpoints")
+        if resume == "auto":  # guard_run_dir made sure there is one
+            resume = str(outputs.latest_checkpoint(self.run_dir))
         if resume is not None:
             from fttrain.trainer import JsonlLogCallback
 
@@ -262,7 +275,7 @@ class SFTRecipe:
         self.train_output = self.trainer.train(resume_from_checkpoint=resume)
         self.train_seconds = time.time() - start
         self.eval_metrics = self.trainer.evaluate() if self.data.eval is not None else {}
-        self.after = self._generation_eval("after")
+        self.after = self._on_main("generation after training", lambda: self._generation_eval("after"))
 
     # ------------------------------------------------------------- save
     def save(self) -> dict:
@@ -290,7 +303,7 @@ class SFTRecipe:
         train_metrics = self.train_output.metrics
         runtime_s = train_metrics.get("train_runtime", self.train_seconds)
         metrics = {
-            "train_loss": self.train_output.training_loss,
+            "train_loss": _mean_logged_loss(trainer.state.log_history),
             "eval_loss": self.eval_metrics.get("eval_loss"),
             "train_tokens_per_second": real / runtime_s if runtime_s else None,
             "train_tokens": real,
@@ -323,6 +336,17 @@ class SFTRecipe:
             )
         log.info("run directory: %s", run_dir)
         return metrics
+
+
+def _mean_logged_loss(history):
+    """Mean train loss over all steps, resumed ones included: each logged loss
+    is the rank-averaged mean over the steps since the previous log line."""
+    total, steps, last = 0.0, 0, 0
+    for row in history:
+        if "loss" in row:
+            n = row["step"] - last
+            total, steps, last = total + row["loss"] * n, steps + n, row["step"]
+    return total / steps if steps else None
 
 
 def write_run_info(cfg: DictConfig, run_dir: Path, recipe: SFTRecipe) -> None:
