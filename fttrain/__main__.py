@@ -47,8 +47,9 @@ def _main(cfg: DictConfig):
 
     check_config(cfg)  # cross-field rules; types and key names were checked while composing
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    outputs.guard_run_dir(run_dir, cfg.overwrite, cfg.resume_from)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if not cfg.preflight:  # preflight writes nothing, so it may look at any directory
+        outputs.guard_run_dir(run_dir, cfg.overwrite, cfg.resume_from)
+    if int(os.environ.get("RANK", "0")) == 0 and not cfg.preflight:
         run_dir.mkdir(parents=True, exist_ok=True)
         outputs.unmark_complete(run_dir)
         if cfg.overwrite:

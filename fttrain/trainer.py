@@ -113,6 +113,27 @@ def _step_of(line: str) -> float:
         return float("inf")
 
 
+class StepTimer(TrainerCallback):
+    """Seconds spent inside optimizer steps (forward, backward, update, data
+    loading), without the evals and checkpoint saves between them."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._start = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        import time
+
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import time
+
+        if self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self._start = None
+
+
 class JsonlLogCallback(TrainerCallback):
     """Streams every log line (per-step loss, grad norm, lr, eval loss) to
     ``train_log.jsonl`` as it happens, so a crashed run still has its curve."""

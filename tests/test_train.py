@@ -175,3 +175,17 @@ def test_a_step_with_zero_trained_tokens_never_reaches_the_optimizer(tiny_dir, t
         trainer.train()
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_preflight_checks_data_and_stops_before_the_model(tmp_path):
+    ok = run_cli(["+exp=tiny_sft", "preflight=true"], cwd=tmp_path, timeout=120)
+    assert ok.returncode == 0, ok.stderr[-4000:]
+    out = ok.stderr + ok.stdout
+    assert "preflight passed" in out and "global batch = " in out and "[[" in out
+    run_dir = tmp_path / "outputs" / "tiny_sft"
+    assert not (run_dir / "model").exists() and not (run_dir / "config.yaml").exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "q"}]}\n')
+    proc = run_cli(["+exp=tiny_sft", "preflight=true", f"data.train={bad}", "data.eval_fraction=0", "data.eval=null"],
+                   cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "row 0" in proc.stderr and "no assistant turn" in proc.stderr

@@ -248,6 +248,10 @@ class FTConfig:
     resume_from: Optional[str] = None
     # Allow reusing a run dir that holds a finished run (its files are replaced).
     overwrite: bool = False
+    # Check everything that can be checked without the model (config, launch,
+    # tokenizer, template, every data row), print the batch arithmetic and a
+    # sample with its trained tokens marked, then stop.
+    preflight: bool = False
     model: ModelConfig = MISSING
     peft: PeftConfig = MISSING
     task: TaskConfig = MISSING

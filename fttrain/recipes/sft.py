@@ -94,7 +94,11 @@ class SFTRecipe:
         if self.is_main:
             log.info("data: %s", self.data.report)
             log.info("sample with trained tokens in [[...]]:\n%s", render_marked_sample(self.tokenizer, self._first_sample()))
-            outputs.write_json(self.run_dir / "data_report.json", self.data.report)
+            if not cfg.preflight:
+                outputs.write_json(self.run_dir / "data_report.json", self.data.report)
+
+        if cfg.preflight:
+            return
 
         # Seed before any weight is created: adapter init (LoRA A) draws from the
         # global RNG, and runs must start from the same weights to be comparable.
@@ -200,8 +204,9 @@ class SFTRecipe:
             )
 
     def _trainer(self):
-        from fttrain.trainer import FTTrainer, JsonlLogCallback
+        from fttrain.trainer import FTTrainer, JsonlLogCallback, StepTimer
 
+        self.step_timer = StepTimer()
         pad = self.tokenizer.pad_token_id
         if self.cfg.data.packing:
             flatten = value_of(self.cfg.model.attn_implementation) == "flash_attention_2"
@@ -215,7 +220,7 @@ class SFTRecipe:
             eval_dataset=self.data.eval.rows if self.data.eval else None,
             data_collator=collator,
             processing_class=self.tokenizer,
-            callbacks=[JsonlLogCallback(self.run_dir / "train_log.jsonl")],
+            callbacks=[JsonlLogCallback(self.run_dir / "train_log.jsonl"), self.step_timer],
             rank_records=self.cfg.trainer.rank_records,
         )
 
@@ -300,12 +305,11 @@ class SFTRecipe:
         self.tokenizer.save_pretrained(tmp)
         outputs.publish_dir(tmp, run_dir / "model")
 
-        train_metrics = self.train_output.metrics
-        runtime_s = train_metrics.get("train_runtime", self.train_seconds)
+        step_s = self.step_timer.seconds
         metrics = {
             "train_loss": _mean_logged_loss(trainer.state.log_history),
             "eval_loss": self.eval_metrics.get("eval_loss"),
-            "train_tokens_per_second": real / runtime_s if runtime_s else None,
+            "train_tokens_per_second": real / step_s if step_s else None,
             "train_tokens": real,
             "padding_fraction": 1 - real / slots if slots else 0.0,
             "peak_memory_bytes": int(peaks),
@@ -316,7 +320,8 @@ class SFTRecipe:
             "world_size": self.args.world_size,
             "global_batch_size": self.global_batch,
             "steps": trainer.state.global_step,
-            "train_runtime_seconds": runtime_s,
+            "train_step_seconds": step_s,  # inside optimizer steps; what tokens/s divides by
+            "train_runtime_seconds": self.train_seconds,  # wall clock of train(), evals and saves included
             "precision": self.runtime.precision,
         }
         for when, res in (("before", self.before), ("after", self.after)):
@@ -374,6 +379,11 @@ def write_run_info(cfg: DictConfig, run_dir: Path, recipe: SFTRecipe) -> None:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     recipe = SFTRecipe(cfg, run_dir)
     recipe.setup()
+    if cfg.preflight:
+        if recipe.is_main:
+            log.info("preflight passed: config, launch, tokenizer, chat template and %d training rows are valid; "
+                     "run again without preflight=true to train", recipe.data.train.report["kept"])
+        return {}
     if recipe.is_main:
         write_run_info(cfg, run_dir, recipe)
     recipe.train()
