@@ -236,7 +236,8 @@ def test_eval_fraction_split_in_pipeline(tmp_path, tokenizer):
                    "data.format=prompt_completion", "data.eval=null", "data.eval_fraction=0.25"]).data
     data = prepared(tokenizer, cfg)
     assert data.train.report["kept"] == 30 and data.eval.report["kept"] == 10
-    assert not set(data.train.examples) & set(data.eval.examples)
+    train_ids = {i for r in data.train.rows for i in r["sample_ids"]}
+    assert len(train_ids) == 30 and not train_ids & set(data.eval.examples)
 
 
 def test_pad_token_is_not_eos_when_avoidable(tokenizer):

@@ -24,13 +24,13 @@ from fttrain.data.sources import DataError, load_rows
 from fttrain.data.tokenize import Tokenizer, TemplateError, apply_overlength, count_trained
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1  # bump when tokenization, masking or packing changes
+CACHE_VERSION = 2  # bump when tokenization, masking or packing changes
 
 
 @dataclass
 class SplitData:
     rows: List[Dict]  # what the trainer iterates: packed or one sample per row
-    examples: Dict[int, Example]  # kept examples by row id, for generation eval
+    examples: Dict[int, Example]  # eval split only: kept examples by row id, for generation eval
     report: Dict = field(default_factory=dict)
 
 
@@ -75,6 +75,7 @@ def _process(
     formatter: Formatter,
     tokenizer: Tokenizer,
     data_cfg,
+    keep_examples: bool,
 ) -> SplitData:
     policy = data_cfg.overlength
     dropped: Counter = Counter()
@@ -109,7 +110,8 @@ def _process(
         truncated += outcome == "truncated"
         sample["sample_id"] = i
         samples.append(sample)
-        examples[i] = ex
+        if keep_examples:
+            examples[i] = ex
     if not samples:
         raise DataError(f"{source}: no usable rows out of {len(ids)} (dropped: {dict(dropped)})")
     packed_rows = pack(samples, data_cfg.max_length) if data_cfg.packing else as_rows(samples)
@@ -145,13 +147,13 @@ def prepare_data(data_cfg, tokenizer, chat_template: Optional[str], assistant_on
     if data_cfg.max_samples is not None:
         train_ids = train_ids[: data_cfg.max_samples]
 
-    train = _process(data_cfg.train, rows, train_ids, formatter, tok, data_cfg)
+    train = _process(data_cfg.train, rows, train_ids, formatter, tok, data_cfg, keep_examples=False)
     evaluation = None
     if eval_rows is not None:
         eval_source = data_cfg.eval or f"{data_cfg.train} (held-out {data_cfg.eval_fraction:.0%})"
         if eval_ids is None:
             eval_ids = list(range(len(eval_rows)))
-        evaluation = _process(eval_source, eval_rows, eval_ids, formatter, tok, data_cfg)
+        evaluation = _process(eval_source, eval_rows, eval_ids, formatter, tok, data_cfg, keep_examples=True)
     return PreparedData(train, evaluation)
 
 
