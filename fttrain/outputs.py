@@ -46,6 +46,11 @@ class RunDirError(RuntimeError):
     pass
 
 
+def checkpoint_step(path) -> int:
+    """checkpoints/checkpoint-120 -> 120"""
+    return int(Path(path).name.rsplit("-", 1)[-1])
+
+
 def latest_checkpoint(run_dir: Path):
     """Newest checkpoint that was written to the end (trainer_state.json is its
     last file); a half-written one is skipped."""
@@ -53,7 +58,7 @@ def latest_checkpoint(run_dir: Path):
     if not folder.is_dir():
         return None
     done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return max(done, key=lambda p: int(p.name.rsplit("-", 1)[-1]), default=None)
+    return max(done, key=checkpoint_step, default=None)
 
 
 def guard_run_dir(run_dir: Path, overwrite: bool, resume_from) -> None:
@@ -104,7 +109,8 @@ def clear_previous_run(run_dir: Path) -> None:
     """overwrite=true: remove what the old run derived, so nothing of it (a
     stale checkpoint picked by a later resume, an old COMPLETE) passes for
     the new run's. model/ is swapped for the new one when that is saved."""
-    for name in (COMPLETE, "metrics.json", "samples.jsonl", "train_log.jsonl", "data_report.json"):
+    unmark_complete(run_dir)
+    for name in ("samples.jsonl", "train_log.jsonl", "data_report.json"):
         p = run_dir / name
         if p.exists():
             p.unlink()

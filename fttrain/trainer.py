@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -122,13 +123,9 @@ class StepTimer(TrainerCallback):
         self._start = None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        import time
-
         self._start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        import time
-
         if self._start is not None:
             self.seconds += time.perf_counter() - self._start
             self._start = None

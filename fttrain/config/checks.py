@@ -16,6 +16,9 @@ from fttrain.config.schema import value_of
 from fttrain.models.load import TEMPLATE_DIR, shipped_templates
 
 
+CHAT_FORMATS = {"alpaca", "sharegpt", "messages"}  # formats rendered through a chat template
+
+
 class ConfigCheckError(ValueError):
     def __init__(self, problems: List[str]):
         self.problems = problems
@@ -66,8 +69,7 @@ def check_config(cfg: DictConfig) -> None:
     template = data.chat_template
     if template != "tokenizer" and template not in shipped_templates():
         problems.append(f"data.chat_template={template!r}: not 'tokenizer' nor a shipped template {shipped_templates()}")
-    chat_formats = {"alpaca", "sharegpt", "messages"}
-    if task.name == "sft" and task.assistant_only_loss and value_of(data.format) in chat_formats:
+    if task.name == "sft" and task.assistant_only_loss and value_of(data.format) in CHAT_FORMATS:
         # Only checkable here for shipped templates; the tokenizer's own
         # template is checked right after the tokenizer loads (before the model).
         if template != "tokenizer":
@@ -139,8 +141,7 @@ def check_config(cfg: DictConfig) -> None:
 
 def check_tokenizer_template(cfg: DictConfig, template) -> None:
     """Runs after the tokenizer loads and before the model does."""
-    chat_formats = {"alpaca", "sharegpt", "messages"}
-    if cfg.task.name != "sft" or value_of(cfg.data.format) not in chat_formats:
+    if cfg.task.name != "sft" or value_of(cfg.data.format) not in CHAT_FORMATS:
         return
     if not template:
         raise ConfigCheckError(

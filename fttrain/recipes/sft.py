@@ -271,13 +271,13 @@ class SFTRecipe:
         if resume is not None:
             from fttrain.trainer import JsonlLogCallback
 
-            step = int(Path(resume).name.rsplit("-", 1)[-1])
+            step = outputs.checkpoint_step(resume)
             for cb in self.trainer.callback_handler.callbacks:
                 if isinstance(cb, JsonlLogCallback):
                     cb.resume_step = step
             log.info("resuming from %s (step %d)", resume, step)
         start = time.time()
-        self.train_output = self.trainer.train(resume_from_checkpoint=resume)
+        self.trainer.train(resume_from_checkpoint=resume)
         self.train_seconds = time.time() - start
         self.eval_metrics = self.trainer.evaluate() if self.data.eval is not None else {}
         self.after = self._on_main("generation after training", lambda: self._generation_eval("after"))
