@@ -69,9 +69,6 @@ def check_world_size(realised: int, runtime: Runtime, dist_cfg) -> None:
             f"dist.expected_world_size={dist_cfg.expected_world_size} but {realised} process(es) started. "
             "`accelerate launch --num_processes N` on a CPU machine needs --multi_gpu to start N processes."
         )
-    plan = dist_cfg.plan.value if hasattr(dist_cfg.plan, "value") else str(dist_cfg.plan)
-    if plan == "single" and realised != 1:
-        raise LaunchError(f"dist=single but {realised} processes started; use dist=ddp")
 
 
 def peak_memory_bytes(use_cpu: bool) -> int:

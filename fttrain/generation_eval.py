@@ -24,7 +24,9 @@ def _prompt_ids(tokenizer, prompt, chat_template):
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, chat_template, examples: Dict[int, object], limit: int, max_new_tokens: int,
-                     batch_size: int = 32) -> List[Dict]:
+                     batch_size: int = 32, synced_gpus: bool = False) -> List[Dict]:
+    """synced_gpus: every rank runs this with the same prompts and keeps
+    stepping until all are done (needed when weights are sharded)."""
     items = []
     for row_id in sorted(examples)[:limit]:
         prompt, reference = example_prompt_and_reference(examples[row_id])
@@ -55,6 +57,7 @@ def generate_answers(model, tokenizer, chat_template, examples: Dict[int, object
             use_cache=True,
             eos_token_id=eos,
             pad_token_id=tokenizer.pad_token_id,
+            synced_gpus=synced_gpus,
         )
         for (row_id, prompt, reference, _), seq in zip(chunk, gen[:, width:]):
             text = tokenizer.decode(seq, skip_special_tokens=True).strip()

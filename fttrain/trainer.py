@@ -70,27 +70,28 @@ class FTTrainer(Trainer):
         """Loss = sum of token losses / number of trained tokens, over all ranks."""
         # Each rank takes every world-size-th row, each row exactly once: the
         # Trainer's eval loader pads ranks to even batches by repeating rows.
-        from torch.utils.data import DataLoader
-
+        # Every rank runs the same number of forward passes (under FSDP and
+        # ZeRO-3 each pass gathers weights from all ranks): a rank short of
+        # rows repeats one batch and does not count it.
         rows = eval_dataset if eval_dataset is not None else self.eval_dataset
         rank, world = self.args.process_index, self.args.world_size
-        dataloader = DataLoader(rows[rank::world], batch_size=self.args.per_device_eval_batch_size,
-                                collate_fn=self.data_collator)
+        mine, bs = rows[rank::world], self.args.per_device_eval_batch_size
+        num_batches = -(-(-(-len(rows) // world)) // bs)
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.args.device)
-        for inputs in dataloader:
-            inputs = self._prepare_inputs(inputs)
+        for i in range(num_batches):
+            chunk = mine[i * bs:(i + 1) * bs]
+            inputs = self._prepare_inputs(self.data_collator(chunk or rows[:1]))
             inputs.pop("sample_ids", None)
             inputs.pop("num_real_tokens", None)
             n = (inputs["labels"][..., 1:] != IGNORE).sum()
-            if n == 0:
-                continue
             # num_items_in_batch=1 turns the model's mean into a sum over tokens.
             with self.compute_loss_context_manager():
                 out = model(**inputs, use_cache=False, num_items_in_batch=torch.tensor(1, device=n.device))
-            total += torch.stack([out.loss.double(), n.double()])
+            if chunk and n > 0:
+                total += torch.stack([out.loss.double(), n.double()])
         total = self.accelerator.reduce(total, reduction="sum")
         if was_training:
             model.train()
@@ -131,6 +132,18 @@ class StepTimer(TrainerCallback):
             self._start = None
 
 
+class AtTrainBegin(TrainerCallback):
+    """Calls fn once the Trainer has wrapped the model (DDP, DeepSpeed engine,
+    FSDP) and loaded any checkpoint, just before the first step. Under ZeRO-3
+    the model cannot run a forward pass before the engine exists."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.fn()
+
+
 class JsonlLogCallback(TrainerCallback):
     """Streams every log line (per-step loss, grad norm, lr, eval loss) to
     ``train_log.jsonl`` as it happens, so a crashed run still has its curve."""
@@ -163,20 +176,21 @@ class JsonlLogCallback(TrainerCallback):
 
 
 def write_rank_record(trainer: FTTrainer, run_dir: Path) -> None:
-    if not trainer.rank_records:
-        return
     """Each rank writes what it trained on and a fingerprint of its weights.
     Tests use these to prove that ranks trained on disjoint shards and ended
     with identical weights."""
+    if not trainer.rank_records:
+        return
     import hashlib
+
+    from fttrain.distributed import full_trainable_weights
 
     rank = trainer.args.process_index
     h = hashlib.sha256()
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    for name, p in sorted(model.named_parameters()):
-        if p.requires_grad:
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes())
+    # Whole weights, gathered from the shards under FSDP / ZeRO-3 (a collective: every rank is here).
+    for name, p in full_trainable_weights(trainer):
+        h.update(name.encode())
+        h.update(p.float().cpu().numpy().tobytes())
     folder = Path(run_dir) / "ranks"
     folder.mkdir(exist_ok=True)
     record = {

@@ -55,8 +55,10 @@ class Precision(str, Enum):
 
 
 class DistPlan(str, Enum):
-    single = "single"
-    ddp = "ddp"
+    single = "single"  # one process, no wrapper
+    ddp = "ddp"  # torch DistributedDataParallel
+    deepspeed = "deepspeed"  # DeepSpeed ZeRO stage 1, 2 or 3
+    fsdp = "fsdp"  # torch FSDP2 (fully_shard)
 
 
 # ------------------------------------------------------------------- model
@@ -190,14 +192,53 @@ class DataConfig:
 # -------------------------------------------------------------- dist, prec
 @dataclass
 class DistConfig:
-    plan: DistPlan = DistPlan.ddp
+    """How the run is spread over processes. One class per kind of plan, so a
+    ZeRO knob given to an FSDP plan fails at compose time. The translation to
+    accelerate / DeepSpeed / FSDP settings lives in ``fttrain.distributed``."""
+
+    plan: DistPlan = DistPlan.single
     # Set it to make fttrain refuse a launch that did not start this many
     # processes (e.g. `accelerate launch --num_processes 2` without --multi_gpu
     # starts one).
     expected_world_size: Optional[int] = None
     backend: Optional[str] = None  # None: nccl on GPU, gloo on CPU
-    ddp_find_unused_parameters: bool = False
     timeout_minutes: int = 30
+
+
+@dataclass
+class DdpDistConfig(DistConfig):
+    plan: DistPlan = DistPlan.ddp
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class ZeroDistConfig(DistConfig):
+    plan: DistPlan = DistPlan.deepspeed
+    stage: int = 2  # 1: optimizer states, 2: + gradients, 3: + parameters sharded
+    offload_optimizer: bool = False  # optimizer states and step on CPU (DeepSpeed's CPU Adam)
+    offload_params: bool = False  # stage 3 only: parameters live in CPU memory between uses
+    overlap_comm: bool = True  # overlap gradient reduction with backward: faster, more memory
+    # full: rank 0 gathers the weights into one standard HF folder (needs the
+    # whole model in rank 0's CPU memory). sharded: each rank writes its own
+    # shard; `python -m fttrain.consolidate RUN_DIR` merges them later.
+    save_format: str = "full"
+
+
+@dataclass
+class FsdpDistConfig(DistConfig):
+    plan: DistPlan = DistPlan.fsdp
+    # true: full shard (parameters freed after forward, gathered again for
+    # backward: least memory). false: shard gradients and optimizer state only
+    # (SHARD_GRAD_OP: one all-gather fewer per step, parameters stay whole).
+    reshard_after_forward: bool = True
+    hybrid: bool = False  # shard within a node, replicate across nodes (needs >1 node)
+    offload: bool = False  # parameters, gradients and optimizer step on CPU: slow, fits big models
+    # Wrap unit; null: the model's own decoder-layer class (_no_split_modules).
+    wrap_class: Optional[str] = None
+    # With trainer.gradient_checkpointing: "model" checkpoints through
+    # transformers, "fsdp" through FSDP's activation checkpointing wrapper.
+    activation_checkpointing: str = "model"
+    save_format: str = "full"  # full | sharded, as for ZeRO
 
 
 @dataclass
@@ -267,7 +308,7 @@ GROUP_SCHEMAS: Dict[str, Dict[str, Any]] = {
     "peft": {"full": FullConfig, "lora": LoraConfig, "qlora": QLoraConfig},
     "task": {"sft": SFTTaskConfig, "pt": PretrainTaskConfig},
     "data": {"data": DataConfig},
-    "dist": {"dist": DistConfig},
+    "dist": {"single": DistConfig, "ddp": DdpDistConfig, "zero": ZeroDistConfig, "fsdp": FsdpDistConfig},
     "precision": {"precision": PrecisionConfig},
     "trainer": {"trainer": TrainerConfig},
     "logger": {"logger": LoggerConfig},

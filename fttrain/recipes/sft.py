@@ -23,7 +23,19 @@ from fttrain.config.schema import value_of
 from fttrain.data.pipeline import prepare_data_cached
 from fttrain.data.packing import PackedCollator, PaddingCollator
 from fttrain.data.tokenize import IGNORE
-from fttrain.env import LaunchError, check_world_size, detect_runtime, peak_memory_bytes
+from fttrain.distributed import (
+    PlanCheck,
+    Topology,
+    after_process_group,
+    check_plan,
+    deepspeed_config_in_use,
+    gradient_accumulation,
+    plan_label,
+    shards_weights,
+    single_process_rendezvous,
+    trainer_args,
+)
+from fttrain.env import check_world_size, detect_runtime, peak_memory_bytes
 from fttrain.generation_eval import exact_match, generate_answers
 from fttrain.models.load import (
     load_model,
@@ -70,13 +82,20 @@ class SFTRecipe:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.before = self.after = None  # generation results, set during train()
 
     # ------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
         self.runtime = detect_runtime(cfg.precision)
+        self.topology = Topology.from_env()
+        # Invalid plans and unreachable batch sizes stop here, before any process group starts.
+        check_plan(cfg, self.topology, self.runtime.precision, on_gpu=not self.runtime.use_cpu)
+        self.accum = gradient_accumulation(cfg.trainer, self.topology.world_size)
+        single_process_rendezvous(cfg.dist)
         self.args = self._training_args()  # initialises the process group
         check_world_size(self.args.world_size, self.runtime, cfg.dist)
+        after_process_group(cfg.dist, self.runtime.use_cpu)
         self.is_main = self.args.process_index == 0
         self._batch_arithmetic()
 
@@ -141,7 +160,7 @@ class SFTRecipe:
             run_name=cfg.name,
             per_device_train_batch_size=t.micro_batch_size,
             per_device_eval_batch_size=t.micro_batch_size,
-            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            gradient_accumulation_steps=self.accum,
             max_steps=t.max_steps,
             num_train_epochs=t.num_epochs,
             learning_rate=t.learning_rate,
@@ -150,7 +169,6 @@ class SFTRecipe:
             weight_decay=t.weight_decay,
             max_grad_norm=t.max_grad_norm,
             optim=t.optim,
-            **_checkpointing_args(t.gradient_checkpointing),
             logging_steps=t.logging_steps,
             eval_strategy="steps" if (t.eval_steps and has_eval) else "no",
             eval_steps=t.eval_steps,
@@ -160,11 +178,8 @@ class SFTRecipe:
             bf16=rt.precision == "bf16",
             fp16=rt.precision == "fp16",
             use_cpu=rt.use_cpu,
-            # Only under a multi-process launch: a backend with one process makes
-            # accelerate look for a process group that does not exist.
-            ddp_backend=(cfg.dist.backend or ("gloo" if rt.use_cpu else None)) if rt.launcher_world_size > 1 else None,
-            ddp_find_unused_parameters=cfg.dist.ddp_find_unused_parameters,
-            ddp_timeout=cfg.dist.timeout_minutes * 60,
+            # DDP knobs, DeepSpeed JSON or FSDP plan, and where checkpointing happens.
+            **trainer_args(cfg, rt.precision, self.topology, self.accum, rt.use_cpu, _checkpointing_args),
             average_tokens_across_devices=True,  # loss / trained tokens of the whole global batch
             seed=t.seed,
             data_seed=t.seed,
@@ -176,14 +191,6 @@ class SFTRecipe:
 
     def _batch_arithmetic(self) -> None:
         t, world = self.cfg.trainer, self.args.world_size
-        if t.global_batch_size is not None:
-            per_step = t.micro_batch_size * world
-            if t.global_batch_size % per_step:
-                raise LaunchError(
-                    f"trainer.global_batch_size={t.global_batch_size} cannot be reached with "
-                    f"trainer.micro_batch_size={t.micro_batch_size} x {world} rank(s); it must be a multiple of {per_step}"
-                )
-            self.args.gradient_accumulation_steps = t.global_batch_size // per_step
         accum = self.args.gradient_accumulation_steps
         self.global_batch = t.micro_batch_size * accum * world
         max_len = self.cfg.data.max_length
@@ -204,7 +211,7 @@ class SFTRecipe:
             )
 
     def _trainer(self):
-        from fttrain.trainer import FTTrainer, JsonlLogCallback, StepTimer
+        from fttrain.trainer import AtTrainBegin, FTTrainer, JsonlLogCallback, StepTimer
 
         self.step_timer = StepTimer()
         pad = self.tokenizer.pad_token_id
@@ -213,19 +220,45 @@ class SFTRecipe:
             collator = PackedCollator(pad, flatten=flatten)
         else:
             collator = PaddingCollator(pad)
-        return FTTrainer(
+        self.plan_check = PlanCheck(self.cfg.dist, getattr(self.model.config, "num_hidden_layers", None),
+                                    self._record_plan)
+        trainer = FTTrainer(
             model=self.model,
             args=self.args,
             train_dataset=self.data.train.rows,
             eval_dataset=self.data.eval.rows if self.data.eval else None,
             data_collator=collator,
             processing_class=self.tokenizer,
-            callbacks=[JsonlLogCallback(self.run_dir / "train_log.jsonl"), self.step_timer],
+            callbacks=[JsonlLogCallback(self.run_dir / "train_log.jsonl"), self.step_timer, self.plan_check,
+                       AtTrainBegin(self._generations_before)],
             rank_records=self.cfg.trainer.rank_records,
         )
+        self.plan_check.trainer = trainer
+        return trainer
+
+    def _record_plan(self, realised: dict) -> None:
+        """The verified plan, with the DeepSpeed JSON as run (auto values filled), in plan.json."""
+        if not self.is_main:
+            return
+        record = {"plan": plan_label(self.cfg.dist), "realised": realised,
+                  "deepspeed_config": deepspeed_config_in_use(self.trainer)}
+        log.info("plan %s verified: %s", record["plan"], realised)
+        outputs.write_json(self.run_dir / "plan.json", record)
 
     # ------------------------------------------------------------ train
-    def _generation_eval(self, when: str):
+    def _generations_before(self):
+        # At train begin (see AtTrainBegin): on a resumed run, the resumed weights.
+        self.before = self._generations("before")
+
+    def _generations(self, when: str):
+        if shards_weights(self.cfg.dist):
+            # Every forward pass gathers weights from all ranks, so all ranks
+            # generate the same prompts in step (synced_gpus); rank 0 keeps them.
+            result = self._generation_eval(when, synced=True)
+            return result if self.is_main else None
+        return self._on_main(f"generation {when} training", lambda: self._generation_eval(when))
+
+    def _generation_eval(self, when: str, synced: bool = False):
         gen_cfg = getattr(self.cfg.task, "generation_eval", None)
         if gen_cfg is None or self.data.eval is None:
             return None
@@ -235,7 +268,7 @@ class SFTRecipe:
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
         results = generate_answers(
             model, self.tokenizer, self.chat_template, self.data.eval.examples, n, gen_cfg.max_new_tokens,
-            batch_size=gen_cfg.batch_size,
+            batch_size=gen_cfg.batch_size, synced_gpus=synced,
         )
         if not results:
             return None
@@ -264,7 +297,6 @@ class SFTRecipe:
 
     def train(self) -> None:
         cfg = self.cfg
-        self.before = self._on_main("generation before training", lambda: self._generation_eval("before"))
         resume = cfg.resume_from
         if resume == "auto":  # guard_run_dir made sure there is one
             resume = str(outputs.latest_checkpoint(self.run_dir))
@@ -280,7 +312,7 @@ class SFTRecipe:
         self.trainer.train(resume_from_checkpoint=resume)
         self.train_seconds = time.time() - start
         self.eval_metrics = self.trainer.evaluate() if self.data.eval is not None else {}
-        self.after = self._on_main("generation after training", lambda: self._generation_eval("after"))
+        self.after = self._generations("after")
 
     # ------------------------------------------------------------- save
     def save(self) -> dict:
