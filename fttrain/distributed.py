@@ -206,7 +206,14 @@ def single_process_rendezvous(dist_cfg) -> None:
 
 
 # ------------------------------------------------------- trainer arguments
-def deepspeed_config(dist, precision: str, trainer_cfg, micro: int, accum: int, world: int, on_gpu: bool) -> dict:
+def sharded_save(dist_cfg, peft_method: str) -> bool:
+    """Whether each rank writes its own shard of the final weights. Only full
+    weights are ever too big to gather on one rank; an adapter is saved whole."""
+    return plan_of(dist_cfg) in ("deepspeed", "fsdp") and dist_cfg.save_format == "sharded" and peft_method == "full"
+
+
+def deepspeed_config(dist, precision: str, trainer_cfg, micro: int, accum: int, world: int, on_gpu: bool,
+                     sharded: bool = False) -> dict:
     """A complete DeepSpeed JSON. Batch sizes, accumulation, clipping and
     precision are filled here from the same numbers the Trainer gets (the
     Trainer refuses a mismatch); the three bucket sizes that depend on the
@@ -219,7 +226,7 @@ def deepspeed_config(dist, precision: str, trainer_cfg, micro: int, accum: int, 
             stage3_prefetch_bucket_size="auto",
             stage3_param_persistence_threshold="auto",
             # full: save_model gathers 16-bit weights on rank 0; sharded: each rank writes its partition
-            stage3_gather_16bit_weights_on_model_save=dist.save_format == "full",
+            stage3_gather_16bit_weights_on_model_save=not sharded,
         )
     if dist.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
@@ -250,13 +257,13 @@ def deepspeed_config(dist, precision: str, trainer_cfg, micro: int, accum: int, 
     return config
 
 
-def fsdp_config(dist, checkpointing: bool) -> dict:
+def fsdp_config(dist, checkpointing: bool, sharded: bool = False) -> dict:
     config = {
         "version": 2,
         "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
         "reshard_after_forward": dist.reshard_after_forward,
         "cpu_offload": dist.offload,
-        "state_dict_type": "FULL_STATE_DICT" if dist.save_format == "full" else "SHARDED_STATE_DICT",
+        "state_dict_type": "SHARDED_STATE_DICT" if sharded else "FULL_STATE_DICT",
         "activation_checkpointing": checkpointing and dist.activation_checkpointing == "fsdp",
         "cpu_ram_efficient_loading": False,
     }
@@ -285,10 +292,10 @@ def trainer_args(cfg, precision: str, topology: Topology, accum: int, use_cpu: b
         kwargs.update(checkpointing_args(checkpointing))
     if plan == "deepspeed":
         kwargs["deepspeed"] = deepspeed_config(dist, precision, t, t.micro_batch_size, accum, topology.world_size,
-                                               on_gpu=not use_cpu)
+                                               on_gpu=not use_cpu, sharded=sharded_save(dist, cfg.peft.method))
     elif plan == "fsdp":
         kwargs["fsdp"] = True
-        kwargs["fsdp_config"] = fsdp_config(dist, checkpointing)
+        kwargs["fsdp_config"] = fsdp_config(dist, checkpointing, sharded=sharded_save(dist, cfg.peft.method))
         if dist.hybrid:
             from accelerate.parallelism_config import ParallelismConfig
 
@@ -431,21 +438,63 @@ class PlanCheck(TrainerCallback):
 def full_trainable_weights(trainer):
     """(name, whole tensor) for every trainable parameter, gathered from the
     shards under FSDP and ZeRO-3. A collective there: every rank must call it."""
-    import torch
-
     model = trainer.accelerator.unwrap_model(trainer.model)
-    for name, p in sorted(model.named_parameters()):
-        if not p.requires_grad:
-            continue
-        if hasattr(p, "full_tensor"):  # FSDP2 DTensor
-            yield name, p.full_tensor().detach()
-        elif hasattr(p, "ds_id"):  # ZeRO-3 partition
-            import deepspeed
+    named = [(n, p) for n, p in sorted(model.named_parameters()) if p.requires_grad]
+    if any(hasattr(p, "ds_id") for _, p in named):  # ZeRO-3 partitions
+        import deepspeed
 
-            with deepspeed.zero.GatheredParameters([p]):
-                yield name, p.detach().clone()
+        # The last eval / generation pass may have left prefetched parameters
+        # in flight; release them before gathering.
+        trainer.model_wrapped.empty_partition_cache()
+        with deepspeed.zero.GatheredParameters([p for _, p in named]):
+            gathered = [(n, p.detach().clone()) for n, p in named]
+        yield from gathered
+        return
+    for name, p in named:
+        if hasattr(p, "full_tensor"):  # FSDP2 DTensor
+            # A copy: the gathered tensor can share storage that FSDP later frees.
+            yield name, p.full_tensor().detach().clone()
         else:
-            yield name, torch.as_tensor(p.detach())
+            yield name, p.detach().clone()
+
+
+# ------------------------------------------------------------ saving
+SHARDED_NOTE = """These weights are sharded: each rank wrote its own part ({kind}).
+Merge them into one standard Hugging Face folder (on one machine, CPU only):
+
+    python -m fttrain.consolidate {folder}
+
+"""
+
+
+def save_model(trainer, out_dir, dist_cfg, peft_method: str, final_dir=None) -> str:
+    """Write the final weights; every rank calls this. Returns the format:
+    "hf" (a standard folder, loadable without fttrain), "zero_sharded" or
+    "fsdp_sharded". (The Trainer's save_model writes nothing at all for FSDP's
+    sharded state dict, so fttrain saves that case itself.)"""
+    out_dir = str(out_dir)
+    if not sharded_save(dist_cfg, peft_method):
+        trainer.save_model(out_dir)  # gathers to rank 0 under ZeRO-3 / FSDP
+        return "hf"
+    acc = trainer.accelerator
+    if plan_of(dist_cfg) == "fsdp":
+        from accelerate.utils import save_fsdp_model
+
+        save_fsdp_model(acc.state.fsdp_plugin, acc, trainer.model, out_dir)
+        kind = "fsdp_sharded"
+    else:
+        trainer.save_model(out_dir)  # the ZeRO-3 checkpoint, one file per rank
+        kind = "zero_sharded"
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        model = acc.unwrap_model(trainer.model)
+        model.config.save_pretrained(out_dir)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(out_dir)
+        from pathlib import Path
+
+        (Path(out_dir) / "SHARDED.md").write_text(SHARDED_NOTE.format(kind=kind, folder=final_dir or out_dir))
+    return kind
 
 
 def deepspeed_config_in_use(trainer) -> Optional[dict]:

@@ -164,3 +164,20 @@ def plot_loss_curve(log_rows: List[Dict], path: Path) -> None:
 
 def mark_complete(run_dir: Path) -> None:
     (run_dir / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+
+
+WEIGHT_FILES = {
+    "hf": ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"),
+    "zero_sharded": ("latest",),
+    "fsdp_sharded": ("pytorch_model_fsdp_0",),
+}
+
+
+def check_weights_written(folder: Path, model_format: str) -> None:
+    """A model folder without weights must never be published as a finished run."""
+    folder = Path(folder)
+    if not any((folder / name).exists() for name in WEIGHT_FILES[model_format]):
+        raise RuntimeError(
+            f"saving wrote no weights to {folder} (expected one of {list(WEIGHT_FILES[model_format])}); "
+            "the run is not marked complete"
+        )

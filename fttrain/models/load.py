@@ -105,6 +105,8 @@ def load_model(model_cfg, path: str, precision: str, quantization_config=None):
 def param_counts(model) -> Tuple[int, int]:
     if hasattr(model, "get_nb_trainable_parameters"):  # peft: counts 4-bit packed weights correctly
         return model.get_nb_trainable_parameters()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # ZeRO-3 partitions leave numel() == 0 on each rank; ds_numel is the whole size.
+    size = lambda p: getattr(p, "ds_numel", None) or p.numel()
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    total = sum(size(p) for p in model.parameters())
     return trainable, total

@@ -31,6 +31,7 @@ from fttrain.distributed import (
     deepspeed_config_in_use,
     gradient_accumulation,
     plan_label,
+    save_model,
     shards_weights,
     single_process_rendezvous,
     trainer_args,
@@ -330,11 +331,13 @@ class SFTRecipe:
 
             shutil.rmtree(tmp)
         trainer.accelerator.wait_for_everyone()
-        trainer.save_model(str(tmp))  # gathers sharded weights; writes on rank 0 only
+        # Whole weights gathered to rank 0, or one shard per rank (dist.save_format=sharded).
+        self.model_format = save_model(trainer, tmp, self.cfg.dist, self.cfg.peft.method, final_dir=run_dir / "model")
         trainer.accelerator.wait_for_everyone()
         if not self.is_main:
             return {}
         self.tokenizer.save_pretrained(tmp)
+        outputs.check_weights_written(tmp, self.model_format)
         outputs.publish_dir(tmp, run_dir / "model")
 
         step_s = self.step_timer.seconds
@@ -355,6 +358,8 @@ class SFTRecipe:
             "train_step_seconds": step_s,  # inside optimizer steps; what tokens/s divides by
             "train_runtime_seconds": self.train_seconds,  # wall clock of train(), evals and saves included
             "precision": self.runtime.precision,
+            "dist_plan": plan_label(self.cfg.dist),
+            "model_format": self.model_format,  # hf | zero_sharded | fsdp_sharded (see model/SHARDED.md)
         }
         for when, res in (("before", self.before), ("after", self.after)):
             if res and res["exact_match"] is not None:
