@@ -38,16 +38,9 @@ def tokenizer(tiny_dir):
 
 
 def compose(overrides=(), return_hydra_config=False):
-    from hydra import compose as hcompose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from fttrain.config.compose import compose_config
 
-    from fttrain.config.schema import register_configs
-    from fttrain.paths import CONF_DIR
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return hcompose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+    return compose_config(overrides, return_hydra_config)
 
 
 def run_cli(args, cwd, timeout=600, launcher=None, env=None):
