@@ -309,7 +309,9 @@ def trainer_args(cfg, precision: str, topology: Topology, accum: int, use_cpu: b
 def after_process_group(dist_cfg, use_cpu: bool) -> None:
     """CPU-only fixes, applied once the process group exists and before the
     model loads, so the plan asked for is the plan accelerate builds."""
-    if not use_cpu:
+    # FTTRAIN_CPU_PLAN_FIXES=0 shows what accelerate does unaided (a test uses
+    # it to prove that PlanCheck stops the fallback to DDP).
+    if not use_cpu or os.environ.get("FTTRAIN_CPU_PLAN_FIXES", "1") == "0":
         return
     plan = plan_of(dist_cfg)
     import torch.distributed as tdist

@@ -331,6 +331,8 @@ class SFTRecipe:
 
             shutil.rmtree(tmp)
         trainer.accelerator.wait_for_everyone()
+        # Training turned the KV cache off; the saved model is for generation: on again.
+        trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True
         # Whole weights gathered to rank 0, or one shard per rank (dist.save_format=sharded).
         self.model_format = save_model(trainer, tmp, self.cfg.dist, self.cfg.peft.method, final_dir=run_dir / "model")
         trainer.accelerator.wait_for_everyone()
