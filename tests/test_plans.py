@@ -216,3 +216,15 @@ def test_ddp_that_did_not_wrap_is_caught():
 def test_plan_labels_name_the_conf_option():
     for option in DIST_OPTIONS:
         assert plan_label(compose(["+exp=tiny_sft", f"dist={option}"]).dist) == option
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "launch").glob("*.yaml")), ids=lambda p: p.name)
+def test_launch_configs_only_start_processes(path):
+    """accelerate can read each file, and none carries a plan of its own."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    text = path.read_text()
+    assert text.startswith("# ") and "accelerate launch --config_file launch/" + path.name in text
+    cfg = load_config_from_file(str(path))
+    assert str(cfg.distributed_type).split(".")[-1] in ("NO", "MULTI_GPU")
+    assert cfg.mixed_precision in ("no", "NO") or str(cfg.mixed_precision).endswith("NO")
