@@ -228,3 +228,20 @@ def test_launch_configs_only_start_processes(path):
     cfg = load_config_from_file(str(path))
     assert str(cfg.distributed_type).split(".")[-1] in ("NO", "MULTI_GPU")
     assert cfg.mixed_precision in ("no", "NO") or str(cfg.mixed_precision).endswith("NO")
+
+
+def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
+    """The GPU branch of the precision check, with torch's CUDA probes stubbed
+    as a pre-Ampere card reports them (this machine has no GPU)."""
+    import torch
+
+    from fttrain.env import LaunchError, resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100-SXM2-16GB")
+    with pytest.raises(LaunchError, match="precision=bf16 but Tesla V100-SXM2-16GB has no bf16 support"):
+        resolve_precision("bf16", on_gpu=True)
+    assert resolve_precision("auto", on_gpu=True) == "fp32"
+    assert resolve_precision("fp16", on_gpu=True) == "fp16"
+    with pytest.raises(LaunchError, match="precision=fp16 needs a GPU"):
+        resolve_precision("fp16", on_gpu=False)
