@@ -357,6 +357,8 @@ def describe_realised_plan(trainer) -> dict:
         info["mesh_shape"] = list(p.device_mesh.shape)
         info["local_device"] = str(p.to_local().device)
         info["fsdp_modules"] = sum(1 for m in model.modules() if type(m).__name__.startswith("FSDP"))
+        # FSDP-side activation checkpointing wraps each layer in a CheckpointWrapper.
+        info["fsdp_checkpointed_layers"] = sum(1 for m in model.modules() if "CheckpointWrapper" in type(m).__name__)
     ds = [p for p in params if hasattr(p, "ds_id")]
     info["zero3_partitioned_parameters"] = sum(1 for p in ds if p.numel() == 0)
     engine_stage = getattr(wrapped, "zero_optimization_stage", None)
@@ -368,7 +370,7 @@ def describe_realised_plan(trainer) -> dict:
     return info
 
 
-def verify_plan(dist_cfg, info: dict, num_layers: Optional[int] = None) -> List[str]:
+def verify_plan(dist_cfg, info: dict, num_layers: Optional[int] = None, checkpointing: bool = False) -> List[str]:
     """Mismatches between the plan asked for and what runs (empty: all good)."""
     plan, label = plan_of(dist_cfg), plan_label(dist_cfg)
     world = info["world_size"]
@@ -405,6 +407,8 @@ def verify_plan(dist_cfg, info: dict, num_layers: Optional[int] = None) -> List[
             want = ["Replicate", "Shard(0)"] if dist_cfg.hybrid else ["Shard(0)"]
             if info["placements"] != want:
                 bad.append(f"dist={label} expects placements {want}, got {info['placements']}")
+            if checkpointing and dist_cfg.activation_checkpointing == "fsdp" and not info.get("fsdp_checkpointed_layers"):
+                bad.append("dist.activation_checkpointing=fsdp but no layer is wrapped for checkpointing by FSDP")
             if num_layers is not None and info["fsdp_modules"] < num_layers + 1:
                 bad.append(f"dist={label}: {info['fsdp_modules']} FSDP units for {num_layers} layers; "
                            "each decoder layer should be one (check dist.wrap_class)")
@@ -422,13 +426,14 @@ class PlanCheck(TrainerCallback):
     """Trainer callback: once the model is wrapped, the realised plan must be
     the plan asked for, or the run stops before its first step."""
 
-    def __init__(self, dist_cfg, num_layers: Optional[int], on_verified):
+    def __init__(self, dist_cfg, num_layers: Optional[int], on_verified, checkpointing: bool = False):
         self.dist_cfg, self.num_layers, self.on_verified = dist_cfg, num_layers, on_verified
+        self.checkpointing = checkpointing
         self.trainer = None  # set by the recipe once the Trainer exists
 
     def on_train_begin(self, args, state, control, **kwargs):
         info = describe_realised_plan(self.trainer)
-        bad = verify_plan(self.dist_cfg, info, self.num_layers)
+        bad = verify_plan(self.dist_cfg, info, self.num_layers, self.checkpointing)
         if bad:
             raise PlanError(
                 "the plan that runs is not the plan asked for:\n" + "\n".join(f"  - {b}" for b in bad)

@@ -194,3 +194,33 @@ def test_fsdp_falling_back_to_ddp_is_stopped(workdir):
     assert "the plan that runs is not the plan asked for" in proc.stderr
     assert "not sharded DTensors" in proc.stderr and "DistributedDataParallel" in proc.stderr
     assert not (workdir / "fallback" / "COMPLETE").exists()
+
+
+def test_hybrid_shards_within_and_replicates_across_nodes(workdir):
+    """Two "nodes" of 2 processes each on this machine (two torchrun agents
+    with a static rendezvous): a [2 nodes, 2 ranks] mesh, parameters
+    replicated across nodes and sharded within, same curve at global batch 4."""
+    import os
+
+    port = next(PORTS)
+    cmd = lambda rank: [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
+                        "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                        "-m", "fttrain", "+exp=tiny_sft", *STEPS, "trainer.micro_batch_size=1", "dist=fsdp_hybrid",
+                        "dist.expected_world_size=4", "hydra.run.dir=hybrid"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    nodes = [subprocess.Popen(cmd(r), cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    outs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), outs[0][-4000:] + outs[1][-4000:]
+    got = workdir / "hybrid"
+    r = json.loads((got / "plan.json").read_text())["realised"]
+    assert r["world_size"] == 4 and r["mesh_shape"] == [2, 2] and r["placements"] == ["Replicate", "Shard(0)"]
+    assert r["dtensor_parameters"] == r["num_parameters"]
+    assert_same_curve(run(workdir, "tiny_sft", "one_process"), got)
+
+
+def test_fsdp_side_activation_checkpointing(workdir):
+    got = run(workdir, "tiny_full", "fsdp", "trainer.gradient_checkpointing=true", "dist.activation_checkpointing=fsdp")
+    assert_same_curve(run(workdir, "tiny_full", "one_process"), got)
+    r = json.loads((got / "plan.json").read_text())["realised"]
+    assert r["fsdp_checkpointed_layers"] == 4  # every decoder layer, wrapped by FSDP's checkpoint wrapper

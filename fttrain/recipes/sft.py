@@ -222,7 +222,7 @@ class SFTRecipe:
         else:
             collator = PaddingCollator(pad)
         self.plan_check = PlanCheck(self.cfg.dist, getattr(self.model.config, "num_hidden_layers", None),
-                                    self._record_plan)
+                                    self._record_plan, checkpointing=self.cfg.trainer.gradient_checkpointing)
         trainer = FTTrainer(
             model=self.model,
             args=self.args,
