@@ -130,15 +130,11 @@ def check_plan(cfg, topology: Topology, precision: str, on_gpu: bool) -> None:
             problems.append(f"dist.stage={dist.stage} must be 1, 2 or 3")
         if dist.offload_params and dist.stage != 3:
             problems.append(f"dist.offload_params=true needs dist.stage=3 (stage {dist.stage} keeps whole weights on each GPU)")
-        if dist.save_format not in SAVE_FORMATS:
-            problems.append(f"dist.save_format={dist.save_format!r} must be one of {list(SAVE_FORMATS)}")
     if plan == "fsdp":
         if dist.activation_checkpointing not in CHECKPOINTING_SOURCES:
             problems.append(
                 f"dist.activation_checkpointing={dist.activation_checkpointing!r} must be one of {list(CHECKPOINTING_SOURCES)}"
             )
-        if dist.save_format not in SAVE_FORMATS:
-            problems.append(f"dist.save_format={dist.save_format!r} must be one of {list(SAVE_FORMATS)}")
         if dist.hybrid and topology.num_nodes < 2:
             problems.append(
                 f"dist.hybrid=true (dist={label}) shards within a node and replicates across nodes, but this launch has "
@@ -147,8 +143,10 @@ def check_plan(cfg, topology: Topology, precision: str, on_gpu: bool) -> None:
         if dist.hybrid and topology.local_world_size < 2:
             problems.append("dist.hybrid=true needs at least 2 processes per node to shard over")
 
-    sharded_weights = (plan == "deepspeed" and dist.stage == 3) or plan == "fsdp"
-    if peft.method == "qlora" and sharded_weights:
+    if needs_process_group(dist) and dist.save_format not in SAVE_FORMATS:
+        problems.append(f"dist.save_format={dist.save_format!r} must be one of {list(SAVE_FORMATS)}")
+
+    if peft.method == "qlora" and shards_weights(dist):
         storage = peft.quant_storage
         if storage is None or storage != peft.compute_dtype:
             problems.append(
@@ -206,10 +204,19 @@ def single_process_rendezvous(dist_cfg) -> None:
 
 
 # ------------------------------------------------------- trainer arguments
+def shards_weights(dist_cfg) -> bool:
+    """True when no rank holds the whole model (ZeRO-3, FSDP): every forward
+    pass is a collective, so all ranks must run the same passes (eval,
+    generation), and only these plans can save weights as shards."""
+    plan = plan_of(dist_cfg)
+    return plan == "fsdp" or (plan == "deepspeed" and dist_cfg.stage == 3)
+
+
 def sharded_save(dist_cfg, peft_method: str) -> bool:
     """Whether each rank writes its own shard of the final weights. Only full
-    weights are ever too big to gather on one rank; an adapter is saved whole."""
-    return plan_of(dist_cfg) in ("deepspeed", "fsdp") and dist_cfg.save_format == "sharded" and peft_method == "full"
+    weights are ever too big to gather on one rank; an adapter is saved whole.
+    Under ZeRO-1/2 every rank holds whole weights, so they are saved whole too."""
+    return shards_weights(dist_cfg) and dist_cfg.save_format == "sharded" and peft_method == "full"
 
 
 def deepspeed_config(dist, precision: str, trainer_cfg, micro: int, accum: int, world: int, on_gpu: bool,
@@ -376,7 +383,7 @@ def verify_plan(dist_cfg, info: dict, num_layers: Optional[int] = None, checkpoi
     world = info["world_size"]
     bad: List[str] = []
     wrapper = info["wrapper"]
-    if plan in ("single",) or (plan == "ddp" and world == 1):
+    if plan == "single" or (plan == "ddp" and world == 1):
         if info["dtensor_parameters"] or "zero_stage" in info:
             bad.append(f"dist={label} but the model is wrapped as {wrapper}")
     elif plan == "ddp":
@@ -413,13 +420,6 @@ def verify_plan(dist_cfg, info: dict, num_layers: Optional[int] = None, checkpoi
                 bad.append(f"dist={label}: {info['fsdp_modules']} FSDP units for {num_layers} layers; "
                            "each decoder layer should be one (check dist.wrap_class)")
     return bad
-
-
-def shards_weights(dist_cfg) -> bool:
-    """True when no rank holds the whole model: every forward pass is a
-    collective, so all ranks must run the same passes (eval, generation)."""
-    plan = plan_of(dist_cfg)
-    return plan == "fsdp" or (plan == "deepspeed" and dist_cfg.stage == 3)
 
 
 class PlanCheck(TrainerCallback):

@@ -11,7 +11,6 @@ Two traps this module exists for (seen with accelerate 1.15 / torch 2.13):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +24,6 @@ class LaunchError(RuntimeError):
 class Runtime:
     use_cpu: bool
     precision: str  # bf16 | fp16 | fp32, resolved
-    launcher_world_size: int
 
 
 def resolve_precision(requested: str, on_gpu: bool) -> str:
@@ -46,15 +44,15 @@ def detect_runtime(precision_cfg) -> Runtime:
     return Runtime(
         use_cpu=not on_gpu,
         precision=resolve_precision(requested, on_gpu),
-        launcher_world_size=int(os.environ.get("WORLD_SIZE", "1")),
     )
 
 
-def check_world_size(realised: int, runtime: Runtime, dist_cfg) -> None:
-    """The world size we train with must be what the launcher started."""
-    if realised != runtime.launcher_world_size:
+def check_world_size(realised: int, launcher_world_size: int, dist_cfg) -> None:
+    """The world size we train with must be what the launcher started
+    (``launcher_world_size``: its WORLD_SIZE, see ``distributed.Topology``)."""
+    if realised != launcher_world_size:
         raise LaunchError(
-            f"training world size is {realised} but the launcher started WORLD_SIZE={runtime.launcher_world_size} "
+            f"training world size is {realised} but the launcher started WORLD_SIZE={launcher_world_size} "
             "processes: they would train independently. On CPU use "
             "`accelerate launch --multi_gpu --num_processes N` (fttrain sets use_cpu)."
         )

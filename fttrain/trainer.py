@@ -19,6 +19,7 @@ Added here:
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -76,7 +77,7 @@ class FTTrainer(Trainer):
         rows = eval_dataset if eval_dataset is not None else self.eval_dataset
         rank, world = self.args.process_index, self.args.world_size
         mine, bs = rows[rank::world], self.args.per_device_eval_batch_size
-        num_batches = -(-(-(-len(rows) // world)) // bs)
+        num_batches = math.ceil(math.ceil(len(rows) / world) / bs)  # the busiest rank's count
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from fttrain.env import LaunchError, Runtime, check_world_size
+from fttrain.env import LaunchError, check_world_size
 
 COMMON = ["+exp=tiny_sft", "trainer.max_steps=4", "trainer.micro_batch_size=2", "trainer.logging_steps=1"]
 
@@ -177,19 +177,15 @@ def test_launch_that_starts_one_process_is_refused(tmp_path):
     assert "dist.expected_world_size=2 but 1 process(es) started" in proc.stderr
 
 
-def runtime(world):
-    return Runtime(use_cpu=True, precision="fp32", launcher_world_size=world)
-
-
 def dist_cfg(expected=None, plan="ddp"):
     return SimpleNamespace(expected_world_size=expected, plan=plan)
 
 
 def test_world_size_must_match_the_launcher():
     with pytest.raises(LaunchError, match="WORLD_SIZE=2"):
-        check_world_size(1, runtime(2), dist_cfg())
+        check_world_size(1, 2, dist_cfg())
     with pytest.raises(LaunchError, match="no process group"):
-        check_world_size(2, runtime(2), dist_cfg())
+        check_world_size(2, 2, dist_cfg())
     with pytest.raises(LaunchError, match="expected_world_size=4"):
-        check_world_size(1, runtime(1), dist_cfg(expected=4))
-    check_world_size(1, runtime(1), dist_cfg())  # a plain single process is fine
+        check_world_size(1, 1, dist_cfg(expected=4))
+    check_world_size(1, 1, dist_cfg())  # a plain single process is fine

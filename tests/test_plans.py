@@ -88,6 +88,11 @@ def test_sharded_save_only_shards_full_weights():
     cfg = compose(["+exp=tiny_full", "dist=fsdp", "dist.save_format=sharded"])
     kwargs = trainer_args(cfg, "bf16", Topology(8, 8), 1, False, _checkpointing)
     assert kwargs["fsdp_config"]["state_dict_type"] == "SHARDED_STATE_DICT"
+    # ZeRO-1/2 ranks hold whole weights: there is nothing to shard, so the save is one HF folder.
+    from fttrain.distributed import sharded_save
+
+    assert not sharded_save(compose(["+exp=tiny_full", "dist=zero2", "dist.save_format=sharded"]).dist, "full")
+    assert sharded_save(compose(["+exp=tiny_full", "dist=zero3", "dist.save_format=sharded"]).dist, "full")
 
 
 def test_zero_knobs_do_not_compose_on_an_fsdp_plan():

@@ -95,7 +95,7 @@ class SFTRecipe:
         self.accum = gradient_accumulation(cfg.trainer, self.topology.world_size)
         single_process_rendezvous(cfg.dist)
         self.args = self._training_args()  # initialises the process group
-        check_world_size(self.args.world_size, self.runtime, cfg.dist)
+        check_world_size(self.args.world_size, self.topology.world_size, cfg.dist)
         after_process_group(cfg.dist, self.runtime.use_cpu)
         self.is_main = self.args.process_index == 0
         self._batch_arithmetic()
