@@ -28,8 +28,9 @@ def _user_errors():
     from fttrain.data.tokenize import TemplateError
     from fttrain.env import LaunchError
     from fttrain.outputs import RunDirError
+    from fttrain.peft_setup import PeftSetupError
 
-    return (ConfigCheckError, DataError, TemplateError, LaunchError, RunDirError)
+    return (ConfigCheckError, DataError, TemplateError, LaunchError, RunDirError, PeftSetupError)
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
@@ -42,11 +43,20 @@ def main(cfg: DictConfig):
 
 
 def _main(cfg: DictConfig):
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    metrics = run_in_dir(cfg, run_dir, list(HydraConfig.get().overrides.task))
+    # Returned for Hydra sweepers (Optuna optimises this value).
+    return (metrics or {}).get("eval_loss")
+
+
+def run_in_dir(cfg: DictConfig, run_dir: Path, overrides=()) -> dict:
+    """Check, prepare the run directory and run the task; what the CLI does
+    after composing (tests call it in-process with a composed config)."""
     from fttrain.config.checks import check_config
     from fttrain import outputs
 
     check_config(cfg)  # cross-field rules; types and key names were checked while composing
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir = Path(run_dir)
     if not cfg.preflight:  # preflight writes nothing, so it may look at any directory
         outputs.guard_run_dir(run_dir, cfg.overwrite, cfg.resume_from)
     if int(os.environ.get("RANK", "0")) == 0 and not cfg.preflight:
@@ -55,13 +65,11 @@ def _main(cfg: DictConfig):
         if cfg.overwrite:
             outputs.clear_previous_run(run_dir)
         outputs.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        outputs.write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(list(HydraConfig.get().overrides.task)))
+        outputs.write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(list(overrides)))
 
     from fttrain.recipes import run_task
 
-    metrics = run_task(cfg, run_dir)
-    # Returned for Hydra sweepers (Optuna optimises this value).
-    return (metrics or {}).get("eval_loss")
+    return run_task(cfg, run_dir)
 
 
 if __name__ == "__main__":

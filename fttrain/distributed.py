@@ -146,13 +146,20 @@ def check_plan(cfg, topology: Topology, precision: str, on_gpu: bool) -> None:
     if needs_process_group(dist) and dist.save_format not in SAVE_FORMATS:
         problems.append(f"dist.save_format={dist.save_format!r} must be one of {list(SAVE_FORMATS)}")
 
+    problems += method_plan_problems(peft, dist, label, topology)
+
     if peft.method == "qlora" and shards_weights(dist):
-        storage = peft.quant_storage
-        if storage is None or storage != peft.compute_dtype:
+        from fttrain.peft_setup import resolved_compute_dtype
+
+        storage, compute = peft.quant_storage, resolved_compute_dtype(peft, precision)
+        if storage is None or storage != compute:
             problems.append(
                 f"peft=qlora with dist={label} shards the 4-bit weights, which needs peft.quant_storage equal to "
-                f"peft.compute_dtype ({peft.compute_dtype}); it is {storage}. Set peft.quant_storage={peft.compute_dtype}"
+                f"the compute dtype ({compute}, from peft.compute_dtype={peft.compute_dtype}); it is {storage}. "
+                f"Set peft.quant_storage={compute}"
             )
+    if getattr(peft, "init", None) == "loftq" and not on_gpu:
+        problems.append("peft.init=loftq: peft's LoftQ initialisation runs on CUDA only; on CPU use init=default or pissa")
         if peft.bits != 4:
             problems.append(f"peft=qlora with dist={label} needs peft.bits=4 (8-bit weights cannot be sharded)")
 
@@ -181,6 +188,26 @@ def check_plan(cfg, topology: Topology, precision: str, on_gpu: bool) -> None:
 
     if problems:
         raise PlanError("the distributed plan cannot run:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def method_plan_problems(peft, dist, label: str, topology: Topology) -> List[str]:
+    """PEFT methods that a plan cannot carry."""
+    plan, m, out = plan_of(dist), peft.method, []
+    if m == "lisa" and plan not in ("single", "ddp"):
+        out.append(f"peft=lisa with dist={label}: LISA freezes and unfreezes layers during training, while ZeRO and "
+                   "FSDP fix the trainable set when they wrap the model; use dist=single or dist=ddp")
+    if m == "galore" and plan not in ("single", "ddp"):
+        out.append(f"peft=galore with dist={label}: GaLore's optimizer projects whole gradient matrices, which ZeRO "
+                   "and FSDP shard; use dist=single or dist=ddp")
+    if m == "galore" and peft.layerwise and topology.world_size > 1:
+        out.append("peft.layerwise=true steps the optimizer inside backward, which DDP's gradient averaging cannot "
+                   f"follow; it runs on one process only (this launch has {topology.world_size})")
+    untested = ("prompt_tuning", "prefix_tuning", "p_tuning", "llama_adapter", "adapter")
+    if m in untested and shards_weights(dist):
+        out.append(f"peft={m} with dist={label} is not supported yet: fttrain has verified it with dist=single and "
+                   "dist=ddp only (sharded plans gather weights per wrapped layer, which these methods add to or "
+                   "bypass); use dist=ddp, or LoRA for sharded runs")
+    return out
 
 
 def needs_process_group(dist_cfg) -> bool:
@@ -216,7 +243,9 @@ def sharded_save(dist_cfg, peft_method: str) -> bool:
     """Whether each rank writes its own shard of the final weights. Only full
     weights are ever too big to gather on one rank; an adapter is saved whole.
     Under ZeRO-1/2 every rank holds whole weights, so they are saved whole too."""
-    return shards_weights(dist_cfg) and dist_cfg.save_format == "sharded" and peft_method == "full"
+    from fttrain.peft_setup import WHOLE_MODEL
+
+    return shards_weights(dist_cfg) and dist_cfg.save_format == "sharded" and peft_method in WHOLE_MODEL
 
 
 def deepspeed_config(dist, precision: str, trainer_cfg, micro: int, accum: int, world: int, on_gpu: bool,
@@ -290,7 +319,8 @@ def trainer_args(cfg, precision: str, topology: Topology, accum: int, use_cpu: b
         # accelerate look for a process group that does not exist.
         "ddp_backend": (dist.backend or ("gloo" if use_cpu else None)) if multi else None,
         "ddp_timeout": dist.timeout_minutes * 60,
-        "ddp_find_unused_parameters": getattr(dist, "find_unused_parameters", False),
+        # LISA freezes layers after DDP has wrapped the model: their gradients go missing.
+        "ddp_find_unused_parameters": getattr(dist, "find_unused_parameters", False) or cfg.peft.method == "lisa",
     }
     checkpointing = bool(t.gradient_checkpointing)
     if plan == "fsdp" and dist.activation_checkpointing == "fsdp":
@@ -480,6 +510,15 @@ def save_model(trainer, out_dir, dist_cfg, peft_method: str, final_dir=None) -> 
     "fsdp_sharded". (The Trainer's save_model writes nothing at all for FSDP's
     sharded state dict, so fttrain saves that case itself.)"""
     out_dir = str(out_dir)
+    if peft_method == "adapter":  # fttrain's bottleneck adapters: their weights only
+        from fttrain.bottleneck import save_bottleneck
+
+        weights = {n: t.cpu().contiguous() for n, t in full_trainable_weights(trainer)}  # collective
+        if trainer.accelerator.is_main_process:
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            save_bottleneck(weights, model._fttrain_bottleneck, out_dir)
+            model.config.save_pretrained(out_dir)
+        return "bottleneck"
     if not sharded_save(dist_cfg, peft_method):
         trainer.save_model(out_dir)  # gathers to rank 0 under ZeRO-3 / FSDP
         return "hf"

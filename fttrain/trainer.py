@@ -35,7 +35,8 @@ class ZeroTrainedTokensError(RuntimeError):
 
 
 class FTTrainer(Trainer):
-    def __init__(self, *args, rank_records: bool, **kwargs):
+    def __init__(self, *args, rank_records: bool, param_groups=None, **kwargs):
+        self.param_groups = param_groups  # (lr, weight_decay) -> groups; None: the Trainer's own grouping
         super().__init__(*args, **kwargs)
         if not self.model_accepts_loss_kwargs:
             raise RuntimeError(
@@ -46,6 +47,16 @@ class FTTrainer(Trainer):
         self.real_tokens = 0
         self.slot_tokens = 0
         self.seen_sample_ids = []
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer class and settings (so 8-bit, paged and
+        fused optimizers still apply) over the method's own parameter groups."""
+        if self.param_groups is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        kwargs.pop("lr", None)
+        self.optimizer = cls(self.param_groups(self.args.learning_rate, self.args.weight_decay), **kwargs)
+        return self.optimizer
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)

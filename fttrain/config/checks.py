@@ -98,18 +98,7 @@ def check_config(cfg: DictConfig) -> None:
             )
 
     # --- peft
-    if peft.method in ("lora", "qlora"):
-        if peft.r <= 0:
-            problems.append(f"peft.r={peft.r} must be positive")
-        if peft.bias not in ("none", "all", "lora_only"):
-            problems.append(f"peft.bias={peft.bias!r} must be none, all or lora_only")
-        if peft.init not in ("default", "gaussian", "pissa"):
-            problems.append(f"peft.init={peft.init!r} must be default, gaussian or pissa")
-    if peft.method == "qlora":
-        if peft.bits not in (4, 8):
-            problems.append(f"peft.bits={peft.bits} must be 4 or 8")
-        if peft.quant_type not in ("nf4", "fp4"):
-            problems.append(f"peft.quant_type={peft.quant_type!r} must be nf4 or fp4")
+    problems += peft_problems(cfg)
 
     # --- trainer: batch arithmetic that can be checked without a world size
     if trainer.micro_batch_size < 1 or trainer.gradient_accumulation_steps < 1:
@@ -160,3 +149,103 @@ def check_tokenizer_template(cfg: DictConfig, template) -> None:
                 f"({shipped_templates()}) that matches the model's format, or task.assistant_only_loss=false."
             ]
         )
+
+
+def peft_problems(cfg: DictConfig) -> List[str]:
+    """Values and combinations of the ``peft`` group (method x plan rules are
+    in fttrain.distributed.check_plan, which knows the launch)."""
+    from omegaconf import OmegaConf
+
+    from fttrain.config.schema import GROUP_SCHEMAS
+    from fttrain.peft_setup import INIT, VIRTUAL_TOKEN
+
+    peft, data, trainer = cfg.peft, cfg.data, cfg.trainer
+    m, out = peft.method, []
+    # `peft.method` is a plain field: `peft=qlora peft.method=full` must not slip through.
+    schema = OmegaConf.get_type(peft)
+    own = getattr(schema, "method", None) if schema is not None else None
+    if isinstance(own, str) and own != m:
+        if own == "qlora" and m == "full":
+            out.append("peft=qlora with peft.method=full: 4-bit weights cannot be trained directly (QLoRA trains an "
+                       "adapter on a frozen quantised base); use peft=full without quantisation, or peft=qlora")
+        else:
+            out.append(f"peft.method={m!r} contradicts the chosen peft option (a {schema.__name__}, method {own!r}); "
+                       f"pick the method with peft=<option>, one of {sorted(GROUP_SCHEMAS['peft'])}")
+        return out
+    if m in ("lora", "qlora"):
+        if peft.r <= 0:
+            out.append(f"peft.r={peft.r} must be positive")
+        if peft.bias not in ("none", "all", "lora_only"):
+            out.append(f"peft.bias={peft.bias!r} must be none, all or lora_only")
+        if peft.init not in INIT:
+            out.append(f"peft.init={peft.init!r} must be one of {list(INIT)}")
+        if peft.init == "loftq" and m == "qlora":
+            out.append("peft.init=loftq initialises against a quantisation itself: use it with peft=lora, not qlora")
+        if peft.loraplus_lr_ratio is not None and peft.loraplus_lr_ratio <= 0:
+            out.append(f"peft.loraplus_lr_ratio={peft.loraplus_lr_ratio} must be positive (or null for plain LoRA)")
+    if m == "qlora":
+        if peft.bits not in (4, 8):
+            out.append(f"peft.bits={peft.bits} must be 4 or 8")
+        if peft.quant_type not in ("nf4", "fp4"):
+            out.append(f"peft.quant_type={peft.quant_type!r} must be nf4 or fp4")
+        for key in ("compute_dtype", "quant_storage"):
+            v = getattr(peft, key)
+            allowed = ("auto", "bfloat16", "float16", "float32") if key == "compute_dtype" else (None, "bfloat16", "float16", "float32", "uint8")
+            if v not in allowed:
+                out.append(f"peft.{key}={v!r} must be one of {list(allowed)}")
+    if m in VIRTUAL_TOKEN and data.packing:
+        out.append(f"peft={m} prepends virtual tokens to each sequence, which packed rows (several samples per row) "
+                   "cannot take: set data.packing=false")
+    if m == "adalora":
+        if trainer.max_steps <= 0:
+            out.append("peft=adalora lays its rank budget out over the whole run: set trainer.max_steps > 0")
+        if not 0 < peft.target_r <= peft.init_r:
+            out.append(f"peft.target_r={peft.target_r} must be in 1..peft.init_r ({peft.init_r})")
+    if m == "adapter":
+        from fttrain.bottleneck import ACTIVATIONS, SUBLAYERS
+
+        if peft.r <= 0:
+            out.append(f"peft.r={peft.r} must be positive")
+        if peft.activation not in ACTIVATIONS:
+            out.append(f"peft.activation={peft.activation!r} must be one of {sorted(ACTIVATIONS)}")
+        if peft.placement not in ("serial", "parallel"):
+            out.append(f"peft.placement={peft.placement!r} must be serial or parallel")
+        bad = [x for x in peft.sublayers if x not in SUBLAYERS]
+        if bad or not peft.sublayers:
+            out.append(f"peft.sublayers={list(peft.sublayers)} must be a non-empty subset of {sorted(SUBLAYERS)}")
+    if m == "galore":
+        if peft.optimizer not in ("adamw", "adamw_8bit", "adafactor"):
+            out.append(f"peft.optimizer={peft.optimizer!r} must be adamw, adamw_8bit or adafactor")
+        if peft.proj_type not in ("std", "reverse_std", "right", "left", "full"):
+            out.append(f"peft.proj_type={peft.proj_type!r} must be std, reverse_std, right, left or full")
+        if peft.rank <= 0 or peft.update_proj_gap <= 0:
+            out.append("peft.rank and peft.update_proj_gap must be positive")
+        if peft.layerwise and trainer.gradient_accumulation_steps != 1:
+            out.append("peft.layerwise=true steps each layer during backward: gradient accumulation is impossible")
+        if not _importable("galore_torch"):
+            out.append("peft=galore needs GaLore's optimizers: pip install 'fttrain[galore]'")
+    if m == "lisa":
+        if peft.active_layers <= 0 or peft.switch_every <= 0:
+            out.append("peft.active_layers and peft.switch_every must be positive")
+    if m == "freeze" and peft.trainable_layers == 0 and not peft.trainable_patterns \
+            and not peft.train_embeddings and not peft.train_head:
+        out.append("peft=freeze with trainable_layers=0 and nothing else chosen trains nothing")
+    needs_bnb = m == "qlora" or (m == "galore" and peft.optimizer == "adamw_8bit") or any(
+        k in trainer.optim for k in ("8bit", "bnb", "paged"))
+    if needs_bnb and not _importable("bitsandbytes"):
+        what = "peft=qlora" if m == "qlora" else f"trainer.optim={trainer.optim}"
+        out.append(f"{what} needs bitsandbytes: pip install 'fttrain[qlora]'")
+    from transformers.training_args import OptimizerNames
+
+    if trainer.optim not in {o.value for o in OptimizerNames}:
+        out.append(f"trainer.optim={trainer.optim!r} is not an optimizer transformers knows "
+                   "(adamw_torch, adamw_bnb_8bit, paged_adamw_8bit, adafactor, ...)")
+    if m == "galore" and trainer.optim != "adamw_torch":
+        out.append("peft=galore chooses the optimizer itself (peft.optimizer); leave trainer.optim at adamw_torch")
+    return out
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None

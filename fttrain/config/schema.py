@@ -88,6 +88,9 @@ class ModelConfig:
 
 
 # -------------------------------------------------------------------- peft
+# One class per method (conf/peft/<option>.yaml). Where a method takes target
+# modules, the presets "attention" and "all_linear" are resolved per
+# architecture (fttrain.peft_setup); anything else is a module name.
 @dataclass
 class PeftConfig:
     method: str = MISSING
@@ -99,19 +102,32 @@ class FullConfig(PeftConfig):
 
 
 @dataclass
+class FreezeConfig(PeftConfig):
+    """Full weights of a few layers; the rest frozen."""
+
+    method: str = "freeze"
+    trainable_layers: int = 2  # the last k decoder layers; negative: the first |k|; 0: none
+    # Regexes on parameter names trained in addition (e.g. ["mlp"], ["norm"]).
+    trainable_patterns: List[str] = field(default_factory=list)
+    train_embeddings: bool = False
+    train_head: bool = False
+
+
+@dataclass
 class LoraConfig(PeftConfig):
     method: str = "lora"
     r: int = 16
     alpha: int = 32
-    dropout: float = 0.05
+    dropout: float = 0.0
     bias: str = "none"  # none | all | lora_only
-    # Presets "attention" and "all_linear" are resolved per architecture;
-    # anything else is taken as a module name.
     target_modules: List[str] = field(default_factory=lambda: ["all_linear"])
     modules_to_save: List[str] = field(default_factory=list)
     use_rslora: bool = False
     use_dora: bool = False
-    init: str = "default"  # default | gaussian | pissa
+    init: str = "default"  # default | gaussian | pissa | loftq
+    loftq_bits: int = 4  # init=loftq: the bit width the base will be quantised to
+    # LoRA+: B matrices learn at learning_rate x this ratio (paper: 16). null: off.
+    loraplus_lr_ratio: Optional[float] = None
 
 
 @dataclass
@@ -120,9 +136,138 @@ class QLoraConfig(LoraConfig):
     bits: int = 4  # 4 (nf4/fp4) or 8
     quant_type: str = "nf4"  # nf4 | fp4
     double_quant: bool = True
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = "auto"  # auto: follows precision (bf16 -> bfloat16, fp16 -> float16, else float32)
     # Needed for ZeRO-3 / FSDP: must equal the compute dtype there.
     quant_storage: Optional[str] = None
+
+
+@dataclass
+class IA3Config(PeftConfig):
+    method: str = "ia3"
+    # null: peft's per-architecture defaults (Llama: k_proj, v_proj, down_proj).
+    target_modules: Optional[List[str]] = None
+    feedforward_modules: Optional[List[str]] = None  # scaled on their input, not output
+
+
+@dataclass
+class VeraConfig(PeftConfig):
+    method: str = "vera"
+    r: int = 256  # shared random matrices are cheap: VeRA uses far higher ranks than LoRA
+    target_modules: List[str] = field(default_factory=lambda: ["attention"])
+    dropout: float = 0.0
+
+
+@dataclass
+class LohaConfig(PeftConfig):
+    method: str = "loha"
+    r: int = 8
+    alpha: int = 8
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["attention"])
+
+
+@dataclass
+class LokrConfig(PeftConfig):
+    method: str = "lokr"
+    r: int = 8
+    alpha: int = 8
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["attention"])
+
+
+@dataclass
+class OftConfig(PeftConfig):
+    method: str = "oft"
+    block_size: int = 32  # orthogonal blocks of this size; must divide each target's input width
+    target_modules: List[str] = field(default_factory=lambda: ["attention"])
+    dropout: float = 0.0
+
+
+@dataclass
+class AdaLoraConfig(PeftConfig):
+    """LoRA whose rank budget is reallocated by importance during training."""
+
+    method: str = "adalora"
+    init_r: int = 12  # rank each module starts with
+    target_r: int = 8  # average rank left at the end
+    tinit: int = 0  # steps before pruning starts
+    tfinal: int = 0  # steps at the end with the final budget fixed
+    delta_t: int = 1  # steps between budget reallocations
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["attention"])
+
+
+@dataclass
+class PromptTuningConfig(PeftConfig):
+    method: str = "prompt_tuning"
+    num_virtual_tokens: int = 20
+    init_text: Optional[str] = None  # initialise the soft prompt from this text's embeddings
+
+
+@dataclass
+class PrefixTuningConfig(PeftConfig):
+    method: str = "prefix_tuning"
+    num_virtual_tokens: int = 20
+    projection: bool = True  # learn prefixes through an MLP: more stable, more parameters while training
+    encoder_hidden_size: int = 512  # width of that MLP
+
+
+@dataclass
+class PTuningConfig(PeftConfig):
+    method: str = "p_tuning"
+    num_virtual_tokens: int = 20
+    encoder_hidden_size: int = 512
+    encoder_type: str = "MLP"  # MLP | LSTM
+
+
+@dataclass
+class LlamaAdapterConfig(PeftConfig):
+    """Adaption prompts with zero-init gating (LLaMA-Adapter), Llama-family models only."""
+
+    method: str = "llama_adapter"
+    adapter_len: int = 10  # learned prompt tokens per adapted layer
+    adapter_layers: int = 2  # the top layers that get them
+
+
+@dataclass
+class BottleneckConfig(PeftConfig):
+    """Bottleneck adapters after attention and FFN (fttrain.bottleneck)."""
+
+    method: str = "adapter"
+    r: int = 64  # bottleneck width: d -> r -> d
+    activation: str = "gelu"  # gelu | relu | silu | tanh
+    # serial: h + up(act(down(h))) on the sublayer's output (Houlsby et al.).
+    # parallel: sublayer(x) + scale * up(act(down(x))) on its input (He et al.).
+    placement: str = "serial"
+    scale: float = 1.0  # multiplies the adapter's output (He et al. use 4 for parallel)
+    dropout: float = 0.0
+    sublayers: List[str] = field(default_factory=lambda: ["attention", "ffn"])
+
+
+@dataclass
+class GaloreConfig(PeftConfig):
+    """Full-parameter training with GaLore's low-rank optimizer state."""
+
+    method: str = "galore"
+    rank: int = 128  # projection rank: the optimizer state of a d x d weight becomes r x d
+    update_proj_gap: int = 200  # steps between SVD refreshes of the projection: fewer is slower, tracks better
+    scale: float = 0.25
+    proj_type: str = "std"  # std | reverse_std | right | left | full
+    target_modules: List[str] = field(default_factory=lambda: ["all_linear"])
+    optimizer: str = "adamw"  # adamw | adamw_8bit | adafactor
+    layerwise: bool = False  # per-layer optimizer steps: less memory; one process only, no grad clipping
+
+
+@dataclass
+class LisaConfig(PeftConfig):
+    """Layerwise importance sampling: a few random layers learn at a time."""
+
+    method: str = "lisa"
+    active_layers: int = 2  # decoder layers unfrozen at a time
+    switch_every: int = 20  # steps between re-draws
+    train_embeddings: bool = True
+    train_head: bool = True
 
 
 # -------------------------------------------------------------------- task
@@ -305,7 +450,13 @@ class FTConfig:
 
 GROUP_SCHEMAS: Dict[str, Dict[str, Any]] = {
     "model": {"model": ModelConfig},
-    "peft": {"full": FullConfig, "lora": LoraConfig, "qlora": QLoraConfig},
+    "peft": {
+        "full": FullConfig, "freeze": FreezeConfig, "lora": LoraConfig, "qlora": QLoraConfig, "ia3": IA3Config,
+        "vera": VeraConfig, "loha": LohaConfig, "lokr": LokrConfig, "oft": OftConfig, "adalora": AdaLoraConfig,
+        "prompt_tuning": PromptTuningConfig, "prefix_tuning": PrefixTuningConfig, "p_tuning": PTuningConfig,
+        "llama_adapter": LlamaAdapterConfig, "adapter": BottleneckConfig, "galore": GaloreConfig,
+        "lisa": LisaConfig,
+    },
     "task": {"sft": SFTTaskConfig, "pt": PretrainTaskConfig},
     "data": {"data": DataConfig},
     "dist": {"single": DistConfig, "ddp": DdpDistConfig, "zero": ZeroDistConfig, "fsdp": FsdpDistConfig},

@@ -46,7 +46,7 @@ from fttrain.models.load import (
     resolve_model_path,
 )
 from fttrain.paths import cache_dir
-from fttrain.peft_setup import apply_peft, quantization_config
+from fttrain.peft_setup import WHOLE_MODEL, apply_peft, optimizer_args, quantization_config, trainer_hooks
 
 log = logging.getLogger("fttrain")
 
@@ -125,19 +125,25 @@ class SFTRecipe:
         from transformers import set_seed
 
         set_seed(cfg.trainer.seed)
-        quant = quantization_config(cfg.peft)
-        # Frozen base weights may live in bf16; fully trained weights stay fp32
-        # masters under autocast.
-        load_precision = "bf16" if self.runtime.precision == "bf16" and cfg.peft.method != "full" else "fp32"
+        quant = quantization_config(cfg.peft, self.runtime.precision)
+        # Frozen base weights may live in bf16; trained weights of the model
+        # itself (full, freeze, LISA, GaLore) stay fp32 masters under autocast.
+        load_precision = "bf16" if self.runtime.precision == "bf16" and cfg.peft.method not in WHOLE_MODEL else "fp32"
         model = load_model(cfg.model, path, load_precision, quantization_config=quant)
         model.config.use_cache = False  # packed batches and checkpointing both need it off
         if cfg.trainer.gradient_checkpointing:
             log.info("gradient checkpointing on: use_cache turned off")
-        self.model = apply_peft(model, cfg.peft, cfg.trainer.gradient_checkpointing)
+        self.model = apply_peft(model, cfg.peft, cfg.trainer.gradient_checkpointing,
+                                max_steps=cfg.trainer.max_steps, base_path=path)
+        # Callbacks (LISA's layer draws, AdaLoRA's budget) and LoRA+ parameter groups.
+        self.hooks = trainer_hooks(self.model, cfg.peft, cfg.trainer)
         self.trainable, self.total = param_counts(self.model)
+        if cfg.peft.method == "lisa":  # every layer is trainable until the first draw
+            self.trainable = self.hooks.callbacks[0].active_count()
         if self.is_main:
             log.info(
-                "parameters: %d trainable of %d (%.4f%%)", self.trainable, self.total, 100 * self.trainable / self.total
+                "parameters (peft=%s): %d trainable of %d (%.4f%%)",
+                cfg.peft.method, self.trainable, self.total, 100 * self.trainable / self.total,
             )
         self.trainer = self._trainer()
 
@@ -169,7 +175,8 @@ class SFTRecipe:
             warmup_steps=t.warmup_ratio,  # < 1: a fraction of the total steps
             weight_decay=t.weight_decay,
             max_grad_norm=t.max_grad_norm,
-            optim=t.optim,
+            # trainer.optim, or GaLore's optimizer; paged optimizers run unpaged on CPU.
+            **optimizer_args(cfg.peft, t.optim, rt.use_cpu),
             logging_steps=t.logging_steps,
             eval_strategy="steps" if (t.eval_steps and has_eval) else "no",
             eval_steps=t.eval_steps,
@@ -230,11 +237,15 @@ class SFTRecipe:
             eval_dataset=self.data.eval.rows if self.data.eval else None,
             data_collator=collator,
             processing_class=self.tokenizer,
-            callbacks=[JsonlLogCallback(self.run_dir / "train_log.jsonl"), self.step_timer, self.plan_check,
-                       AtTrainBegin(self._generations_before)],
+            # Method callbacks first: LISA adds its layer draw to the log line JsonlLogCallback writes.
+            callbacks=[*self.hooks.callbacks, JsonlLogCallback(self.run_dir / "train_log.jsonl"), self.step_timer,
+                       self.plan_check, AtTrainBegin(self._generations_before)],
             rank_records=self.cfg.trainer.rank_records,
+            param_groups=self.hooks.param_groups,
         )
         self.plan_check.trainer = trainer
+        for cb in self.hooks.callbacks:
+            cb.trainer = trainer
         return trainer
 
     def _record_plan(self, realised: dict) -> None:
@@ -354,6 +365,7 @@ class SFTRecipe:
             "trainable_params": self.trainable,
             "total_params": self.total,
             "trainable_percent": 100 * self.trainable / self.total,
+            "peft_method": self.cfg.peft.method,
             "world_size": self.args.world_size,
             "global_batch_size": self.global_batch,
             "steps": trainer.state.global_step,

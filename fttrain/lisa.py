@@ -1,0 +1,87 @@
+"""LISA: layerwise importance sampling (Pan et al. 2024).
+
+Every ``switch_every`` optimizer steps, ``active_layers`` transformer layers
+are drawn at random; only they (plus embeddings and head, if chosen) have
+``requires_grad``. The optimizer is built over every layer once (see
+``fttrain.peft_setup.apply_lisa``), so no rebuild is needed; at each switch
+the optimizer state of the layers that stop training is dropped, which is
+where LISA's memory saving comes from, and the newly active layers start with
+fresh Adam moments (as they would in a freshly built optimizer). Frozen
+parameters get no gradient, and AdamW skips parameters without one, so an
+inactive layer is not touched (not even by weight decay).
+
+The draw for period k depends only on (seed, k), so a resumed run activates
+the same layers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import List
+
+from transformers import TrainerCallback
+
+from fttrain.models.layers import embedding_param_names, head_param_names, layer_param_names
+
+log = logging.getLogger("fttrain")
+
+
+def draw_layers(seed: int, period: int, num_layers: int, k: int) -> List[int]:
+    rng = random.Random(seed * 1_000_003 + period)
+    return sorted(rng.sample(range(num_layers), k))
+
+
+class LisaCallback(TrainerCallback):
+    def __init__(self, model, peft_cfg, seed: int):
+        self.model = model
+        self.k = peft_cfg.active_layers
+        self.every = peft_cfg.switch_every
+        self.seed = seed
+        self.layers = layer_param_names(model)
+        always = (embedding_param_names(model) if peft_cfg.train_embeddings else []) + (
+            head_param_names(model) if peft_cfg.train_head else [])
+        self.always = set(always)
+        self.params = dict(model.named_parameters())
+        self.trainer = None  # set by the recipe: the optimizer whose state is dropped
+        self.period = None
+        self.history = []  # (step, active layer indices), also logged as lisa_layers
+
+    def active_count(self) -> int:
+        """Parameters trainable at a time (the first draw's; layers are alike in size)."""
+        active = draw_layers(self.seed, 0, len(self.layers), self.k)
+        names = self.always | {n for i in active for n in self.layers[i]}
+        return sum(self.params[n].numel() for n in names)
+
+    def _apply(self, step: int) -> None:
+        period = step // self.every
+        if period == self.period:
+            return
+        active = draw_layers(self.seed, period, len(self.layers), self.k)
+        on = set(self.always) | {n for i in active for n in self.layers[i]}
+        for name, p in self.params.items():
+            was = p.requires_grad
+            p.requires_grad_(name in on)
+            if was and name not in on:
+                self._drop_state(p)
+        self.period = period
+        self.history.append((step, active))
+        log.info("LISA step %d: training layers %s", step, active)
+
+    def _drop_state(self, p) -> None:
+        opt = getattr(self.trainer, "optimizer", None) if self.trainer is not None else None
+        if opt is None:
+            return
+        inner = getattr(opt, "optimizer", opt)  # accelerate wraps the torch optimizer
+        inner.state.pop(p, None)
+        p.grad = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._apply(state.global_step)  # global_step > 0 on a resumed run
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._apply(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs and self.history:
+            logs["lisa_layers"] = list(self.history[-1][1])

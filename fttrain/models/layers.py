@@ -1,0 +1,52 @@
+"""Where the repeated blocks, embeddings and head of a transformers model are.
+
+Freeze, LISA and the bottleneck adapters all work per layer; this finds the
+layers the same way for Llama-family decoders and BERT-family encoders.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+
+
+def transformer_layers(model) -> List[Tuple[str, torch.nn.Module]]:
+    """(name, module) of each repeated block, in order.
+
+    The block class is the model's own ``_no_split_modules`` entry that
+    occurs more than once (LlamaDecoderLayer, BertLayer, ...); failing that,
+    the longest ModuleList.
+    """
+    classes = set(getattr(model, "_no_split_modules", None) or [])
+    found = [(n, m) for n, m in model.named_modules() if type(m).__name__ in classes]
+    if len(found) > 1:
+        return found
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__}: no repeated transformer layers found")
+    name, longest = max(lists, key=lambda x: len(x[1]))
+    return [(f"{name}.{i}", m) for i, m in enumerate(longest)]
+
+
+def _param_names_of(model, module) -> List[str]:
+    if module is None:
+        return []
+    ids = {id(p) for p in module.parameters()}
+    return [n for n, p in model.named_parameters() if id(p) in ids]
+
+
+def embedding_param_names(model) -> List[str]:
+    return _param_names_of(model, model.get_input_embeddings())
+
+
+def head_param_names(model) -> List[str]:
+    """The output head (lm_head, classifier). Empty when tied to the embeddings."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = _param_names_of(model, head)
+    return [n for n in names if n not in set(embedding_param_names(model))]
+
+
+def layer_param_names(model) -> List[List[str]]:
+    """Parameter names of each transformer layer, by layer index."""
+    return [[f"{name}.{pn}" for pn, _ in module.named_parameters()] for name, module in transformer_layers(model)]
