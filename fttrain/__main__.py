@@ -50,8 +50,15 @@ def _main(cfg: DictConfig):
 
 
 def run_in_dir(cfg: DictConfig, run_dir: Path, overrides=()) -> dict:
-    """Check, prepare the run directory and run the task; what the CLI does
+    """Check, prepare the run directory and run the task: what the CLI does
     after composing (tests call it in-process with a composed config)."""
+    prepare_run_dir(cfg, run_dir, overrides)
+    from fttrain.recipes import run_task
+
+    return run_task(cfg, Path(run_dir))
+
+
+def prepare_run_dir(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
     from fttrain.config.checks import check_config
     from fttrain import outputs
 
@@ -66,10 +73,6 @@ def run_in_dir(cfg: DictConfig, run_dir: Path, overrides=()) -> dict:
             outputs.clear_previous_run(run_dir)
         outputs.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         outputs.write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(list(overrides)))
-
-    from fttrain.recipes import run_task
-
-    return run_task(cfg, run_dir)
 
 
 if __name__ == "__main__":

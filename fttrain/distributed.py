@@ -158,10 +158,10 @@ def check_plan(cfg, topology: Topology, precision: str, on_gpu: bool) -> None:
                 f"the compute dtype ({compute}, from peft.compute_dtype={peft.compute_dtype}); it is {storage}. "
                 f"Set peft.quant_storage={compute}"
             )
-    if getattr(peft, "init", None) == "loftq" and not on_gpu:
-        problems.append("peft.init=loftq: peft's LoftQ initialisation runs on CUDA only; on CPU use init=default or pissa")
         if peft.bits != 4:
             problems.append(f"peft=qlora with dist={label} needs peft.bits=4 (8-bit weights cannot be sharded)")
+    if getattr(peft, "init", None) == "loftq" and not on_gpu:
+        problems.append("peft.init=loftq: peft's LoftQ initialisation runs on CUDA only; on CPU use init=default or pissa")
 
     offloads = (plan == "deepspeed" and (dist.offload_optimizer or dist.offload_params)) or (
         plan == "fsdp" and dist.offload

@@ -85,9 +85,15 @@ def resolve_target_modules(model, names: List[str], method: str = "lora") -> Uni
     return out
 
 
+# Task heads of transformers' models (classification, token classification, QA):
+# trained whole by the task, never given an adapter.
+HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
+
+
 def _head_names(model) -> List[str]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [n for n, m in model.named_modules() if head is not None and m is head]
+    return [n for n, m in model.named_modules()
+            if (head is not None and m is head) or n.rsplit(".", 1)[-1] in HEAD_NAMES]
 
 
 # ------------------------------------------------------------ peft configs

@@ -225,3 +225,20 @@ def test_fsdp_side_activation_checkpointing(workdir):
     assert_same_curve(run(workdir, "tiny_full", "one_process"), got)
     r = json.loads((got / "plan.json").read_text())["realised"]
     assert r["fsdp_checkpointed_layers"] == 4  # every decoder layer, wrapped by FSDP's checkpoint wrapper
+
+
+@pytest.mark.parametrize("exp,method,extra", [
+    # LISA freezes layers after DDP wrapped the model (find_unused_parameters is switched on for it).
+    ("tiny_full", "lisa", ("peft.active_layers=1", "peft.switch_every=2", "trainer.seed=1")),
+    ("tiny_sft", "adapter", ()),
+    ("tiny_sft", "prompt_tuning", ("data.packing=false", "trainer.learning_rate=3e-2")),
+])
+def test_peft_method_under_ddp_matches_one_process(workdir, exp, method, extra):
+    args = (f"peft={method}", *extra)
+    ref, got = run(workdir, exp, "one_process", *args), run(workdir, exp, "ddp", *args)
+    assert_same_curve(ref, got)
+    assert_plan_applied(got, "ddp")
+    assert_same_weights(ref / "model", got / "model")
+    if method == "lisa":
+        rows = [json.loads(l) for l in (got / "train_log.jsonl").read_text().splitlines()]
+        assert len({tuple(r["lisa_layers"]) for r in rows if "lisa_layers" in r}) > 1  # layers switched

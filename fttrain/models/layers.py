@@ -19,7 +19,11 @@ def transformer_layers(model) -> List[Tuple[str, torch.nn.Module]]:
     the longest ModuleList.
     """
     classes = set(getattr(model, "_no_split_modules", None) or [])
-    found = [(n, m) for n, m in model.named_modules() if type(m).__name__ in classes]
+    by_class = {}
+    for n, m in model.named_modules():
+        if type(m).__name__ in classes:
+            by_class.setdefault(type(m).__name__, []).append((n, m))
+    found = max(by_class.values(), key=len, default=[])  # BertEmbeddings is listed too, once
     if len(found) > 1:
         return found
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
