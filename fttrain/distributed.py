@@ -202,6 +202,16 @@ def method_plan_problems(peft, dist, label: str, topology: Topology) -> List[str
     if m == "galore" and peft.layerwise and topology.world_size > 1:
         out.append("peft.layerwise=true steps the optimizer inside backward, which DDP's gradient averaging cannot "
                    f"follow; it runs on one process only (this launch has {topology.world_size})")
+    if m == "adalora" and plan not in ("single", "ddp"):
+        out.append(f"peft=adalora with dist={label}: AdaLoRA ranks modules by their gradients after each step, which "
+                   "DeepSpeed does not keep and FSDP shards (it fails there); use dist=single or dist=ddp")
+    # Tried on 2 CPU ranks: these peft layers read the shapes of base weights
+    # that ZeRO-3 has partitioned (size 0 outside a forward pass) and fail.
+    # The same methods run under FSDP, which gathers whole layers.
+    if plan == "deepspeed" and dist.stage == 3 and (m in ("loha", "lokr", "ia3", "vera") or getattr(peft, "use_dora", False)):
+        what = "peft.use_dora=true" if getattr(peft, "use_dora", False) else f"peft={m}"
+        out.append(f"{what} with dist={label}: peft's layers for it read the shapes of base weights that ZeRO-3 "
+                   "partitions, and fail; use dist=fsdp (verified), ZeRO-2, or plain LoRA under ZeRO-3")
     untested = ("prompt_tuning", "prefix_tuning", "p_tuning", "llama_adapter", "adapter")
     if m in untested and shards_weights(dist):
         out.append(f"peft={m} with dist={label} is not supported yet: fttrain has verified it with dist=single and "

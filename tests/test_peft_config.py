@@ -68,6 +68,11 @@ def test_a_knob_of_another_method_fails_at_compose():
     ("galore", "zero3", "GaLore's optimizer projects whole gradient matrices"),
     ("adapter", "zero3", "peft=adapter with dist=zero3 is not supported yet"),
     ("prompt_tuning", "fsdp", "peft=prompt_tuning with dist=fsdp is not supported yet"),
+    ("adalora", "zero2", "AdaLoRA ranks modules by their gradients"),
+    ("adalora", "fsdp", "AdaLoRA ranks modules by their gradients"),
+    ("dora", "zero3", "peft.use_dora=true with dist=zero3"),
+    ("ia3", "zero3", "peft=ia3 with dist=zero3"),
+    ("loha", "zero3", "peft=loha with dist=zero3"),
 ])
 def test_methods_a_plan_cannot_carry_are_refused_before_launch(method, dist, needle):
     from fttrain.distributed import PlanError, Topology, check_plan

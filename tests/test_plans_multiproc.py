@@ -234,10 +234,19 @@ def test_fsdp_side_activation_checkpointing(workdir):
     ("tiny_sft", "prompt_tuning", ("data.packing=false", "trainer.learning_rate=3e-2")),
 ])
 def test_peft_method_under_ddp_matches_one_process(workdir, exp, method, extra):
+    check_method_under_plan(workdir, exp, method, extra, "ddp")
+
+
+@pytest.mark.parametrize("method,dist", [("dora", "fsdp"), ("ia3", "fsdp"), ("oft", "zero3")])
+def test_peft_method_under_sharded_plan_matches_one_process(workdir, method, dist):
+    check_method_under_plan(workdir, "tiny_sft", method, ("trainer.learning_rate=1e-2",), dist)
+
+
+def check_method_under_plan(workdir, exp, method, extra, dist):
     args = (f"peft={method}", *extra)
-    ref, got = run(workdir, exp, "one_process", *args), run(workdir, exp, "ddp", *args)
+    ref, got = run(workdir, exp, "one_process", *args), run(workdir, exp, dist, *args)
     assert_same_curve(ref, got)
-    assert_plan_applied(got, "ddp")
+    assert_plan_applied(got, dist)
     assert_same_weights(ref / "model", got / "model")
     if method == "lisa":
         rows = [json.loads(l) for l in (got / "train_log.jsonl").read_text().splitlines()]
