@@ -50,9 +50,9 @@ def consolidate(folder: Path, out: Path) -> Path:
     for name in KEEP:
         if (folder / name).exists():
             shutil.copy2(folder / name, tmp / name)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)  # whole or absent: a crash leaves only the .tmp folder
+    from fttrain.outputs import publish_dir
+
+    publish_dir(tmp, out)  # whole or absent: a crash leaves only the .tmp folder
     return out
 
 

@@ -521,9 +521,9 @@ def save_model(trainer, out_dir, dist_cfg, peft_method: str, final_dir=None) -> 
     sharded state dict, so fttrain saves that case itself.)"""
     out_dir = str(out_dir)
     if peft_method == "adapter":  # fttrain's bottleneck adapters: their weights only
-        from fttrain.bottleneck import save_bottleneck
+        from fttrain.bottleneck import adapter_state_dict, save_bottleneck
 
-        weights = {n: t.cpu().contiguous() for n, t in full_trainable_weights(trainer)}  # collective
+        weights = adapter_state_dict(full_trainable_weights(trainer))  # collective
         if trainer.accelerator.is_main_process:
             model = trainer.accelerator.unwrap_model(trainer.model)
             save_bottleneck(weights, model._fttrain_bottleneck, out_dir)

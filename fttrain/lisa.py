@@ -34,31 +34,31 @@ def draw_layers(seed: int, period: int, num_layers: int, k: int) -> List[int]:
 
 class LisaCallback(TrainerCallback):
     def __init__(self, model, peft_cfg, seed: int):
-        self.model = model
         self.k = peft_cfg.active_layers
         self.every = peft_cfg.switch_every
         self.seed = seed
         self.layers = layer_param_names(model)
-        always = (embedding_param_names(model) if peft_cfg.train_embeddings else []) + (
-            head_param_names(model) if peft_cfg.train_head else [])
-        self.always = set(always)
+        self.always = set((embedding_param_names(model) if peft_cfg.train_embeddings else []) + (
+            head_param_names(model) if peft_cfg.train_head else []))
         self.params = dict(model.named_parameters())
         self.trainer = None  # set by the recipe: the optimizer whose state is dropped
         self.period = None
         self.history = []  # (step, active layer indices), also logged as lisa_layers
 
+    def _draw(self, period: int):
+        """(drawn layer indices, names of every parameter trained in that period)."""
+        active = draw_layers(self.seed, period, len(self.layers), self.k)
+        return active, self.always | {n for i in active for n in self.layers[i]}
+
     def active_count(self) -> int:
         """Parameters trainable at a time (the first draw's; layers are alike in size)."""
-        active = draw_layers(self.seed, 0, len(self.layers), self.k)
-        names = self.always | {n for i in active for n in self.layers[i]}
-        return sum(self.params[n].numel() for n in names)
+        return sum(self.params[n].numel() for n in self._draw(0)[1])
 
     def _apply(self, step: int) -> None:
         period = step // self.every
         if period == self.period:
             return
-        active = draw_layers(self.seed, period, len(self.layers), self.k)
-        on = set(self.always) | {n for i in active for n in self.layers[i]}
+        active, on = self._draw(period)
         for name, p in self.params.items():
             was = p.requires_grad
             p.requires_grad_(name in on)

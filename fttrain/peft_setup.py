@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Union
+from typing import Callable, List, Optional
 
 import torch
 from transformers import TrainerCallback
@@ -39,10 +39,7 @@ ATTENTION_PRESETS = [
     ["query_key_value", "dense"],  # Falcon, GPT-NeoX
 ]
 LORA_FAMILY = ("lora", "qlora")
-PEFT_LIBRARY = ("lora", "qlora", "ia3", "vera", "loha", "lokr", "oft", "adalora")
 VIRTUAL_TOKEN = ("prompt_tuning", "prefix_tuning", "p_tuning")
-# Methods whose adapter peft can fold into the base weights.
-MERGEABLE = ("lora", "qlora", "ia3", "vera", "loha", "lokr", "oft", "adalora")
 # Methods whose result is the model's own weights (saved as a whole model).
 WHOLE_MODEL = ("full", "freeze", "lisa", "galore")
 INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "loftq": "loftq"}
@@ -58,14 +55,15 @@ def linear_leaf_names(model) -> set:
     return names
 
 
-def resolve_target_modules(model, names: List[str], method: str = "lora") -> Union[str, List[str]]:
-    head = {n.rsplit(".", 1)[-1] for n in _head_names(model)}
+def resolve_target_modules(model, names: List[str]) -> List[str]:
+    from fttrain.models.layers import head_module_names
+
     if list(names) == ["all_linear"]:
-        if method in ("lora", "qlora", "loha", "lokr", "oft", "ia3", "vera", "adalora"):
-            leaves = sorted(linear_leaf_names(model) - head)
-            if not leaves:
-                raise PeftSetupError(f"peft.target_modules=[all_linear]: {type(model).__name__} has no Linear layers")
-            return leaves
+        head = {n.rsplit(".", 1)[-1] for n in head_module_names(model)}
+        leaves = sorted(linear_leaf_names(model) - head)
+        if not leaves:
+            raise PeftSetupError(f"peft.target_modules=[all_linear]: {type(model).__name__} has no Linear layers")
+        return leaves
     leaf_names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     out: List[str] = []
     for name in names:
@@ -83,17 +81,6 @@ def resolve_target_modules(model, names: List[str], method: str = "lora") -> Uni
                 raise PeftSetupError(f"peft.target_modules: {type(model).__name__} has no module named {name!r}")
             out.append(name)
     return out
-
-
-# Task heads of transformers' models (classification, token classification, QA):
-# trained whole by the task, never given an adapter.
-HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
-
-
-def _head_names(model) -> List[str]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [n for n, m in model.named_modules()
-            if (head is not None and m is head) or n.rsplit(".", 1)[-1] in HEAD_NAMES]
 
 
 # ------------------------------------------------------------ peft configs
@@ -130,22 +117,20 @@ def peft_library_config(model, peft_cfg, task_type: str = "CAUSAL_LM", max_steps
     import peft
 
     m = peft_cfg.method
-    targets = lambda: resolve_target_modules(model, peft_cfg.target_modules, m)  # noqa: E731
+    targets = lambda: resolve_target_modules(model, peft_cfg.target_modules)  # noqa: E731
     if m in LORA_FAMILY:
         return lora_config(model, peft_cfg, task_type)
     if m == "ia3":
         t = list(peft_cfg.target_modules) if peft_cfg.target_modules else None
         ff = list(peft_cfg.feedforward_modules) if peft_cfg.feedforward_modules else None
-        return peft.IA3Config(target_modules=t and resolve_target_modules(model, t, m), feedforward_modules=ff,
+        return peft.IA3Config(target_modules=t and resolve_target_modules(model, t), feedforward_modules=ff,
                               task_type=task_type)
     if m == "vera":
         return peft.VeraConfig(r=peft_cfg.r, target_modules=targets(), vera_dropout=peft_cfg.dropout, task_type=task_type)
-    if m == "loha":
-        return peft.LoHaConfig(r=peft_cfg.r, alpha=peft_cfg.alpha, module_dropout=peft_cfg.dropout,
-                               target_modules=targets(), task_type=task_type)
-    if m == "lokr":
-        return peft.LoKrConfig(r=peft_cfg.r, alpha=peft_cfg.alpha, module_dropout=peft_cfg.dropout,
-                               target_modules=targets(), task_type=task_type)
+    if m in ("loha", "lokr"):
+        cls = peft.LoHaConfig if m == "loha" else peft.LoKrConfig
+        return cls(r=peft_cfg.r, alpha=peft_cfg.alpha, module_dropout=peft_cfg.dropout, target_modules=targets(),
+                   task_type=task_type)
     if m == "oft":
         return peft.OFTConfig(r=0, oft_block_size=peft_cfg.block_size, module_dropout=peft_cfg.dropout,
                               target_modules=targets(), task_type=task_type)

@@ -158,21 +158,23 @@ class VeraConfig(PeftConfig):
 
 
 @dataclass
-class LohaConfig(PeftConfig):
-    method: str = "loha"
+class LycorisConfig(PeftConfig):
+    """LoHa and LoKr (the LyCORIS family) take the same knobs."""
+
     r: int = 8
     alpha: int = 8
-    dropout: float = 0.0
+    dropout: float = 0.0  # module dropout: a whole adapted module is skipped with this probability
     target_modules: List[str] = field(default_factory=lambda: ["attention"])
 
 
 @dataclass
-class LokrConfig(PeftConfig):
+class LohaConfig(LycorisConfig):
+    method: str = "loha"
+
+
+@dataclass
+class LokrConfig(LycorisConfig):
     method: str = "lokr"
-    r: int = 8
-    alpha: int = 8
-    dropout: float = 0.0
-    target_modules: List[str] = field(default_factory=lambda: ["attention"])
 
 
 @dataclass

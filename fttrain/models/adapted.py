@@ -16,8 +16,10 @@ from typing import Dict, List, Optional
 import torch
 
 from fttrain.bottleneck import is_bottleneck_folder, load_bottleneck, read_spec
+from fttrain.models.load import DTYPES, load_causal_lm
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# peft's peft_type names that differ from fttrain's peft options.
+PEFT_TYPE_TO_METHOD = {"adaption_prompt": "llama_adapter"}
 
 
 class LoadError(ValueError):
@@ -79,13 +81,18 @@ def adapter_base(folder: Path, base: Optional[str]) -> str:
     return found
 
 
-def load_base(path: str, dtype: torch.dtype, quantization_config=None, trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    if quantization_config is not None:
-        kwargs["quantization_config"] = quantization_config
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+def adapter_method(folder: Path) -> Optional[str]:
+    """The peft option that produced this folder: from the run's config.yaml,
+    else from the adapter's own config; None for a whole model of unknown origin."""
+    run_cfg = run_config(folder)
+    if run_cfg is not None:
+        return run_cfg.peft.method
+    if (folder / "adapter_config.json").exists():
+        peft_type = json.loads((folder / "adapter_config.json").read_text()).get("peft_type", "").lower()
+        return PEFT_TYPE_TO_METHOD.get(peft_type, peft_type)
+    if is_bottleneck_folder(folder):
+        return "adapter"
+    return None
 
 
 def training_quantization(run_cfg, folder: Path):
@@ -111,13 +118,15 @@ def load_for_inference(path, base: Optional[str] = None, dtype: str = "fp32", qu
 
     folder = model_folder(path)
     kind = folder_kind(folder)
+    if extra_adapters and kind != "peft":
+        raise LoadError("more adapters can only be added to a peft adapter on a base")
     run_cfg = run_config(folder)
-    method = run_cfg.peft.method if run_cfg is not None else None
+    method = adapter_method(folder)
     torch_dtype = DTYPES[dtype]
     tokenizer = AutoTokenizer.from_pretrained(folder if (folder / "tokenizer_config.json").exists() else
                                               adapter_base(folder, base))
     if kind == "full":
-        model = load_base(str(folder), torch_dtype)
+        model = load_causal_lm(str(folder), torch_dtype)
         loaded = Loaded(model, tokenizer, kind, None, folder, method)
     else:
         base_path = adapter_base(folder, base)
@@ -126,7 +135,7 @@ def load_for_inference(path, base: Optional[str] = None, dtype: str = "fp32", qu
             quant = training_quantization(run_cfg, folder)
             if quantized and quant is None:
                 raise LoadError(f"{folder}: quantized loading asked for, but the run was not QLoRA")
-        model = load_base(base_path, torch_dtype, quant)
+        model = load_causal_lm(base_path, torch_dtype, quant)
         if kind == "bottleneck":
             model = load_bottleneck(model, folder)
             loaded = Loaded(model, tokenizer, kind, base_path, folder, method)
@@ -139,8 +148,6 @@ def load_for_inference(path, base: Optional[str] = None, dtype: str = "fp32", qu
                 model.load_adapter(str(model_folder(other)), adapter_name=name)
                 names.append(name)
             loaded = Loaded(model, tokenizer, kind, base_path, folder, method, quant is not None, names)
-    if extra_adapters and kind != "peft":
-        raise LoadError("more adapters can only be added to a peft adapter on a base")
     loaded.model.eval()
     if tokenizer.pad_token_id is None:
         from fttrain.models.load import ensure_pad_token

@@ -44,11 +44,25 @@ def embedding_param_names(model) -> List[str]:
     return _param_names_of(model, model.get_input_embeddings())
 
 
-def head_param_names(model) -> List[str]:
-    """The output head (lm_head, classifier). Empty when tied to the embeddings."""
+# Task heads of transformers' models (classification, token classification, QA),
+# found by name when the model does not expose them as output embeddings.
+HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
+
+
+def head_module_names(model) -> List[str]:
+    """The output head's module names: the output embeddings (lm_head) or a
+    task head (classifier, score, qa_outputs). Adapters never target these."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = _param_names_of(model, head)
-    return [n for n in names if n not in set(embedding_param_names(model))]
+    return [n for n, m in model.named_modules()
+            if (head is not None and m is head) or n.rsplit(".", 1)[-1] in HEAD_NAMES]
+
+
+def head_param_names(model) -> List[str]:
+    """Parameters of the output head. Empty when tied to the embeddings."""
+    modules = dict(model.named_modules())
+    names = [n for head in head_module_names(model) for n in _param_names_of(model, modules[head])]
+    embeddings = set(embedding_param_names(model))
+    return [n for n in dict.fromkeys(names) if n not in embeddings]
 
 
 def layer_param_names(model) -> List[List[str]]:

@@ -77,29 +77,33 @@ def ensure_pad_token(tokenizer) -> str:
     return "eos (masked by position)"
 
 
-def torch_dtype(precision: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+# Precision names (precision group, export/generate --dtype) to torch dtypes.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_causal_lm(path: str, dtype: torch.dtype, quantization_config=None, **kwargs):
+    """AutoModelForCausalLM from a hub id or folder, optionally quantised."""
+    from transformers import AutoModelForCausalLM
+
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
 
 
 def load_model(model_cfg, path: str, precision: str, quantization_config=None):
     """Weights are loaded in fp32 for fp16/bf16 mixed precision (the optimizer
     needs fp32 masters), except with pure-bf16 on GPU where bf16 weights save
     half the memory; quantised models load in their compute dtype."""
-    from transformers import AutoModelForCausalLM
+    from fttrain.config.schema import value_of
 
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    kwargs = dict(
+    return load_causal_lm(
+        path,
+        torch.bfloat16 if precision == "bf16" else torch.float32,
+        quantization_config,
         revision=model_cfg.revision,
         trust_remote_code=model_cfg.trust_remote_code,
-        attn_implementation=model_cfg.attn_implementation.value
-        if hasattr(model_cfg.attn_implementation, "value")
-        else str(model_cfg.attn_implementation),
-        dtype=dtype,
+        attn_implementation=str(value_of(model_cfg.attn_implementation)),
     )
-    if quantization_config is not None:
-        kwargs["quantization_config"] = quantization_config
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    return model
 
 
 def param_counts(model) -> Tuple[int, int]:
