@@ -34,7 +34,45 @@ class ZeroTrainedTokensError(RuntimeError):
     pass
 
 
-class FTTrainer(Trainer):
+class TokenCounting:
+    """For trainers that build their own batches (TRL's): count the real and
+    padded token slots the model is trained on, from the batch's attention
+    masks, for ``train_tokens_per_second`` and ``padding_fraction``.
+    ``count_keys`` names the masks that together cover each sequence once."""
+
+    count_keys = ("attention_mask",)
+
+    def setup_accounting(self, rank_records: bool):
+        self.rank_records = rank_records
+        self.real_tokens = 0
+        self.slot_tokens = 0
+        self.seen_sample_ids = []  # TRL's batches do not carry fttrain's sample ids
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        # Here, not in training_step: GRPO generates inside _prepare_inputs, so
+        # its masks exist only once the loss is computed.
+        if model.training:
+            for key in self.count_keys:
+                mask = inputs.get(key) if isinstance(inputs, dict) else None
+                if mask is not None:
+                    self.real_tokens += int(mask.sum())
+                    self.slot_tokens += mask.numel()
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def global_token_counts(self):
+        t = torch.tensor([self.real_tokens, self.slot_tokens], dtype=torch.float64, device=self.args.device)
+        t = self.accelerator.reduce(t, reduction="sum")
+        return int(t[0]), int(t[1])
+
+
+def with_token_counting(trainer_cls, count_keys=("attention_mask",)):
+    """trainer_cls with TokenCounting mixed in (TRL's DPOTrainer, GRPOTrainer, ...)."""
+    return type(f"Counting{trainer_cls.__name__}", (TokenCounting, trainer_cls), {"count_keys": tuple(count_keys)})
+
+
+class FTTrainer(TokenCounting, Trainer):
+    count_keys = ()  # counted in compute_loss from the collator's num_real_tokens
+
     def __init__(self, *args, rank_records: bool, param_groups=None, **kwargs):
         self.param_groups = param_groups  # (lr, weight_decay) -> groups; None: the Trainer's own grouping
         super().__init__(*args, **kwargs)
@@ -43,10 +81,7 @@ class FTTrainer(Trainer):
                 f"{type(self.accelerator.unwrap_model(self.model)).__name__}.forward takes no loss kwargs, so the loss "
                 "could not be normalised by the trained tokens of the whole batch (it would average micro-batch means)"
             )
-        self.rank_records = rank_records
-        self.real_tokens = 0
-        self.slot_tokens = 0
-        self.seen_sample_ids = []
+        self.setup_accounting(rank_records)
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer class and settings (so 8-bit, paged and
@@ -107,17 +142,14 @@ class FTTrainer(Trainer):
         total = self.accelerator.reduce(total, reduction="sum")
         if was_training:
             model.train()
-        metrics = {f"{metric_key_prefix}_loss": float(total[0] / total[1].clamp(min=1))}
+        loss = float(total[0] / total[1].clamp(min=1))
+        metrics = {f"{metric_key_prefix}_loss": loss}
+        # Per trained token; for task=pt the usual language-modelling number.
+        metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(loss, 50.0))
         metrics[f"{metric_key_prefix}_tokens"] = int(total[1])
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
-
-    def global_token_counts(self):
-        t = torch.tensor([self.real_tokens, self.slot_tokens], dtype=torch.float64, device=self.args.device)
-        t = self.accelerator.reduce(t, reduction="sum")
-        return int(t[0]), int(t[1])
-
 
 def _step_of(line: str) -> float:
     """Step of a log line; a line torn by a crash counts as past any checkpoint."""

@@ -100,7 +100,7 @@ def test_keys_of_another_peft_method_are_rejected():
 @pytest.mark.parametrize(
     "overrides, needle",
     [
-        (["task=pt"], "data.format must be 'text'"),
+        (["task=pt"], "task=pt reads data.format text"),
         (["data.format=text"], "task.assistant_only_loss"),
         (["trainer.global_batch_size=7"], "trainer.global_batch_size=7"),
         (["data.eval=null", "data.eval_fraction=0", "trainer.eval_steps=2"], "trainer.eval_steps"),
@@ -129,5 +129,5 @@ def test_cli_rejects_a_typo_before_loading_anything(tmp_path):
 def test_cli_reports_cross_field_problem_without_training(tmp_path):
     proc = run_cli(["+exp=tiny_sft", "task=pt"], cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
-    assert "data.format must be 'text'" in proc.stderr + proc.stdout
+    assert "task=pt reads data.format text" in proc.stderr + proc.stdout
     assert not (tmp_path / "outputs" / "tiny_sft" / "model").exists()

@@ -6,7 +6,8 @@ import pytest
 
 from fttrain.data.formats import Formatter
 from fttrain.data.packing import PaddingCollator, best_fit_decreasing, pack
-from fttrain.data.pipeline import prepare_data, split_train_eval
+from fttrain.data.pipeline import prepare_data
+from fttrain.data.rows import split_train_eval
 from fttrain.data.sources import DataError, load_rows
 from fttrain.data.tokenize import IGNORE, TemplateError, Tokenizer
 from fttrain.models.load import ensure_pad_token, resolve_chat_template

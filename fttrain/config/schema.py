@@ -42,6 +42,11 @@ class DataFormat(str, Enum):
     messages = "messages"  # OpenAI style: messages: [{role, content}]
     prompt_completion = "prompt_completion"  # prompt / completion
     text = "text"  # raw text, every token trained
+    preference = "preference"  # prompt / chosen / rejected (strings or messages): dpo, orpo, kto, rm
+    prompt = "prompt"  # prompt (string or messages) + columns the reward functions read: grpo
+    classification = "classification"  # text [/ text_pair] / label or labels: cls
+    tokens_tags = "tokens_tags"  # CoNLL-style tokens / tags: ner
+    squad = "squad"  # context / question / answers{text, answer_start}: qa
 
 
 OVERLENGTH_POLICIES = ("truncate", "drop", "raise")  # a str, not an Enum: `raise` is a keyword
@@ -302,7 +307,117 @@ class PretrainTaskConfig(TaskConfig):
     """Continued pretraining on raw text; every token trained."""
 
     name: str = "pt"
+    # true: documents joined (EOS between them) and cut into data.max_length
+    # blocks, no padding, attention crosses documents inside a block (GPT-style).
+    # false: one document per sample, truncated to max_length, packed best-fit
+    # with position restarts (no cross-document attention; data.packing).
+    concatenate: bool = True
     generation_eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
+
+
+@dataclass
+class DPOTaskConfig(TaskConfig):
+    """Direct preference optimisation on prompt / chosen / rejected (TRL's DPOTrainer)."""
+
+    name: str = "dpo"
+    beta: float = 0.1  # strength of the pull towards the reference: lower drifts further
+    # sigmoid (DPO), ipo, hinge, robust, bco_pair, sppo_hard, nca_pair, aot, aot_unpaired,
+    # apo_zero, apo_down, discopop, sft; several with loss_weights = a weighted sum.
+    loss_type: List[str] = field(default_factory=lambda: ["sigmoid"])
+    loss_weights: Optional[List[float]] = None
+    label_smoothing: float = 0.0  # > 0: conservative DPO for noisy preference labels
+    # auto: with an adapter, the base with the adapter switched off (no second
+    # copy in memory); with full fine-tuning, a frozen copy of the start model.
+    # A path or hub id: that model as the reference.
+    reference: str = "auto"
+    # Reference log-probs computed once before training: no reference forward
+    # per step (faster, frees the reference), one extra pass over the data.
+    precompute_ref_log_probs: bool = False
+
+
+@dataclass
+class KTOTaskConfig(TaskConfig):
+    """Kahneman-Tversky optimisation: unpaired good/bad completions (pairs are split)."""
+
+    name: str = "kto"
+    beta: float = 0.1
+    loss_type: str = "kto"  # kto | apo_zero_unpaired
+    desirable_weight: float = 1.0  # raise when good examples are rarer than bad ones
+    undesirable_weight: float = 1.0
+    reference: str = "auto"  # as for dpo
+    precompute_ref_log_probs: bool = False
+
+
+@dataclass
+class ORPOTaskConfig(TaskConfig):
+    """Odds-ratio preference optimisation: SFT + preference in one loss, no reference model."""
+
+    name: str = "orpo"
+    beta: float = 0.1  # weight of the odds-ratio term (lambda in the paper)
+
+
+@dataclass
+class RewardTaskConfig(TaskConfig):
+    """A scalar-head reward model trained on chosen/rejected pairs (Bradley-Terry)."""
+
+    name: str = "rm"
+    # > 0 pulls rewards towards zero mean, so scores from different runs compare.
+    center_rewards_coefficient: Optional[float] = None
+
+
+@dataclass
+class GRPOTaskConfig(TaskConfig):
+    """Group relative policy optimisation with reward functions named by _target_."""
+
+    name: str = "grpo"
+    # Each entry: {_target_: module.function, weight: 1.0, <keyword arguments>}.
+    # A function gets (prompts, completions, **columns of the data row) and returns one float per completion.
+    rewards: List[Any] = field(default_factory=list)
+    num_generations: int = 4  # completions per prompt; the group whose rewards are compared
+    max_completion_length: int = 32
+    beta: float = 0.0  # KL penalty to the reference; 0 needs no reference model (less memory)
+    temperature: float = 1.0  # sampling temperature: diversity within a group is what gives signal
+    # grpo | dr_grpo | dapo | bnpo: how token losses are averaged (TRL's loss_type)
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"  # group | batch | none: divide advantages by the reward std of ...
+    eval_samples: int = 32  # held-out prompts scored greedily before and after training
+
+
+@dataclass
+class ClassificationTaskConfig(TaskConfig):
+    """Sequence classification with an encoder (or decoder) and a linear head."""
+
+    name: str = "cls"
+    labels: Optional[List[str]] = None  # None: the sorted label names found in the training data
+    multi_label: bool = False  # labels: [...] per row, sigmoid + BCE, a threshold per label
+    threshold: float = 0.5  # multi-label decision threshold, for every label ...
+    thresholds: Dict[str, float] = field(default_factory=dict)  # ... unless set per label here
+    class_weights: Optional[List[float]] = None  # per label, in `labels` order; for imbalanced data
+
+
+@dataclass
+class NERTaskConfig(TaskConfig):
+    """Token classification on CoNLL-style tokens/tags; entity-level F1."""
+
+    name: str = "ner"
+    labels: Optional[List[str]] = None  # None: the tags found in the training data (O first)
+    # false: only a word's first sub-token is labelled (the usual CoNLL recipe);
+    # true: every sub-token is (B- continues as I-): more signal, same word-level scoring.
+    label_all_tokens: bool = False
+
+
+@dataclass
+class QATaskConfig(TaskConfig):
+    """Extractive question answering in SQuAD form; exact match and F1."""
+
+    name: str = "qa"
+    doc_stride: int = 128  # overlap between windows of a long context: answers near a cut stay whole
+    max_answer_length: int = 30  # in tokens
+    n_best: int = 20  # start and end candidates tried per window
+    # SQuAD 2.0: some questions have no answer; predict "" when the no-answer
+    # score beats the best span by more than the threshold.
+    version_2_with_negative: bool = False
+    null_score_diff_threshold: float = 0.0
 
 
 # -------------------------------------------------------------------- data
@@ -459,7 +574,11 @@ GROUP_SCHEMAS: Dict[str, Dict[str, Any]] = {
         "llama_adapter": LlamaAdapterConfig, "adapter": BottleneckConfig, "galore": GaloreConfig,
         "lisa": LisaConfig,
     },
-    "task": {"sft": SFTTaskConfig, "pt": PretrainTaskConfig},
+    "task": {
+        "sft": SFTTaskConfig, "pt": PretrainTaskConfig, "dpo": DPOTaskConfig, "kto": KTOTaskConfig,
+        "orpo": ORPOTaskConfig, "rm": RewardTaskConfig, "grpo": GRPOTaskConfig, "cls": ClassificationTaskConfig,
+        "ner": NERTaskConfig, "qa": QATaskConfig,
+    },
     "data": {"data": DataConfig},
     "dist": {"single": DistConfig, "ddp": DdpDistConfig, "zero": ZeroDistConfig, "fsdp": FsdpDistConfig},
     "precision": {"precision": PrecisionConfig},

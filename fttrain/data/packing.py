@@ -81,6 +81,27 @@ def pack(samples: List[Dict], capacity: int) -> List[Dict]:
     return rows
 
 
+def concat_blocks(samples: List[Dict], block: int) -> List[Dict]:
+    """Pretraining layout: documents end to end (each already ends in EOS), cut
+    into rows of exactly ``block`` tokens; the last row keeps the remainder,
+    so no token is dropped. Attention crosses document boundaries inside a
+    row, as in GPT-style pretraining: the EOS between documents tells the
+    model a new one starts. Positions run 0..block-1 in every row. A document
+    longer than a block continues in the next row instead of being truncated.
+    """
+    rows, ids, labels, owners = [], [], [], []
+    for s in samples:
+        ids += s["input_ids"]
+        labels += s["input_ids"]
+        owners += [s["sample_id"]] * len(s["input_ids"])
+    for start in range(0, len(ids), block):
+        row_labels = labels[start:start + block]
+        row_labels[0] = IGNORE  # nothing in this row precedes it
+        rows.append({"input_ids": ids[start:start + block], "labels": row_labels,
+                     "sample_ids": sorted(set(owners[start:start + block]))})
+    return rows
+
+
 def as_rows(samples: List[Dict]) -> List[Dict]:
     """Unpacked: one sample per row."""
     return [

@@ -13,14 +13,14 @@ import json
 import logging
 import os
 import pickle
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from fttrain.data.formats import Example, Formatter, RowError
-from fttrain.data.packing import as_rows, pack
-from fttrain.data.sources import DataError, load_rows
+from fttrain.data.packing import as_rows, concat_blocks, pack
+from fttrain.data.rows import load_splits
+from fttrain.data.sources import DataError
 from fttrain.data.tokenize import Tokenizer, TemplateError, apply_overlength, count_trained
 
 log = logging.getLogger(__name__)
@@ -47,16 +47,6 @@ class PreparedData:
         return out
 
 
-def split_train_eval(rows: List[Dict], fraction: float, seed: int):
-    """Deterministic held-out split; returns (train ids, eval ids) in file order."""
-    ids = list(range(len(rows)))
-    n_eval = int(round(len(rows) * fraction))
-    if fraction > 0 and n_eval == 0 and len(rows) > 1:
-        n_eval = 1
-    held = set(random.Random(seed).sample(ids, n_eval))
-    return [i for i in ids if i not in held], sorted(held)
-
-
 def _tokenize_row(tokenizer: Tokenizer, ex):
     """Tokenize one example; a chat template that rejects the row (e.g. one
     that demands alternating roles) becomes an error about that row."""
@@ -76,6 +66,7 @@ def _process(
     tokenizer: Tokenizer,
     data_cfg,
     keep_examples: bool,
+    blocks: bool = False,
 ) -> SplitData:
     policy = data_cfg.overlength
     dropped: Counter = Counter()
@@ -98,7 +89,8 @@ def _process(
                 f"{source} row {i}: the chat template marked no assistant tokens. Its template has no "
                 "{% generation %} markers; set data.chat_template=llama3 (or chatml), or task.assistant_only_loss=false."
             )
-        sample, outcome = apply_overlength(ids_, labels, data_cfg.max_length, policy)
+        # Concatenated into blocks, a long document continues in the next block.
+        sample, outcome = apply_overlength(ids_, labels, data_cfg.max_length if not blocks else len(ids_), policy)
         if outcome == "raise":
             raise DataError(
                 f"{source} row {i}: {len(ids_)} tokens is longer than data.max_length={data_cfg.max_length}. "
@@ -114,7 +106,10 @@ def _process(
             examples[i] = ex
     if not samples:
         raise DataError(f"{source}: no usable rows out of {len(ids)} (dropped: {dict(dropped)})")
-    packed_rows = pack(samples, data_cfg.max_length) if data_cfg.packing else as_rows(samples)
+    if blocks:
+        packed_rows = concat_blocks(samples, data_cfg.max_length)
+    else:
+        packed_rows = pack(samples, data_cfg.max_length) if data_cfg.packing else as_rows(samples)
     n_tokens = sum(len(s["input_ids"]) for s in samples)
     report = {
         "source": source,
@@ -126,34 +121,26 @@ def _process(
         "trained_tokens": sum(count_trained(s["labels"]) for s in samples),
         "rows_after_packing": len(packed_rows),
     }
-    if data_cfg.packing:
+    if blocks:
+        report["layout"] = f"documents concatenated into {data_cfg.max_length}-token blocks"
+    if data_cfg.packing and not blocks:
         report["packing_efficiency"] = round(n_tokens / (len(packed_rows) * data_cfg.max_length), 4)
     return SplitData(packed_rows, examples, report)
 
 
-def prepare_data(data_cfg, tokenizer, chat_template: Optional[str], assistant_only_loss: bool) -> PreparedData:
+def prepare_data(data_cfg, tokenizer, chat_template: Optional[str], assistant_only_loss: bool,
+                 blocks: bool = False) -> PreparedData:
     fmt = data_cfg.format.value if hasattr(data_cfg.format, "value") else str(data_cfg.format)
     formatter = Formatter(fmt, dict(data_cfg.columns), dict(data_cfg.role_map), data_cfg.system_prompt)
     tok = Tokenizer(tokenizer, chat_template, assistant_only_loss)
 
-    rows = load_rows(data_cfg.train, data_cfg.train_split)
-    if data_cfg.eval:
-        train_ids, eval_ids, eval_rows = list(range(len(rows))), None, load_rows(data_cfg.eval, data_cfg.eval_split)
-    elif data_cfg.eval_fraction > 0:
-        train_ids, eval_ids = split_train_eval(rows, data_cfg.eval_fraction, data_cfg.split_seed)
-        eval_rows = rows
-    else:
-        train_ids, eval_ids, eval_rows = list(range(len(rows))), None, None
-    if data_cfg.max_samples is not None:
-        train_ids = train_ids[: data_cfg.max_samples]
-
-    train = _process(data_cfg.train, rows, train_ids, formatter, tok, data_cfg, keep_examples=False)
+    train_split, eval_split = load_splits(data_cfg)
+    rows, train_ids = train_split.rows, train_split.ids
+    train = _process(data_cfg.train, rows, train_ids, formatter, tok, data_cfg, keep_examples=False, blocks=blocks)
     evaluation = None
-    if eval_rows is not None:
-        eval_source = data_cfg.eval or f"{data_cfg.train} (held-out {data_cfg.eval_fraction:.0%})"
-        if eval_ids is None:
-            eval_ids = list(range(len(eval_rows)))
-        evaluation = _process(eval_source, eval_rows, eval_ids, formatter, tok, data_cfg, keep_examples=True)
+    if eval_split is not None:
+        evaluation = _process(eval_split.source, eval_split.rows, eval_split.ids, formatter, tok, data_cfg,
+                              keep_examples=True, blocks=blocks)
     return PreparedData(train, evaluation)
 
 
@@ -176,7 +163,7 @@ def _source_fingerprint(source) -> dict:
     return {"name": source}
 
 
-def cache_key(data_cfg, tokenizer, chat_template: Optional[str], assistant_only_loss: bool) -> str:
+def cache_key(data_cfg, tokenizer, chat_template: Optional[str], assistant_only_loss: bool, blocks: bool = False) -> str:
     from omegaconf import OmegaConf
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -191,11 +178,13 @@ def cache_key(data_cfg, tokenizer, chat_template: Optional[str], assistant_only_
         "special": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
         "template": chat_template,
         "assistant_only_loss": assistant_only_loss,
+        "blocks": blocks,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def prepare_data_cached(data_cfg, tokenizer, chat_template, assistant_only_loss, cache_root) -> PreparedData:
+def prepare_data_cached(data_cfg, tokenizer, chat_template, assistant_only_loss, cache_root,
+                        blocks: bool = False) -> PreparedData:
     """prepare_data, reusing the result of an identical earlier preparation.
 
     Called by local rank 0 first (the others wait, then load what it wrote),
@@ -203,14 +192,14 @@ def prepare_data_cached(data_cfg, tokenizer, chat_template, assistant_only_loss,
     and a rerun or a resumed run skips tokenizing altogether.
     """
     if not data_cfg.cache:
-        return prepare_data(data_cfg, tokenizer, chat_template, assistant_only_loss)
-    path = cache_root / "prepared" / f"{cache_key(data_cfg, tokenizer, chat_template, assistant_only_loss)}.pkl"
+        return prepare_data(data_cfg, tokenizer, chat_template, assistant_only_loss, blocks)
+    path = cache_root / "prepared" / f"{cache_key(data_cfg, tokenizer, chat_template, assistant_only_loss, blocks)}.pkl"
     if path.exists():
         with open(path, "rb") as f:
             data = pickle.load(f)
         log.info("data: reusing prepared data %s", path)
         return data
-    data = prepare_data(data_cfg, tokenizer, chat_template, assistant_only_loss)
+    data = prepare_data(data_cfg, tokenizer, chat_template, assistant_only_loss, blocks)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:

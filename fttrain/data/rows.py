@@ -1,0 +1,78 @@
+"""Rows for the tasks whose trainer tokenizes for itself (TRL's) or that need
+task-specific features (encoder tasks): load, split, convert each row.
+
+    load_splits   data.train (+ data.eval, or a seeded held-out fraction) -> row lists
+    convert_rows  row -> task example via a converter that raises RowError naming the
+                  field; strict: stop at the first bad row with file and row index;
+                  lenient (data.strict=false): drop it and count it under its reason
+
+The causal-LM path (``pipeline.py``) uses the same split so held-out rows are
+chosen the same way for every task.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+from fttrain.data.formats import RowError
+from fttrain.data.sources import DataError, load_rows
+
+
+def split_train_eval(rows: List[Dict], fraction: float, seed: int):
+    """Deterministic held-out split; returns (train ids, eval ids) in file order."""
+    ids = list(range(len(rows)))
+    n_eval = int(round(len(rows) * fraction))
+    if fraction > 0 and n_eval == 0 and len(rows) > 1:
+        n_eval = 1
+    held = set(random.Random(seed).sample(ids, n_eval))
+    return [i for i in ids if i not in held], sorted(held)
+
+
+@dataclass
+class Split:
+    source: str  # for messages: the file, or the file and the held-out fraction
+    rows: List[Dict]
+    ids: List[int]  # which rows of `rows` belong to this split
+
+
+def load_splits(data_cfg) -> Tuple[Split, Optional[Split]]:
+    rows = load_rows(data_cfg.train, data_cfg.train_split)
+    if data_cfg.eval:
+        eval_rows = load_rows(data_cfg.eval, data_cfg.eval_split)
+        train = Split(data_cfg.train, rows, list(range(len(rows))))
+        evaluation = Split(data_cfg.eval, eval_rows, list(range(len(eval_rows))))
+    elif data_cfg.eval_fraction > 0:
+        train_ids, eval_ids = split_train_eval(rows, data_cfg.eval_fraction, data_cfg.split_seed)
+        train = Split(data_cfg.train, rows, train_ids)
+        evaluation = Split(f"{data_cfg.train} (held-out {data_cfg.eval_fraction:.0%})", rows, eval_ids)
+    else:
+        train, evaluation = Split(data_cfg.train, rows, list(range(len(rows)))), None
+    if data_cfg.max_samples is not None:
+        train.ids = train.ids[: data_cfg.max_samples]
+    return train, evaluation
+
+
+def convert_rows(split: Split, convert: Callable[[Dict], object], strict: bool) -> Tuple[List, List[int], Dict]:
+    """(converted examples, their row ids, report). A converter returning None
+    drops the row under reason "skipped" (counted, never silent)."""
+    out, kept_ids, dropped = [], [], Counter()
+    for i in split.ids:
+        try:
+            ex = convert(split.rows[i])
+        except RowError as e:
+            if strict:
+                raise DataError(f"{split.source} row {i}: {e}. Fix the row, or set data.strict=false to drop "
+                                "such rows with a count.") from None
+            dropped[e.reason] += 1
+            continue
+        if ex is None:
+            dropped["skipped"] += 1
+            continue
+        out.append(ex)
+        kept_ids.append(i)
+    if not out:
+        raise DataError(f"{split.source}: no usable rows out of {len(split.ids)} (dropped: {dict(dropped)})")
+    return out, kept_ids, {"source": split.source, "rows": len(split.ids), "kept": len(out), "dropped": dict(dropped)}

@@ -1,0 +1,403 @@
+"""What every task's recipe does the same way, in the order it happens:
+
+    setup      launch (device, precision, plan, ranks) -> tokenizer -> data* -> model* + PEFT -> trainer*
+    train      (resume) train, evaluate
+    save       model/ (atomically), metrics.json (+ the task's metrics*), loss curve, COMPLETE
+
+The steps marked * are the task's own: each task file (``sft.py``,
+``preference.py``, ``reward.py``, ``grpo.py``, ``encoder.py``) subclasses
+``Recipe`` and fills in ``setup_data``, ``load_model``, ``build_trainer`` and
+``task_metrics``, so one run reads top to bottom in two files.
+
+Every rank runs this; only rank 0 writes shared files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from omegaconf import DictConfig
+
+from fttrain import outputs
+from fttrain.distributed import (
+    PlanCheck,
+    Topology,
+    after_process_group,
+    check_plan,
+    deepspeed_config_in_use,
+    gradient_accumulation,
+    plan_label,
+    save_model,
+    single_process_rendezvous,
+    trainer_args,
+)
+from fttrain.env import check_world_size, detect_runtime, peak_memory_bytes
+from fttrain.models.load import load_tokenizer, param_counts, resolve_model_path
+from fttrain.peft_setup import apply_peft, optimizer_args, quantization_config, trainer_hooks
+
+log = logging.getLogger("fttrain")
+
+
+def checkpointing_args(on: bool) -> dict:
+    """transformers 5.2x renamed gradient_checkpointing to activation_checkpointing."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    # Non-reentrant checkpointing works with frozen inputs (LoRA) without input grads.
+    return {f"{prefix}_checkpointing": on, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if on else None}
+
+
+class Recipe:
+    peft_task_type = "CAUSAL_LM"  # peft's task type: decides which head modules are saved with an adapter
+    batch_unit = "samples"  # what one row of a micro-batch is, for the batch-arithmetic log line
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.eval_metrics: Dict = {}
+
+    # ------------------------------------------------------------ setup
+    def setup(self) -> None:
+        self.setup_launch()
+        # Local rank 0 builds the tiny model or generated data once; the others wait, then reuse it.
+        with self.args.main_process_first(local=True, desc="prepare model files"):
+            self.model_path = resolve_model_path(self.cfg.model)
+        self.tokenizer, self.pad_strategy = load_tokenizer(self.cfg.model, self.model_path)
+        with self.args.main_process_first(local=True, desc="prepare data"):
+            self.setup_data()
+        if self.is_main:
+            log.info("data: %s", self.data_report)
+            if not self.cfg.preflight:
+                outputs.write_json(self.run_dir / "data_report.json", self.data_report)
+        if self.cfg.preflight:
+            return
+        self.setup_model()
+        self.trainer = self.build_trainer()
+        self.plan_check.trainer = self.trainer
+        for cb in self.hooks.callbacks:
+            cb.trainer = self.trainer
+
+    def setup_launch(self) -> None:
+        cfg = self.cfg
+        self.runtime = detect_runtime(cfg.precision)
+        self.topology = Topology.from_env()
+        # Invalid plans and unreachable batch sizes stop here, before any process group starts.
+        check_plan(cfg, self.topology, self.runtime.precision, on_gpu=not self.runtime.use_cpu)
+        self.accum = gradient_accumulation(cfg.trainer, self.topology.world_size)
+        single_process_rendezvous(cfg.dist)
+        self.args = self.training_args()  # initialises the process group
+        check_world_size(self.args.world_size, self.topology.world_size, cfg.dist)
+        after_process_group(cfg.dist, self.runtime.use_cpu)
+        self.is_main = self.args.process_index == 0
+        self._batch_arithmetic()
+
+    def setup_data(self) -> None:
+        """Sets self.data_report (and the task's own data attributes)."""
+        raise NotImplementedError
+
+    def load_model(self, precision: str, quantization_config):
+        """The base model the task trains, before PEFT."""
+        raise NotImplementedError
+
+    def setup_model(self) -> None:
+        cfg = self.cfg
+        # Seed before any weight is created: adapter init (LoRA A) and new heads
+        # draw from the global RNG, and runs must start from the same weights.
+        from transformers import set_seed
+
+        from fttrain.peft_setup import WHOLE_MODEL
+
+        set_seed(cfg.trainer.seed)
+        quant = quantization_config(cfg.peft, self.runtime.precision)
+        # Frozen base weights may live in bf16; trained weights of the model
+        # itself (full, freeze, LISA, GaLore) stay fp32 masters under autocast.
+        load_precision = "bf16" if self.runtime.precision == "bf16" and cfg.peft.method not in WHOLE_MODEL else "fp32"
+        model = self.load_model(load_precision, quant)
+        model.config.use_cache = False  # packed batches and checkpointing both need it off
+        self.model = apply_peft(model, cfg.peft, cfg.trainer.gradient_checkpointing, task_type=self.peft_task_type,
+                                max_steps=cfg.trainer.max_steps, base_path=self.model_path)
+        # Callbacks (LISA's layer draws, AdaLoRA's budget) and LoRA+ parameter groups.
+        self.hooks = trainer_hooks(self.model, cfg.peft, cfg.trainer)
+        self.trainable, self.total = param_counts(self.model)
+        if cfg.peft.method == "lisa":  # every layer is trainable until the first draw
+            self.trainable = self.hooks.callbacks[0].active_count()
+        if self.is_main:
+            log.info("parameters (peft=%s): %d trainable of %d (%.4f%%)",
+                     cfg.peft.method, self.trainable, self.total, 100 * self.trainable / self.total)
+
+    def training_args(self):
+        """The TrainingArguments every task shares, built as the task's own
+        arguments class (TRL's configs subclass TrainingArguments)."""
+        from transformers import TrainingArguments
+
+        cls, extra = self.training_args_class(), self.task_training_args()
+        cfg, rt, t = self.cfg, self.runtime, self.cfg.trainer
+        has_eval = cfg.data.eval is not None or cfg.data.eval_fraction > 0
+        report_to = list(cfg.logger.report_to) or "none"
+        if cfg.logger.project and "wandb" in (report_to if isinstance(report_to, list) else []):
+            os.environ.setdefault("WANDB_PROJECT", cfg.logger.project)
+        kwargs = dict(
+            output_dir=str(self.run_dir / "checkpoints"),
+            run_name=cfg.name,
+            per_device_train_batch_size=t.micro_batch_size,
+            per_device_eval_batch_size=t.micro_batch_size,
+            gradient_accumulation_steps=self.accum,
+            max_steps=t.max_steps,
+            num_train_epochs=t.num_epochs,
+            learning_rate=t.learning_rate,
+            lr_scheduler_type=t.lr_scheduler,
+            warmup_steps=t.warmup_ratio,  # < 1: a fraction of the total steps
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm,
+            # trainer.optim, or GaLore's optimizer; paged optimizers run unpaged on CPU.
+            **optimizer_args(cfg.peft, t.optim, rt.use_cpu),
+            logging_steps=t.logging_steps,
+            eval_strategy="steps" if (t.eval_steps and has_eval) else "no",
+            eval_steps=t.eval_steps,
+            save_strategy="steps" if t.save_steps else "no",
+            save_steps=t.save_steps or 500,
+            save_total_limit=t.save_total_limit,
+            bf16=rt.precision == "bf16",
+            fp16=rt.precision == "fp16",
+            use_cpu=rt.use_cpu,
+            # DDP knobs, DeepSpeed JSON or FSDP plan, and where checkpointing happens.
+            **trainer_args(cfg, rt.precision, self.topology, self.accum, rt.use_cpu, checkpointing_args),
+            seed=t.seed,
+            data_seed=t.seed,
+            remove_unused_columns=False,
+            dataloader_num_workers=t.dataloader_num_workers,
+            disable_tqdm=not cfg.logger.progress_bar,
+            report_to=report_to,
+        )
+        kwargs.update(extra)
+        return (cls or TrainingArguments)(**kwargs)
+
+    def training_args_class(self):
+        """None: transformers' TrainingArguments; TRL tasks return their config class."""
+        return None
+
+    def task_training_args(self) -> dict:
+        """Task knobs merged into the arguments (loss normalisation, TRL's beta, ...)."""
+        return {}
+
+    def _batch_arithmetic(self) -> None:
+        t, world = self.cfg.trainer, self.args.world_size
+        accum = self.args.gradient_accumulation_steps
+        self.global_batch = t.micro_batch_size * accum * world
+        max_len = self.cfg.data.max_length
+        self.batch_info = {
+            "micro_batch_size": t.micro_batch_size,
+            "gradient_accumulation_steps": accum,
+            "world_size": world,
+            "global_batch_size": self.global_batch,
+            "global_batch_unit": self.batch_unit,
+            "max_tokens_per_step": self.global_batch * max_len,
+        }
+        if self.args.process_index == 0:
+            log.info(
+                "global batch = %d micro x %d accumulation x %d rank(s) = %d %s per step; <= %d x %d = %d tokens per step",
+                t.micro_batch_size, accum, world, self.global_batch, self.batch_unit, self.global_batch, max_len,
+                self.global_batch * max_len,
+            )
+
+    def build_trainer(self):
+        raise NotImplementedError
+
+    def callbacks(self, *task_callbacks) -> List:
+        """Method callbacks first (LISA adds its layer draw to the log line the
+        JSONL logger writes), then the output contract's, then the task's."""
+        from fttrain.trainer import JsonlLogCallback, StepTimer
+
+        self.step_timer = StepTimer()
+        self.plan_check = PlanCheck(self.cfg.dist, getattr(self.model.config, "num_hidden_layers", None),
+                                    self._record_plan, checkpointing=self.cfg.trainer.gradient_checkpointing)
+        return [*self.hooks.callbacks, JsonlLogCallback(self.run_dir / "train_log.jsonl"), self.step_timer,
+                self.plan_check, *task_callbacks]
+
+    def _record_plan(self, realised: dict) -> None:
+        """The verified plan, with the DeepSpeed JSON as run (auto values filled), in plan.json."""
+        if not self.is_main:
+            return
+        record = {"plan": plan_label(self.cfg.dist), "realised": realised,
+                  "deepspeed_config": deepspeed_config_in_use(self.trainer)}
+        log.info("plan %s verified: %s", record["plan"], realised)
+        outputs.write_json(self.run_dir / "plan.json", record)
+
+    def on_main(self, what: str, fn):
+        """Run fn on rank 0 while the others wait; a failure there stops every
+        rank at once instead of leaving them in a barrier until the timeout."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as e:  # re-raised below, after telling the other ranks
+                error = e
+        ok = torch.tensor([0.0 if error else 1.0], device=self.args.device)
+        ok = self.trainer.accelerator.reduce(ok, reduction="sum") if self.args.world_size > 1 else ok
+        if error is not None:
+            raise error
+        if float(ok) < self.args.world_size:
+            raise RuntimeError(f"rank 0 failed during {what}; see train_rank0.log")
+        return result
+
+    # ------------------------------------------------------------ train
+    def has_eval(self) -> bool:
+        return self.trainer.eval_dataset is not None
+
+    def train(self) -> None:
+        cfg = self.cfg
+        resume = cfg.resume_from
+        if resume == "auto":  # guard_run_dir made sure there is one
+            resume = str(outputs.latest_checkpoint(self.run_dir))
+        if resume is not None:
+            from fttrain.trainer import JsonlLogCallback
+
+            step = outputs.checkpoint_step(resume)
+            for cb in self.trainer.callback_handler.callbacks:
+                if isinstance(cb, JsonlLogCallback):
+                    cb.resume_step = step
+            log.info("resuming from %s (step %d)", resume, step)
+        start = time.time()
+        self.trainer.train(resume_from_checkpoint=resume)
+        self.train_seconds = time.time() - start
+        self.eval_metrics = self.trainer.evaluate() if self.has_eval() else {}
+
+    # ------------------------------------------------------------- save
+    def token_counts(self):
+        """(real tokens, token slots) trained on, over all ranks."""
+        return self.trainer.global_token_counts()
+
+    def save(self) -> dict:
+        from fttrain.trainer import write_rank_record
+
+        trainer, run_dir = self.trainer, self.run_dir
+        real, slots = self.token_counts()
+        peak = peak_memory_bytes(self.runtime.use_cpu)
+        peaks = trainer.accelerator.gather(torch.tensor([peak], device=self.args.device)).max().item()
+        write_rank_record(trainer, run_dir)
+
+        tmp = run_dir / "model.tmp"
+        if self.is_main and tmp.exists():  # left by a run that died while saving
+            import shutil
+
+            shutil.rmtree(tmp)
+        trainer.accelerator.wait_for_everyone()
+        # Training turned the KV cache off; a saved causal LM is for generation: on again.
+        trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True
+        # Whole weights gathered to rank 0, or one shard per rank (dist.save_format=sharded).
+        self.model_format = save_model(trainer, tmp, self.cfg.dist, self.cfg.peft.method, final_dir=run_dir / "model")
+        trainer.accelerator.wait_for_everyone()
+        if not self.is_main:
+            return {}
+        self.tokenizer.save_pretrained(tmp)
+        self.save_extra_files(tmp)
+        outputs.check_weights_written(tmp, self.model_format)
+        outputs.publish_dir(tmp, run_dir / "model")
+
+        step_s = self.step_timer.seconds
+        metrics = {
+            "task": self.cfg.task.name,
+            "train_loss": mean_logged_loss(trainer.state.log_history),
+            "eval_loss": self.eval_metrics.get("eval_loss"),
+            "train_tokens_per_second": real / step_s if step_s else None,
+            "train_tokens": real,
+            "padding_fraction": 1 - real / slots if slots else 0.0,
+            "peak_memory_bytes": int(peaks),
+            "peak_memory_kind": "cpu_max_rss" if self.runtime.use_cpu else "cuda_max_allocated",
+            "trainable_params": self.trainable,
+            "total_params": self.total,
+            "trainable_percent": 100 * self.trainable / self.total,
+            "peft_method": self.cfg.peft.method,
+            "world_size": self.args.world_size,
+            "global_batch_size": self.global_batch,
+            "steps": trainer.state.global_step,
+            "train_step_seconds": step_s,  # inside optimizer steps; what tokens/s divides by
+            "train_runtime_seconds": self.train_seconds,  # wall clock of train(), evals and saves included
+            "precision": self.runtime.precision,
+            "dist_plan": plan_label(self.cfg.dist),
+            "model_format": self.model_format,  # hf | zero_sharded | fsdp_sharded (see model/SHARDED.md)
+        }
+        metrics.update(self.task_metrics())
+        log_rows = [{"step": r.get("step"), **r} for r in trainer.state.log_history]
+        outputs.plot_loss_curve(log_rows, run_dir / "loss_curve.png")
+        outputs.write_json(run_dir / "metrics.json", metrics)
+        outputs.mark_complete(run_dir)
+        log.info("metrics: %s", {k: metrics.get(k) for k in outputs.METRIC_KEYS})
+        self.log_task_summary(metrics)
+        log.info("run directory: %s", run_dir)
+        return metrics
+
+    def save_extra_files(self, folder: Path) -> None:
+        """Task files that belong with the model (label maps, reward functions)."""
+
+    def task_metrics(self) -> dict:
+        """The task's own numbers for metrics.json (eval metrics, before/after)."""
+        return {}
+
+    def log_task_summary(self, metrics: dict) -> None:
+        pass
+
+
+def mean_logged_loss(history):
+    """Mean train loss over all steps, resumed ones included: each logged loss
+    is the rank-averaged mean over the steps since the previous log line."""
+    total, steps, last = 0.0, 0, 0
+    for row in history:
+        if "loss" in row:
+            n = row["step"] - last
+            total, steps, last = total + row["loss"] * n, steps + n, row["step"]
+    return total / steps if steps else None
+
+
+def eval_metrics_with_prefix(metrics: dict, prefix: str = "eval_") -> dict:
+    """The task's eval numbers from trainer.evaluate(), minus the Trainer's timing keys."""
+    skip = ("runtime", "samples_per_second", "steps_per_second", "epoch")
+    return {k: v for k, v in metrics.items() if k.startswith(prefix) and not k.endswith(skip)}
+
+
+def write_run_info(cfg: DictConfig, run_dir: Path, recipe: Recipe) -> None:
+    import accelerate
+    import peft
+    import transformers
+
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "peft": peft.__version__, "accelerate": accelerate.__version__}
+    try:
+        import trl
+
+        versions["trl"] = trl.__version__
+    except ImportError:
+        pass
+    info = {
+        "name": cfg.name,
+        "task": cfg.task.name,
+        "model_path": recipe.model_path,
+        "batch": recipe.batch_info,
+        "precision": recipe.runtime.precision,
+        "device": "cpu" if recipe.runtime.use_cpu else torch.cuda.get_device_name(),
+        "pad_token_strategy": recipe.pad_strategy,
+        "versions": versions,
+    }
+    outputs.write_json(run_dir / "run_info.json", info)
+
+
+def run_recipe(recipe: Recipe) -> dict:
+    cfg, run_dir = recipe.cfg, recipe.run_dir
+    recipe.setup()
+    if cfg.preflight:
+        if recipe.is_main:
+            log.info("preflight passed: config, launch, tokenizer and the data are valid (%s); "
+                     "run again without preflight=true to train", recipe.data_report)
+        return {}
+    if recipe.is_main:
+        write_run_info(cfg, run_dir, recipe)
+    recipe.train()
+    return recipe.save()

@@ -1,0 +1,164 @@
+"""Preference optimisation (tasks ``dpo``, ``kto``, ``orpo``) with TRL's trainers;
+the shared steps are in ``base.py``:
+
+    data       prompt / chosen / rejected rows, validated (``data/preference.py``);
+               TRL applies the chat template and tokenizes; KTO splits each pair
+               into a desirable and an undesirable example
+    model      AutoModelForCausalLM + PEFT; the reference (dpo, kto) is the same
+               base with the adapter switched off, a frozen copy of the start
+               model (full fine-tuning), or task.reference
+    train      TRL's trainer with fttrain's callbacks; eval reward accuracy and margin
+    save       model/ as for sft; metrics.json with eval_rewards/accuracies, eval_rewards/margins
+
+ORPO has no reference model: its loss is SFT on chosen plus an odds-ratio term.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fttrain.data.preference import PreferenceRows
+from fttrain.data.rows import convert_rows, load_splits
+from fttrain.models.load import load_model
+from fttrain.peft_setup import WHOLE_MODEL
+from fttrain.recipes.base import Recipe, eval_metrics_with_prefix, run_recipe
+
+log = logging.getLogger("fttrain")
+
+# TRL 1.16's DPO losses (DPOConfig.loss_type); checked at config time.
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
+def dpo_loss_types():
+    return list(DPO_LOSSES)
+
+
+def trl_classes(task: str):
+    """(trainer class, config class) for a preference task."""
+    if task == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        return DPOTrainer, DPOConfig
+    if task == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        return KTOTrainer, KTOConfig
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # ORPO lives in trl.experimental in TRL 1.x
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    return ORPOTrainer, ORPOConfig
+
+
+class PreferenceRecipe(Recipe):
+    @property
+    def batch_unit(self):
+        return "examples (each pair split in two)" if self.cfg.task.name == "kto" else "pairs"
+
+    # ------------------------------------------------------------ data
+    def setup_data(self) -> None:
+        data = self.cfg.data
+        rows = PreferenceRows(data.columns, data.role_map, prompt_required=True)
+        train_split, eval_split = load_splits(data)
+        self.train_rows, _, train_report = convert_rows(train_split, rows, data.strict)
+        self.data_report = {"train": {**train_report, **self._length_report(self.train_rows)}}
+        self.eval_rows = None
+        if eval_split is not None:
+            self.eval_rows, _, eval_report = convert_rows(eval_split, rows, data.strict)
+            self.data_report["eval"] = {**eval_report, **self._length_report(self.eval_rows)}
+
+    def _length_report(self, rows) -> dict:
+        """How many pairs TRL will cut at data.max_length (it truncates the end
+        silently), so the cut is counted in data_report.json."""
+        limit, longest, over = self.cfg.data.max_length, 0, 0
+        for row in rows:
+            n = max(self._tokens(row["prompt"], row[k]) for k in ("chosen", "rejected"))
+            longest, over = max(longest, n), over + (n > limit)
+        return {"longest_sequence_tokens": longest, "truncated_at_max_length": over}
+
+    def _tokens(self, prompt, completion) -> int:
+        if isinstance(prompt, list):
+            ids = self.tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"]
+            return len(ids)
+        return len(self.tokenizer(prompt + completion)["input_ids"]) + 1  # + EOS
+
+    # ----------------------------------------------------------- model
+    def load_model(self, precision, quantization_config):
+        return load_model(self.cfg.model, self.model_path, precision, quantization_config=quantization_config)
+
+    def training_args_class(self):
+        return trl_classes(self.cfg.task.name)[1]
+
+    def task_training_args(self) -> dict:
+        t = self.cfg.task
+        args = {"beta": t.beta, "max_length": self.cfg.data.max_length,
+                # The Trainer's own checkpointing knob is set by fttrain (trainer.gradient_checkpointing).
+                "disable_dropout": True}
+        if t.name == "dpo":
+            args.update(loss_type=list(t.loss_type), label_smoothing=t.label_smoothing,
+                        precompute_ref_log_probs=t.precompute_ref_log_probs)
+            if t.loss_weights is not None:
+                args["loss_weights"] = list(t.loss_weights)
+        if t.name == "kto":
+            args.update(loss_type=t.loss_type, desirable_weight=t.desirable_weight,
+                        undesirable_weight=t.undesirable_weight, precompute_ref_log_probs=t.precompute_ref_log_probs)
+        return args
+
+    def reference_model(self):
+        """None with an adapter: TRL runs the base with the adapter switched off.
+        Otherwise a frozen model: task.reference, or the start model loaded again."""
+        t = self.cfg.task
+        if t.name == "orpo" or (t.reference == "auto" and self.cfg.peft.method not in WHOLE_MODEL):
+            return None
+        precision = "bf16" if self.runtime.precision == "bf16" else "fp32"
+        if t.reference == "auto":
+            ref = load_model(self.cfg.model, self.model_path, precision)
+        else:
+            from fttrain.models.load import DTYPES, load_causal_lm
+
+            ref = load_causal_lm(t.reference, DTYPES[precision], trust_remote_code=self.cfg.model.trust_remote_code)
+        ref.requires_grad_(False)
+        return ref.eval()
+
+    def build_trainer(self):
+        from datasets import Dataset
+
+        from fttrain.trainer import with_token_counting
+
+        trainer_cls, _ = trl_classes(self.cfg.task.name)
+        # The batch's masks that cover each sequence once (prompt + completion).
+        counted = with_token_counting(trainer_cls, self._count_keys())
+        kwargs = {}
+        if self.cfg.task.name != "orpo":
+            kwargs["ref_model"] = self.reference_model()
+        trainer = counted(
+            model=self.model,
+            args=self.args,
+            train_dataset=Dataset.from_list(self.train_rows),
+            eval_dataset=Dataset.from_list(self.eval_rows) if self.eval_rows else None,
+            processing_class=self.tokenizer,
+            callbacks=self.callbacks(),
+            **kwargs,
+        )
+        trainer.setup_accounting(self.cfg.trainer.rank_records)
+        return trainer
+
+    def _count_keys(self):
+        return {"dpo": ("attention_mask",), "kto": ("attention_mask",),
+                "orpo": ("chosen_attention_mask", "rejected_attention_mask")}[self.cfg.task.name]
+
+    # ------------------------------------------------------------- save
+    def task_metrics(self) -> dict:
+        metrics = eval_metrics_with_prefix(self.eval_metrics)
+        return {k: v for k, v in metrics.items() if k != "eval_loss"}
+
+    def log_task_summary(self, metrics: dict) -> None:
+        acc, margin = metrics.get("eval_rewards/accuracies"), metrics.get("eval_rewards/margins")
+        if acc is not None:
+            log.info("held-out preference: reward accuracy %.3f, mean margin %.4f", acc, margin or float("nan"))
+
+
+def run(cfg, run_dir):
+    return run_recipe(PreferenceRecipe(cfg, run_dir))
