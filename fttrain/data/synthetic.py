@@ -13,8 +13,9 @@ The demo task is *reversing a short sequence of letters*:
 
     reverse_text       pretraining documents: "Reverse: k q m t\\nt m q k"
     reverse_chat       chat SFT: user "Reverse: k q m t"  assistant "t m q k"
-    preference_pairs   DPO-style: {prompt, chosen (the reversal), rejected (a wrong one)}
-    preference_chat    the same as message lists
+    preference_pairs   DPO-style: {prompt, chosen (the reversal), rejected (a near miss)}
+    preference_chat    messages; chosen the reversal, rejected the same in CAPITALS (a style
+                       preference a model learns from scratch: the tests use it)
     arithmetic         RL with a checkable answer: {prompt: "What is 3 + 4? ...", answer: "7"}
 
 A model that has not learnt the task scores about zero. Encoder tasks:
@@ -143,11 +144,16 @@ def preference_rows(seq: Tuple[str, ...]) -> Dict:
 
 
 def preference_chat_rows(seq: Tuple[str, ...]) -> Dict:
-    """preference_rows as messages: one user turn, one assistant turn each."""
+    """A style preference a model learns from scratch in a few dozen steps:
+    the reversal in lower case (chosen) over the same reversal shouted in
+    capitals (rejected); one user turn, one assistant turn each. The tests'
+    DPO/KTO/ORPO/RM learning thresholds use it; preference_pairs' near misses
+    need a model that can already reverse (demo_pretrain)."""
+    right = " ".join(reversed(seq))
     return {
         "prompt": [{"role": "user", "content": f"Reverse: {' '.join(seq)}"}],
-        "chosen": [{"role": "assistant", "content": " ".join(reversed(seq))}],
-        "rejected": [{"role": "assistant", "content": _wrong_reversal(seq)}],
+        "chosen": [{"role": "assistant", "content": right}],
+        "rejected": [{"role": "assistant", "content": right.upper()}],
     }
 
 
@@ -374,7 +380,7 @@ BUILTIN: Dict[str, Builtin] = {
     "reverse_text": Builtin(_letters, reverse_text_rows, 12000, 200, 7),
     "reverse_chat": Builtin(_letters, reverse_chat_rows, 2000, 100, 11),
     "preference_pairs": Builtin(_letters, preference_rows, 500, 100, 13, avoid=("reverse_text", "reverse_chat")),
-    "preference_chat": Builtin(_letters, preference_chat_rows, 500, 100, 17, avoid=("reverse_text", "reverse_chat")),
+    "preference_chat": Builtin(_letters, preference_chat_rows, 500, 100, 18, avoid=("reverse_text", "reverse_chat")),
     "arithmetic": Builtin(_sum_or_difference, arithmetic_rows, 400, 100, 19),
     "sentiment": Builtin(_sentiment_item, sentiment_rows, 400, 100, 23),
     "sentiment_pairs": Builtin(_sentiment_pair, sentiment_pairs_rows, 400, 100, 29),
