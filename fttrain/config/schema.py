@@ -326,9 +326,10 @@ class DPOTaskConfig(TaskConfig):
     loss_type: List[str] = field(default_factory=lambda: ["sigmoid"])
     loss_weights: Optional[List[float]] = None
     label_smoothing: float = 0.0  # > 0: conservative DPO for noisy preference labels
-    # auto: with an adapter, the base with the adapter switched off (no second
-    # copy in memory); with full fine-tuning, a frozen copy of the start model.
-    # A path or hub id: that model as the reference.
+    # auto: with an adapter, a frozen copy of the adapter as it started (TRL's
+    # "ref" adapter: a few MB, and the true start model even for PiSSA-style
+    # inits that change the base); with full fine-tuning, the start model
+    # loaded again, frozen. A path or hub id: that model as the reference.
     reference: str = "auto"
     # Reference log-probs computed once before training: no reference forward
     # per step (faster, frees the reference), one extra pass over the data.

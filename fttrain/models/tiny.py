@@ -25,7 +25,7 @@ from fttrain.paths import cache_dir
 BUILTIN_NAME = "builtin:tiny-llama"
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|eot_id|>", "<|pad|>", "<|start_header_id|>", "<|end_header_id|>"]
 TEMPLATE = Path(__file__).resolve().parent.parent / "data" / "templates" / "llama3.jinja"
-BUILD_VERSION = 1  # bump when the build recipe changes, so caches are rebuilt
+BUILD_VERSION = 2  # bump when the build recipe changes, so caches are rebuilt
 
 
 def _spec_dict(spec) -> dict:
@@ -100,6 +100,9 @@ def _build(d: dict, folder: Path) -> None:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
         rope_theta=10000.0,
+        # As a hub model's config has it: tools that load by path (TRL's
+        # reference model) pick the class from it.
+        architectures=["LlamaForCausalLM"],
     )
     # Seed the init through a local generator state so the build does not
     # depend on (or disturb) the caller's RNG.

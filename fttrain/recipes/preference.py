@@ -4,9 +4,9 @@ the shared steps are in ``base.py``:
     data       prompt / chosen / rejected rows, validated (``data/preference.py``);
                TRL applies the chat template and tokenizes; KTO splits each pair
                into a desirable and an undesirable example
-    model      AutoModelForCausalLM + PEFT; the reference (dpo, kto) is the same
-               base with the adapter switched off, a frozen copy of the start
-               model (full fine-tuning), or task.reference
+    model      AutoModelForCausalLM + PEFT; the reference (dpo, kto) is a frozen
+               copy of the starting adapter on the same base (PEFT), the start
+               model loaded again (full fine-tuning), or task.reference
     train      TRL's trainer with fttrain's callbacks; eval reward accuracy and margin
     save       model/ as for sft; metrics.json with eval_rewards/accuracies, eval_rewards/margins
 
@@ -52,6 +52,21 @@ def trl_classes(task: str):
     return ORPOTrainer, ORPOConfig
 
 
+def unpair(rows, seed: int):
+    """KTO's unpaired form: (prompt, chosen) desirable, (prompt, rejected)
+    undesirable, shuffled with the run's seed. (Given pairs, TRL unpairs them
+    itself but keeps all desirable rows before all undesirable ones, so each
+    batch would hold one label only.)"""
+    import random
+
+    out = []
+    for r in rows:
+        out.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
+        out.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
+    random.Random(seed).shuffle(out)
+    return out
+
+
 class PreferenceRecipe(Recipe):
     @property
     def batch_unit(self):
@@ -68,6 +83,10 @@ class PreferenceRecipe(Recipe):
         if eval_split is not None:
             self.eval_rows, _, eval_report = convert_rows(eval_split, rows, data.strict)
             self.data_report["eval"] = {**eval_report, **self._length_report(self.eval_rows)}
+        if self.cfg.task.name == "kto":
+            self.train_rows = unpair(self.train_rows, self.cfg.trainer.seed)
+            self.eval_rows = unpair(self.eval_rows, self.cfg.trainer.seed) if self.eval_rows else None
+            self.data_report["train"]["kto_examples"] = len(self.train_rows)
 
     def _length_report(self, rows) -> dict:
         """How many pairs TRL will cut at data.max_length (it truncates the end
@@ -107,7 +126,7 @@ class PreferenceRecipe(Recipe):
         return args
 
     def reference_model(self):
-        """None with an adapter: TRL runs the base with the adapter switched off.
+        """None with an adapter: TRL adds a frozen copy of the starting adapter.
         Otherwise a frozen model: task.reference, or the start model loaded again."""
         t = self.cfg.task
         if t.name == "orpo" or (t.reference == "auto" and self.cfg.peft.method not in WHOLE_MODEL):
@@ -150,6 +169,15 @@ class PreferenceRecipe(Recipe):
                 "orpo": ("chosen_attention_mask", "rejected_attention_mask")}[self.cfg.task.name]
 
     # ------------------------------------------------------------- save
+    def save_extra_files(self, folder) -> None:
+        # Given a PeftModel, TRL keeps a frozen copy of the adapter as it
+        # started ("ref", the reference) and saves it beside the trained one;
+        # it is the start state, not a result.
+        import shutil
+
+        if (folder / "ref").is_dir():
+            shutil.rmtree(folder / "ref")
+
     def task_metrics(self) -> dict:
         metrics = eval_metrics_with_prefix(self.eval_metrics)
         return {k: v for k, v in metrics.items() if k != "eval_loss"}
