@@ -4,7 +4,7 @@
       rewards:
         - _target_: fttrain.rewards.exact_match   # a built-in below, or mypkg.rewards.my_function
           weight: 1.0                             # its weight in the summed reward (optional)
-          extract: last_number                    # any other key: a keyword argument of the function
+          extract: last_number                    # any other key: a named parameter of the function
 
 A reward function is called by TRL's GRPOTrainer once per batch of
 completions as ``f(prompts=[...], completions=[...], completion_ids=[...],
@@ -118,10 +118,11 @@ def reward_problems(entries) -> List[str]:
             problems.append(str(e))
             continue
         kwargs = {k: v for k, v in entry.items() if k not in RESERVED}
+        # Named parameters only: every function also takes **kwargs (TRL passes
+        # all data columns), which must not hide a misspelled config key.
         params = inspect.signature(fn).parameters
-        takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
-        unknown = [k for k in kwargs if k not in params]
-        if unknown and not takes_any:
+        unknown = [k for k in kwargs if k not in params or params[k].kind == params[k].VAR_KEYWORD]
+        if unknown:
             problems.append(f"task.rewards[{i}]: {entry['_target_']} takes no argument(s) {unknown}")
         if not isinstance(entry.get("weight", 1.0), (int, float)):
             problems.append(f"task.rewards[{i}].weight must be a number")
