@@ -251,3 +251,13 @@ def check_method_under_plan(workdir, exp, method, extra, dist):
     if method == "lisa":
         rows = [json.loads(l) for l in (got / "train_log.jsonl").read_text().splitlines()]
         assert len({tuple(r["lisa_layers"]) for r in rows if "lisa_layers" in r}) > 1  # layers switched
+
+
+@pytest.mark.parametrize("exp", ["tiny_dpo", "tiny_rm"])
+def test_trl_task_under_ddp_matches_one_process(workdir, exp):
+    """TRL's trainers under fttrain's DDP plan: the same per-step losses as one
+    process at the same global batch, and the same trained weights."""
+    ref, got = run(workdir, exp, "one_process"), run(workdir, exp, "ddp")
+    assert_same_curve(ref, got)
+    assert_plan_applied(got, "ddp")
+    assert_same_weights(ref / "model", got / "model")
