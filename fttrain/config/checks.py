@@ -61,9 +61,8 @@ TASK_FORMATS = {
 }
 ENCODER_TASKS = ("cls", "ner", "qa")
 TRL_TASKS = ("dpo", "kto", "orpo", "rm", "grpo")
-# Methods that make sense on an encoder task (adapters on the encoder, the head trained in full).
-ENCODER_PEFT = ("full", "freeze", "lora", "qlora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "adapter",
-                "loha", "lokr", "vera", "oft", "adalora")
+# Methods built for decoder-only models: LLaMA-Adapter patches Llama attention.
+DECODER_ONLY_PEFT = ("llama_adapter",)
 
 
 def task_problems(cfg: DictConfig) -> List[str]:
@@ -102,8 +101,8 @@ def task_problems(cfg: DictConfig) -> List[str]:
         problems.append(f"task.doc_stride={task.doc_stride} must be well below half of data.max_length={data.max_length} "
                         "(the question and the overlap both take room in every window)")
     if task.name in ENCODER_TASKS:
-        if peft.method not in ENCODER_PEFT:
-            problems.append(f"peft={peft.method} is for causal LMs; task={task.name} takes one of {list(ENCODER_PEFT)}")
+        if peft.method in DECODER_ONLY_PEFT:
+            problems.append(f"peft={peft.method} is built for decoder-only models; task={task.name} needs another method")
         if data.packing:
             problems.append(f"data.packing=true: task={task.name} classifies whole sequences or their tokens, "
                             "packing would mix them; set data.packing=false")

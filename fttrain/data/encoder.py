@@ -453,11 +453,15 @@ def encode_rows(
     source: str,
     strict: bool = True,
     keep_example_ids: bool = False,
+    overlength: str = "truncate",
 ) -> EncodedSplit:
     """Encode ``rows[i]`` for i in ``ids``; a bad row stops (strict) or is counted and dropped.
 
     ``keep_example_ids`` adds ``example_id`` (the row index) to every feature,
     which QA post-processing and NER evaluation use to find a feature's row.
+    ``overlength`` (``data.overlength``) decides what a truncated row does:
+    truncate (kept, counted), drop (dropped, counted under "overlength"),
+    raise (stops with the row index, whatever ``strict`` says).
     """
     features, dropped, truncated = [], {}, 0
     for i in ids:
@@ -470,6 +474,14 @@ def encode_rows(
                     "such rows with a count."
                 ) from None
             dropped[e.reason] = dropped.get(e.reason, 0) + 1
+            continue
+        if encoded.truncated and overlength == "raise":
+            raise DataError(
+                f"{source} row {i}: cut at max_length (QA: its answer lies whole in no window) and "
+                "data.overlength=raise. Set data.overlength=truncate or drop, or raise data.max_length."
+            )
+        if encoded.truncated and overlength == "drop":
+            dropped["overlength"] = dropped.get("overlength", 0) + 1
             continue
         truncated += encoded.truncated
         for feature in encoded.features:

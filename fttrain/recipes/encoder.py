@@ -1,0 +1,410 @@
+"""Encoder heads (tasks ``cls``, ``ner``, ``qa``); the shared steps are in ``base.py``:
+
+    data       rows -> label names (task.labels, or sorted from the train rows; ner: O first)
+               -> features (``data/encoder.py``): cls and ner one per row; qa one per
+               context window (train: the answer's start/end token; eval: also the
+               character offsets, to turn logits back into context text)
+    model      AutoModelFor{SequenceClassification, TokenClassification, QuestionAnswering}
+               with the label maps + PEFT; peft trains and saves the new head in full
+               (classifier / qa_outputs)
+    train      EncoderTrainer: the model's own loss, or cross-entropy with task.class_weights;
+               task metrics over every eval row before training, at each trainer.eval_steps,
+               and after training
+    save       model/ (+ labels.json for cls/ner); metrics.json with eval_<metric>_before,
+               eval_<metric>_after and eval_<metric>; predictions.jsonl (the first eval rows)
+
+The metrics (``fttrain/metrics``), keyed eval_<metric> in logs and metrics.json:
+
+    cls        accuracy, macro_f1, f1/<label>           (argmax)
+    cls multi  subset_accuracy, micro_f1, macro_f1, f1/<label>
+                                                        (sigmoid > task.threshold or task.thresholds[label])
+    ner        precision, recall, f1 (entities), accuracy (words), per type f1/<T> ...
+                                                        (each word's tag read at its first sub-token)
+    qa         exact_match, f1 (percent, as the SQuAD scripts)
+                                                        (best span over a row's windows, task.n_best, ...)
+
+Every rank evaluates the whole eval set: all ranks run the same forward passes
+(sharded plans gather weights in each) and get the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from transformers import Trainer
+
+from fttrain import outputs
+from fttrain.config.checks import ConfigCheckError
+from fttrain.data.encoder import (
+    MODEL_INPUTS,
+    ClassificationEncoder,
+    Encoded,
+    NEREncoder,
+    QAEncoder,
+    collect_label_names,
+    encode_rows,
+    model_label_config,
+)
+from fttrain.data.rows import load_splits
+from fttrain.data.sources import DataError
+from fttrain.data.tokenize import IGNORE
+from fttrain.recipes.base import Recipe, run_recipe
+from fttrain.trainer import TokenCounting
+
+log = logging.getLogger("fttrain")
+
+# peft's task type decides which head it trains and saves in full next to the adapter.
+PEFT_TASK_TYPES = {"cls": "SEQ_CLS", "ner": "TOKEN_CLS", "qa": "QUESTION_ANS"}
+TARGETS = ("labels", "start_positions", "end_positions")
+PREDICTION_ROWS = 16  # eval rows written to predictions.jsonl
+
+
+def summary_metrics(task) -> tuple:
+    """The numbers the run's last log lines compare before and after training."""
+    if task.name == "cls":
+        return ("macro_f1", "micro_f1") if task.multi_label else ("accuracy", "macro_f1")
+    return ("f1",) if task.name == "ner" else ("exact_match", "f1")
+
+
+class FeatureCollator:
+    """Pads what the model takes (inputs, targets). A feature's row id travels
+    as ``sample_ids`` for the rank records; offset maps stay behind (the
+    evaluation reads them from the features)."""
+
+    def __init__(self, pad):  # DataCollatorWithPadding, or DataCollatorForTokenClassification (pads labels with -100)
+        self.pad = pad
+
+    def __call__(self, features: List[Dict]) -> Dict:
+        # A plain dict: the token counts look for dicts (tokenizer.pad returns a BatchEncoding).
+        batch = dict(self.pad([{k: v for k, v in f.items() if k in MODEL_INPUTS or k in TARGETS} for f in features]))
+        if all("example_id" in f for f in features):
+            batch["sample_ids"] = torch.tensor([f["example_id"] for f in features])
+        return batch
+
+
+def weighted_loss(class_weights: torch.Tensor, multi_label: bool):
+    """task.class_weights as a loss (the Trainer's compute_loss_func): cross-entropy
+    with a weight per class, or, multi-label, BCE with a weight on each label's positives."""
+    import torch.nn.functional as F
+
+    def loss(outputs, labels, num_items_in_batch=None):
+        logits = outputs.logits.float()
+        weights = class_weights.to(logits.device)
+        if multi_label:
+            return F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=weights)
+        return F.cross_entropy(logits, labels, weight=weights)
+
+    return loss
+
+
+class EncoderTrainer(TokenCounting, Trainer):
+    """The Trainer with real/padded token counts, rank records, LoRA+ groups,
+    and an evaluate() that computes the task's metrics (the recipe's task_eval).
+
+    Loss: each micro-batch's loss is the head's mean (over rows; for ner over
+    labelled tokens), divided by the accumulation steps. num_items_in_batch is
+    not passed on: these heads ignore it, and the Trainer would then skip that
+    division and scale the gradient by the accumulation steps.
+    """
+
+    count_keys = ("attention_mask",)
+    loss_is_scaled_for_ga = False  # a micro-batch mean: training_step divides by accumulation
+
+    def __init__(self, *args, task_eval, param_groups=None, **kwargs):
+        self.task_eval = task_eval  # () -> {metric: value}, over the whole eval set
+        self.param_groups = param_groups  # (lr, weight_decay) -> groups; None: the Trainer's own grouping
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer class and settings over the method's own groups (LoRA+)."""
+        if self.param_groups is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        kwargs.pop("lr", None)
+        self.optimizer = cls(self.param_groups(self.args.learning_rate, self.args.weight_decay), **kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        sample_ids = inputs.pop("sample_ids", None)
+        if model.training and self.rank_records and sample_ids is not None:
+            self.seen_sample_ids.append(sample_ids.tolist())
+        # TokenCounting counts the masks; the Trainer calls the model (its own
+        # loss) or compute_loss_func (class weights) on the labels.
+        return super().compute_loss(model, inputs, return_outputs=return_outputs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """Loss and task metrics over every eval row, logged as eval_<metric>."""
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.task_eval().items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+class EncoderRecipe(Recipe):
+    """Tasks ``cls`` (single- or multi-label, text or text pairs), ``ner`` and ``qa``."""
+
+    before = None  # eval metrics at train begin
+    predictions: List[Dict] = []  # per eval row, from the latest evaluation
+
+    @property
+    def peft_task_type(self):
+        return PEFT_TASK_TYPES[self.cfg.task.name]
+
+    @property
+    def batch_unit(self):
+        return "context windows" if self.cfg.task.name == "qa" else "samples"
+
+    # ------------------------------------------------------------ data
+    def setup_data(self) -> None:
+        data = self.cfg.data
+        train_split, eval_split = load_splits(data)
+        self.label_names = self._label_names(train_split)
+        encode_train, encode_eval = self._encoders()
+        # example_id: a feature's row, for rank records, NER words and QA windows.
+        options = dict(strict=data.strict, keep_example_ids=True, overlength=data.overlength)
+        train = encode_rows(encode_train, train_split.rows, train_split.ids, train_split.source, **options)
+        self.train_features = train.features
+        self.data_report = {"train": train.report}
+        self.eval_rows = self.eval_features = None
+        if eval_split is not None:
+            evaluation = encode_rows(encode_eval, eval_split.rows, eval_split.ids, eval_split.source, **options)
+            self.eval_rows, self.eval_features = eval_split.rows, evaluation.features  # rows by example_id
+            self.data_report["eval"] = evaluation.report
+        if self.label_names is not None:
+            self.data_report["labels"] = self.label_names
+        if self.is_main:
+            for split in ("train", "eval"):
+                cut = self.data_report.get(split, {}).get("truncated", 0)
+                if cut:
+                    what = "answers in no window (raise task.doc_stride)" if self.cfg.task.name == "qa" else \
+                        f"rows cut at data.max_length={data.max_length}"
+                    log.warning("%s: %d %s", split, cut, what)
+
+    def _label_names(self, split) -> Optional[List[str]]:
+        task, columns = self.cfg.task, self.cfg.data.columns
+        if task.name == "qa":
+            return None
+        if task.labels is not None:
+            names = list(task.labels)
+        else:
+            field = "tags" if task.name == "ner" else "labels" if task.multi_label else "label"
+            try:
+                names = collect_label_names([split.rows[i] for i in split.ids], columns.get(field, field))
+            except ValueError as e:
+                raise DataError(f"{split.source}: {e}") from None
+            if task.name == "ner" and "O" in names:  # O is id 0, as in CoNLL label lists
+                names = ["O"] + [n for n in names if n != "O"]
+        if task.name == "cls" and set(task.thresholds) - set(names):
+            raise ConfigCheckError([f"task.thresholds names labels not in the data's labels {names}: "
+                                    f"{sorted(set(task.thresholds) - set(names))}"])
+        return names
+
+    def _encoders(self):
+        """(train encoder, eval encoder): row -> Encoded features."""
+        task, data, tok = self.cfg.task, self.cfg.data, self.tokenizer
+        try:
+            if task.name == "cls":
+                self.encoder = ClassificationEncoder(tok, self.label_names, data.max_length, task.multi_label,
+                                                     data.columns)
+            elif task.name == "ner":
+                self.encoder = NEREncoder(tok, self.label_names, data.max_length, task.label_all_tokens, data.columns)
+            else:
+                self.encoder = QAEncoder(tok, data.max_length, task.doc_stride, task.version_2_with_negative,
+                                         data.columns)
+                return self.encoder.train_features, self._qa_eval_features
+        except ValueError as e:  # too few or repeated labels, a slow tokenizer
+            raise ConfigCheckError([f"task={task.name}: {e}"]) from None
+        return self.encoder, self.encoder
+
+    def _qa_eval_features(self, row) -> Encoded:
+        """Eval windows (offsets for the answer text) with the answer's token
+        positions of the same windows, so the eval loss is the training loss."""
+        windows, targets = self.encoder.eval_features(row), self.encoder.train_features(row)
+        for feature, target in zip(windows.features, targets.features):
+            feature["start_positions"], feature["end_positions"] = target["start_positions"], target["end_positions"]
+        return Encoded(windows.features, targets.truncated)
+
+    # ----------------------------------------------------------- model
+    def load_model(self, precision, quantization_config):
+        import transformers
+
+        from fttrain.config.schema import value_of
+        from fttrain.models.load import DTYPES
+
+        task = self.cfg.task
+        auto = {"cls": transformers.AutoModelForSequenceClassification,
+                "ner": transformers.AutoModelForTokenClassification,
+                "qa": transformers.AutoModelForQuestionAnswering}[task.name]
+        kwargs = {"quantization_config": quantization_config} if quantization_config is not None else {}
+        if self.label_names is not None:  # num_labels, id2label, label2id, problem_type
+            kwargs.update(model_label_config(self.label_names, multi_label=task.name == "cls" and task.multi_label))
+        model = auto.from_pretrained(
+            self.model_path, dtype=DTYPES[precision], revision=self.cfg.model.revision,
+            trust_remote_code=self.cfg.model.trust_remote_code,
+            attn_implementation=str(value_of(self.cfg.model.attn_implementation)), **kwargs)
+        if model.config.pad_token_id is None:  # decoder backbones read the class at the last non-pad token
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        return model
+
+    def build_trainer(self):
+        from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
+
+        from fttrain.trainer import AtTrainBegin
+
+        task = self.cfg.task
+        pad = DataCollatorForTokenClassification(self.tokenizer) if task.name == "ner" \
+            else DataCollatorWithPadding(self.tokenizer)
+        self.collator = FeatureCollator(pad)
+        loss_func = None
+        if task.name == "cls" and task.class_weights is not None:
+            loss_func = weighted_loss(torch.tensor(list(task.class_weights), dtype=torch.float32), task.multi_label)
+        trainer = EncoderTrainer(
+            model=self.model,
+            args=self.args,
+            train_dataset=self.train_features,
+            eval_dataset=self.eval_features,
+            data_collator=self.collator,
+            processing_class=self.tokenizer,
+            compute_loss_func=loss_func,
+            callbacks=self.callbacks(AtTrainBegin(self._metrics_before)),
+            task_eval=self.evaluate_task,
+            param_groups=self.hooks.param_groups,
+        )
+        trainer.setup_accounting(self.cfg.trainer.rank_records)
+        return trainer
+
+    # ------------------------------------------------------------ train
+    def _metrics_before(self):
+        # At train begin (see AtTrainBegin): on a resumed run, the resumed weights.
+        if self.eval_features is not None:
+            self.before = self.evaluate_task()
+            if self.is_main:
+                log.info("eval before training: %s", {k: round(self.before[k], 4) for k in summary_metrics(self.cfg.task)})
+
+    @torch.no_grad()
+    def evaluate_task(self) -> Dict[str, float]:
+        """Eval loss and the task's metrics over every eval row exactly once;
+        keeps the per-row predictions in self.predictions."""
+        trainer, features, task = self.trainer, self.eval_features, self.cfg.task.name
+        model = trainer.model
+        was_training = model.training
+        model.eval()
+        bs = self.args.per_device_eval_batch_size
+        loss_sum, loss_weight, raw = 0.0, 0, []
+        for start in range(0, len(features), bs):
+            batch = trainer._prepare_inputs(self.collator(features[start:start + bs]))
+            with trainer.compute_loss_context_manager():
+                loss, out = trainer.compute_loss(model, batch, return_outputs=True)
+            # Loss weights: rows, or for ner the labelled tokens (the head's own mean).
+            weight = int((batch["labels"] != IGNORE).sum()) if task == "ner" else batch["input_ids"].shape[0]
+            loss_sum, loss_weight = loss_sum + float(loss) * weight, loss_weight + weight
+            raw += self._per_feature(out, batch["input_ids"].shape[1])
+        if was_training:
+            model.train()
+        metrics, self.predictions = {"cls": self._score_cls, "ner": self._score_ner, "qa": self._score_qa}[task](raw)
+        return {"loss": loss_sum / max(loss_weight, 1), **metrics}
+
+    def _per_feature(self, out, length: int) -> List:
+        """One numpy result per feature: class logits (cls), predicted tag ids per
+        token (ner), (start, end) logits (qa). Virtual-token methods put their
+        tokens before the input; only the input's positions are kept."""
+        if self.cfg.task.name == "cls":
+            return list(out.logits.float().cpu().numpy())
+        if self.cfg.task.name == "ner":
+            return list(out.logits[:, -length:].argmax(-1).cpu().numpy())
+        starts, ends = out.start_logits[:, -length:].float().cpu().numpy(), out.end_logits[:, -length:].float().cpu().numpy()
+        return list(zip(starts, ends))
+
+    def _score_cls(self, logits: List[np.ndarray]):
+        from fttrain.metrics.classification import multi_label_metrics, single_label_metrics
+
+        task, names = self.cfg.task, self.label_names
+        logits = np.stack(logits)
+        gold = np.asarray([f["labels"] for f in self.eval_features])
+        if task.multi_label:
+            thresholds = np.asarray([task.thresholds.get(n, task.threshold) for n in names], dtype=np.float64)
+            metrics = multi_label_metrics(logits, gold, names, thresholds)
+            scores = 1 / (1 + np.exp(-logits.astype(np.float64)))
+            predicted = [[n for n, s, t in zip(names, row, thresholds) if s > t] for row in scores]
+        else:
+            metrics = single_label_metrics(logits, gold, names)
+            scores = np.exp(logits - logits.max(-1, keepdims=True))
+            scores /= scores.sum(-1, keepdims=True)
+            predicted = [names[int(i)] for i in logits.argmax(-1)]
+        predictions = [{"row": f["example_id"], **self.eval_rows[f["example_id"]], "predicted": p,
+                        "scores": {n: round(float(s), 4) for n, s in zip(names, row)}}
+                       for f, p, row in zip(self.eval_features, predicted, scores)]
+        return metrics, predictions
+
+    def _score_ner(self, token_predictions: List[np.ndarray]):
+        from fttrain.metrics.entities import entity_metrics
+
+        gold, predicted, predictions = [], [], []
+        for feature, tokens in zip(self.eval_features, token_predictions):
+            row = self.eval_rows[feature["example_id"]]
+            gold.append(self.encoder.gold_tags(row))
+            predicted.append(self.encoder.word_predictions(row, tokens))
+            predictions.append({"row": feature["example_id"], **row, "predicted": predicted[-1]})
+        return entity_metrics(gold, predicted), predictions
+
+    def _score_qa(self, logits: List):
+        from fttrain.metrics.squad import postprocess_qa, squad_metrics
+
+        task = self.cfg.task
+        width = max(len(s) for s, _ in logits)
+        starts = np.full((len(logits), width), -1e4, dtype=np.float32)  # batches pad to different lengths
+        ends = starts.copy()
+        for i, (s, e) in enumerate(logits):
+            starts[i, :len(s)], ends[i, :len(e)] = s, e
+        ids = list(dict.fromkeys(f["example_id"] for f in self.eval_features))  # rows in order, once each
+        rows = {i: self.eval_rows[i] for i in ids}
+        contexts = {i: self.encoder.columns.text(row, "context") for i, row in rows.items()}
+        answers = postprocess_qa(contexts, self.eval_features, starts, ends, n_best=task.n_best,
+                                 max_answer_length=task.max_answer_length,
+                                 version_2_with_negative=task.version_2_with_negative,
+                                 null_score_diff_threshold=task.null_score_diff_threshold)
+        references = {i: [text for text, _ in self.encoder.answers(row)] for i, row in rows.items()}
+        predictions = [{"row": i, **rows[i], "predicted": answers[i]} for i in ids]
+        return squad_metrics(answers, references), predictions
+
+    # ------------------------------------------------------------- save
+    def save_extra_files(self, folder) -> None:
+        """labels.json: the label names in id order (also in config.json's
+        id2label when the whole model is saved; an adapter folder has no
+        config.json), and for multi-label the decision thresholds."""
+        task = self.cfg.task
+        if self.label_names is None:
+            return
+        info = {"task": task.name, "labels": self.label_names}
+        if task.name == "cls":
+            info["multi_label"] = bool(task.multi_label)
+            if task.multi_label:
+                info["thresholds"] = {n: float(task.thresholds.get(n, task.threshold)) for n in self.label_names}
+        outputs.write_json(folder / "labels.json", info)
+
+    def task_metrics(self) -> dict:
+        """eval_<metric> (after training), eval_<metric>_before and _after;
+        predictions.jsonl with the first eval rows."""
+        after = {k[len("eval_"):]: v for k, v in self.eval_metrics.items() if k.startswith("eval_")}
+        if not after:
+            return {}
+        metrics = {f"eval_{k}": v for k, v in after.items()}
+        for when, values in (("before", self.before), ("after", after)):
+            for k, v in (values or {}).items():
+                metrics[f"eval_{k}_{when}"] = v
+        outputs.write_jsonl(self.run_dir / "predictions.jsonl", self.predictions[:PREDICTION_ROWS])
+        return metrics
+
+    def log_task_summary(self, metrics: dict) -> None:
+        rows = len(self.predictions)
+        for key in summary_metrics(self.cfg.task):
+            if f"eval_{key}_after" in metrics:
+                log.info("held-out %s: %.3f before -> %.3f after training (%d eval rows)", key,
+                         metrics.get(f"eval_{key}_before", float("nan")), metrics[f"eval_{key}_after"], rows)
+
+
+def run(cfg, run_dir):
+    return run_recipe(EncoderRecipe(cfg, run_dir))
