@@ -100,6 +100,32 @@ def weighted_loss(class_weights: torch.Tensor, multi_label: bool):
     return loss
 
 
+def keep_token_type_ids(model) -> None:
+    """peft 0.21's PeftModelForQuestionAnswering.forward takes token_type_ids
+    (and position_ids) by name and, for adapters (every method but prompt
+    learning), never passes them on: BERT would read the context as segment 0
+    like the question, in training and in evaluation, and a merged model fed
+    the tokenizer's segments would then disagree with the adapter. The adapter
+    path is redone here with them passed on."""
+    import types
+
+    from peft import PeftModelForQuestionAnswering
+
+    if not isinstance(model, PeftModelForQuestionAnswering) or model.active_peft_config.is_prompt_learning:
+        return
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, **kwargs):
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        with self._enable_peft_forward_hooks(**kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    model.forward = types.MethodType(forward, model)
+
+
 class EncoderTrainer(TokenCounting, Trainer):
     """The Trainer with real/padded token counts, rank records, LoRA+ groups,
     and an evaluate() that computes the task's metrics (the recipe's task_eval).
@@ -228,6 +254,10 @@ class EncoderRecipe(Recipe):
         return Encoded(windows.features, targets.truncated)
 
     # ----------------------------------------------------------- model
+    def setup_model(self) -> None:
+        super().setup_model()
+        keep_token_type_ids(self.model)  # qa with a peft adapter
+
     def load_model(self, precision, quantization_config):
         import transformers
 
