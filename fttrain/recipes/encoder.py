@@ -7,9 +7,9 @@
     model      AutoModelFor{SequenceClassification, TokenClassification, QuestionAnswering}
                with the label maps + PEFT; peft trains and saves the new head in full
                (classifier / qa_outputs)
-    train      EncoderTrainer: the model's own loss, or cross-entropy with task.class_weights;
-               task metrics over every eval row before training, at each trainer.eval_steps,
-               and after training
+    train      EncoderTrainer: the head's own loss (a micro-batch mean), or cross-entropy
+               with task.class_weights; task metrics over every eval row before training,
+               at each trainer.eval_steps, and after training
     save       model/ (+ labels.json for cls/ner); metrics.json with eval_<metric>_before,
                eval_<metric>_after and eval_<metric>; predictions.jsonl (the first eval rows)
 
@@ -25,6 +25,12 @@ The metrics (``fttrain/metrics``), keyed eval_<metric> in logs and metrics.json:
 
 Every rank evaluates the whole eval set: all ranks run the same forward passes
 (sharded plans gather weights in each) and get the same numbers.
+
+Two gaps in peft 0.21 are closed here: its QA model drops token_type_ids for
+adapter methods (``keep_token_type_ids``; call it on a reloaded QA adapter
+too), and with prompt tuning or p-tuning its token-classification and QA
+models return logits for the virtual tokens but leave the targets where they
+were (``shift_targets``).
 """
 
 from __future__ import annotations
@@ -126,6 +132,32 @@ def keep_token_type_ids(model) -> None:
     model.forward = types.MethodType(forward, model)
 
 
+def virtual_token_count(model, task: str) -> int:
+    """Positions peft's prompt tuning and p-tuning put before the input of a
+    ner or qa model: its logits cover them, its targets are left as they were
+    (peft 0.21), so the trainer moves the targets (see shift_targets)."""
+    from peft import PeftModel, PeftType
+
+    if task == "cls" or not isinstance(model, PeftModel):
+        return 0
+    config = model.active_peft_config
+    return config.num_virtual_tokens if config.peft_type in (PeftType.PROMPT_TUNING, PeftType.P_TUNING) else 0
+
+
+def shift_targets(inputs: Dict, n: int) -> Dict:
+    """Targets for logits with n virtual tokens in front: token labels get n
+    ignored positions first (ner), answer positions move n on (qa; 0, the
+    no-answer [CLS], becomes n, where [CLS] now is)."""
+    out = dict(inputs)
+    if "labels" in out:
+        labels = out["labels"]
+        out["labels"] = torch.cat([labels.new_full((labels.shape[0], n), IGNORE), labels], dim=1)
+    for key in ("start_positions", "end_positions"):
+        if key in out:
+            out[key] = out[key] + n
+    return out
+
+
 class EncoderTrainer(TokenCounting, Trainer):
     """The Trainer with real/padded token counts, rank records, LoRA+ groups,
     and an evaluate() that computes the task's metrics (the recipe's task_eval).
@@ -138,6 +170,7 @@ class EncoderTrainer(TokenCounting, Trainer):
 
     count_keys = ("attention_mask",)
     loss_is_scaled_for_ga = False  # a micro-batch mean: training_step divides by accumulation
+    virtual_tokens = 0  # ner/qa with prompt tuning or p-tuning: see virtual_token_count
 
     def __init__(self, *args, task_eval, param_groups=None, **kwargs):
         self.task_eval = task_eval  # () -> {metric: value}, over the whole eval set
@@ -157,6 +190,8 @@ class EncoderTrainer(TokenCounting, Trainer):
         sample_ids = inputs.pop("sample_ids", None)
         if model.training and self.rank_records and sample_ids is not None:
             self.seen_sample_ids.append(sample_ids.tolist())
+        if self.virtual_tokens:
+            inputs = shift_targets(inputs, self.virtual_tokens)
         # TokenCounting counts the masks; the Trainer calls the model (its own
         # loss) or compute_loss_func (class weights) on the labels.
         return super().compute_loss(model, inputs, return_outputs=return_outputs)
@@ -304,6 +339,7 @@ class EncoderRecipe(Recipe):
             param_groups=self.hooks.param_groups,
         )
         trainer.setup_accounting(self.cfg.trainer.rank_records)
+        trainer.virtual_tokens = virtual_token_count(self.model, task.name)
         return trainer
 
     # ------------------------------------------------------------ train
@@ -312,7 +348,8 @@ class EncoderRecipe(Recipe):
         if self.eval_features is not None:
             self.before = self.evaluate_task()
             if self.is_main:
-                log.info("eval before training: %s", {k: round(self.before[k], 4) for k in summary_metrics(self.cfg.task)})
+                log.info("eval before training: %s",
+                         {k: round(self.before[k], 4) for k in summary_metrics(self.cfg.task)})
 
     @torch.no_grad()
     def evaluate_task(self) -> Dict[str, float]:
@@ -345,7 +382,7 @@ class EncoderRecipe(Recipe):
             return list(out.logits.float().cpu().numpy())
         if self.cfg.task.name == "ner":
             return list(out.logits[:, -length:].argmax(-1).cpu().numpy())
-        starts, ends = out.start_logits[:, -length:].float().cpu().numpy(), out.end_logits[:, -length:].float().cpu().numpy()
+        starts, ends = (x[:, -length:].float().cpu().numpy() for x in (out.start_logits, out.end_logits))
         return list(zip(starts, ends))
 
     def _score_cls(self, logits: List[np.ndarray]):
