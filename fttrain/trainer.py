@@ -70,7 +70,25 @@ def with_token_counting(trainer_cls, count_keys=("attention_mask",)):
     return type(f"Counting{trainer_cls.__name__}", (TokenCounting, trainer_cls), {"count_keys": tuple(count_keys)})
 
 
-class FTTrainer(TokenCounting, Trainer):
+class MethodParamGroups:
+    """For trainers given a PEFT method's own parameter groups (LoRA+):
+    ``param_groups`` (lr, weight_decay) -> groups, set before the Trainer's
+    __init__; None keeps the Trainer's own grouping."""
+
+    param_groups = None
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer class and settings (so 8-bit, paged and
+        fused optimizers still apply) over the method's own parameter groups."""
+        if self.param_groups is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        kwargs.pop("lr", None)
+        self.optimizer = cls(self.param_groups(self.args.learning_rate, self.args.weight_decay), **kwargs)
+        return self.optimizer
+
+
+class FTTrainer(MethodParamGroups, TokenCounting, Trainer):
     count_keys = ()  # counted in compute_loss from the collator's num_real_tokens
 
     def __init__(self, *args, rank_records: bool, param_groups=None, **kwargs):
@@ -82,16 +100,6 @@ class FTTrainer(TokenCounting, Trainer):
                 "could not be normalised by the trained tokens of the whole batch (it would average micro-batch means)"
             )
         self.setup_accounting(rank_records)
-
-    def create_optimizer(self, model=None):
-        """The Trainer's optimizer class and settings (so 8-bit, paged and
-        fused optimizers still apply) over the method's own parameter groups."""
-        if self.param_groups is None or self.optimizer is not None:
-            return super().create_optimizer(model)
-        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-        kwargs.pop("lr", None)
-        self.optimizer = cls(self.param_groups(self.args.learning_rate, self.args.weight_decay), **kwargs)
-        return self.optimizer
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)

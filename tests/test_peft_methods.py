@@ -45,7 +45,8 @@ MERGEABLE = {"lora", "rslora", "dora", "loraplus", "pissa", "qlora", "qlora8", "
 
 def train(method, tmp_path, extra=()):
     from fttrain.__main__ import prepare_run_dir
-    from fttrain.recipes.sft import SFTRecipe, write_run_info
+    from fttrain.recipes.base import write_run_info
+    from fttrain.recipes.sft import SFTRecipe
 
     exp, overrides, _ = METHODS[method]
     cfg = compose([f"+exp={exp}", f"peft={method}", f"name={method}", f"output_root={tmp_path}",

@@ -74,12 +74,11 @@ def task_problems(cfg: DictConfig) -> List[str]:
     if task.name == "kto" and task.loss_type not in ("kto", "apo_zero_unpaired"):
         problems.append(f"task.loss_type={task.loss_type!r}: KTO takes kto or apo_zero_unpaired")
     if task.name == "dpo":
-        from fttrain.recipes.preference import dpo_loss_types
+        from fttrain.recipes.preference import DPO_LOSSES
 
-        known = dpo_loss_types()
-        bad = [x for x in task.loss_type if known and x not in known]
+        bad = [x for x in task.loss_type if x not in DPO_LOSSES]
         if bad:
-            problems.append(f"task.loss_type: {bad} not among TRL's DPO losses {known}")
+            problems.append(f"task.loss_type: {bad} not among TRL's DPO losses {list(DPO_LOSSES)}")
     if task.name == "dpo" and task.loss_weights is not None and len(task.loss_weights) != len(task.loss_type):
         problems.append(f"task.loss_weights has {len(task.loss_weights)} entries for {len(task.loss_type)} loss types")
     if task.name == "grpo":

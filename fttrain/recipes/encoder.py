@@ -58,7 +58,7 @@ from fttrain.data.rows import load_splits
 from fttrain.data.sources import DataError
 from fttrain.data.tokenize import IGNORE
 from fttrain.recipes.base import Recipe, run_recipe
-from fttrain.trainer import TokenCounting
+from fttrain.trainer import MethodParamGroups, TokenCounting
 
 log = logging.getLogger("fttrain")
 
@@ -158,7 +158,7 @@ def shift_targets(inputs: Dict, n: int) -> Dict:
     return out
 
 
-class EncoderTrainer(TokenCounting, Trainer):
+class EncoderTrainer(MethodParamGroups, TokenCounting, Trainer):
     """The Trainer with real/padded token counts, rank records, LoRA+ groups,
     and an evaluate() that computes the task's metrics (the recipe's task_eval).
 
@@ -176,15 +176,6 @@ class EncoderTrainer(TokenCounting, Trainer):
         self.task_eval = task_eval  # () -> {metric: value}, over the whole eval set
         self.param_groups = param_groups  # (lr, weight_decay) -> groups; None: the Trainer's own grouping
         super().__init__(*args, **kwargs)
-
-    def create_optimizer(self, model=None):
-        """The Trainer's optimizer class and settings over the method's own groups (LoRA+)."""
-        if self.param_groups is None or self.optimizer is not None:
-            return super().create_optimizer(model)
-        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-        kwargs.pop("lr", None)
-        self.optimizer = cls(self.param_groups(self.args.learning_rate, self.args.weight_decay), **kwargs)
-        return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sample_ids = inputs.pop("sample_ids", None)

@@ -30,10 +30,6 @@ DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 
 
-def dpo_loss_types():
-    return list(DPO_LOSSES)
-
-
 def trl_classes(task: str):
     """(trainer class, config class) for a preference task."""
     if task == "dpo":

@@ -24,7 +24,7 @@ from fttrain.distributed import shards_weights
 from fttrain.generation_eval import exact_match, generate_answers
 from fttrain.models.load import load_model, resolve_chat_template
 from fttrain.paths import cache_dir
-from fttrain.recipes.base import Recipe, run_recipe, write_run_info  # noqa: F401  (write_run_info: tests)
+from fttrain.recipes.base import Recipe, run_recipe
 
 log = logging.getLogger("fttrain")
 
