@@ -318,6 +318,26 @@ def fsdp_config(dist, checkpointing: bool, sharded: bool = False) -> dict:
     return config
 
 
+def fill_fsdp_wrap_classes(args, model, dist) -> None:
+    """With no dist.wrap_class, FSDP wraps the model's ``_no_split_modules``.
+    BERT-style models list their embeddings module there too, and FSDP2 then
+    fails on it ("Invariant encountered" in DeviceMesh); the input embeddings
+    stay with the root unit instead, as for Llama-style models whose list
+    names only the decoder layer. Runs after the model is built, before the
+    Trainer reads the plugin arguments."""
+    if plan_of(dist) != "fsdp" or dist.wrap_class:
+        return
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    embeddings = model.get_input_embeddings()
+    holders = {type(m).__name__ for m in model.modules()
+               if type(m).__name__ in names and any(c is embeddings for c in m.modules())}
+    if not holders:
+        return
+    wrap = sorted(names - holders)
+    args.fsdp_config["transformer_layer_cls_to_wrap"] = wrap
+    args.fsdp_plugin_args["transformer_cls_names_to_wrap"] = ",".join(wrap)
+
+
 def trainer_args(cfg, precision: str, topology: Topology, accum: int, use_cpu: bool, checkpointing_args) -> dict:
     """TrainingArguments keywords for the plan (and the checkpointing flags,
     which move to FSDP when the plan takes activation checkpointing there)."""

@@ -29,7 +29,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 CHECKS = ("accum", "ranks", "plans", "packing")
 # Relative tolerance by precision: fp32 differs only by summation order

@@ -7,7 +7,7 @@
       llama_adapter
     adapter                        fttrain's bottleneck adapters (fttrain.bottleneck)
 
-Target-module presets ("attention", "all_linear") are resolved per
+Target-module presets ("attention", "query_value", "all_linear") are resolved per
 architecture so one config works for Llama, Qwen, Mistral and BERT. What a
 method needs from the trainer (an optimizer with LoRA+ groups, GaLore's
 optimizer, LISA's or AdaLoRA's callback) is returned by ``trainer_hooks``.
@@ -38,6 +38,14 @@ ATTENTION_PRESETS = [
     ["c_attn", "c_proj"],  # GPT-2
     ["query_key_value", "dense"],  # Falcon, GPT-NeoX
 ]
+# Query and value projections only (Hu et al.'s original LoRA targets).
+QUERY_VALUE_PRESETS = [
+    ["q_proj", "v_proj"],  # Llama, Qwen, Mistral, Gemma
+    ["query", "value"],  # BERT, RoBERTa, MiniLM
+    ["query_key_value"],  # Falcon, GPT-NeoX: one fused projection
+    ["c_attn"],  # GPT-2: one fused projection
+]
+PRESETS = {"attention": ATTENTION_PRESETS, "query_value": QUERY_VALUE_PRESETS}
 LORA_FAMILY = ("lora", "qlora")
 VIRTUAL_TOKEN = ("prompt_tuning", "prefix_tuning", "p_tuning")
 # Methods whose result is the model's own weights (saved as a whole model).
@@ -67,13 +75,13 @@ def resolve_target_modules(model, names: List[str]) -> List[str]:
     leaf_names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     out: List[str] = []
     for name in names:
-        if name == "attention":
-            for preset in ATTENTION_PRESETS:
+        if name in PRESETS:
+            for preset in PRESETS[name]:
                 if all(p in leaf_names for p in preset):
                     out += preset
                     break
             else:
-                raise PeftSetupError(f"peft.target_modules: no known attention projections in {type(model).__name__}")
+                raise PeftSetupError(f"peft.target_modules: no known {name} projections in {type(model).__name__}")
         elif name == "all_linear":
             raise PeftSetupError("peft.target_modules: 'all_linear' cannot be combined with other names")
         else:

@@ -65,11 +65,6 @@ class TokenCounting:
         return int(t[0]), int(t[1])
 
 
-def with_token_counting(trainer_cls, count_keys=("attention_mask",)):
-    """trainer_cls with TokenCounting mixed in (TRL's DPOTrainer, GRPOTrainer, ...)."""
-    return type(f"Counting{trainer_cls.__name__}", (TokenCounting, trainer_cls), {"count_keys": tuple(count_keys)})
-
-
 class MethodParamGroups:
     """For trainers given a PEFT method's own parameter groups (LoRA+):
     ``param_groups`` (lr, weight_decay) -> groups, set before the Trainer's
@@ -86,6 +81,13 @@ class MethodParamGroups:
         kwargs.pop("lr", None)
         self.optimizer = cls(self.param_groups(self.args.learning_rate, self.args.weight_decay), **kwargs)
         return self.optimizer
+
+
+def with_fttrain_accounting(trainer_cls, count_keys=("attention_mask",)):
+    """trainer_cls (TRL's DPOTrainer, GRPOTrainer, ...) with token counting and
+    the PEFT method's optimizer groups (LoRA+) mixed in."""
+    return type(f"FT{trainer_cls.__name__}", (MethodParamGroups, TokenCounting, trainer_cls),
+                {"count_keys": tuple(count_keys)})
 
 
 class FTTrainer(MethodParamGroups, TokenCounting, Trainer):

@@ -1,10 +1,7 @@
 """Every experiment composes and validates; bad configs fail at compose time,
 naming the key, before any model or data loads."""
 
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf

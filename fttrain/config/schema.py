@@ -89,6 +89,10 @@ class ModelConfig:
     tokenizer: Optional[str] = None  # defaults to name_or_path
     trust_remote_code: bool = False
     attn_implementation: AttnImpl = AttnImpl.sdpa
+    # Dropout of the base model's own modules (BERT: 0.1). null keeps the
+    # checkpoint's; 0.0 makes training deterministic across rank layouts
+    # (TRL tasks turn it off themselves). Adapter dropout is peft.dropout.
+    dropout: Optional[float] = None
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 

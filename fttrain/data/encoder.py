@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from fttrain.data.formats import RowError
+from fttrain.data.rows import DropRow, Split, StopAtRow, convert_rows
 from fttrain.data.sources import DataError
 from fttrain.data.tokenize import IGNORE
 
@@ -463,37 +464,19 @@ def encode_rows(
     truncate (kept, counted), drop (dropped, counted under "overlength"),
     raise (stops with the row index, whatever ``strict`` says).
     """
-    features, dropped, truncated = [], {}, 0
-    for i in ids:
-        try:
-            encoded = encode(rows[i])
-        except RowError as e:
-            if strict:
-                raise DataError(
-                    f"{source} row {i}: {e}. Fix the row, or set data.strict=false to drop "
-                    "such rows with a count."
-                ) from None
-            dropped[e.reason] = dropped.get(e.reason, 0) + 1
-            continue
+    def convert(row):
+        encoded = encode(row)
         if encoded.truncated and overlength == "raise":
-            raise DataError(
-                f"{source} row {i}: cut at max_length (QA: its answer lies whole in no window) and "
-                "data.overlength=raise. Set data.overlength=truncate or drop, or raise data.max_length."
-            )
+            raise StopAtRow("cut at max_length (QA: its answer lies whole in no window) and data.overlength=raise. "
+                            "Set data.overlength=truncate or drop, or raise data.max_length.")
         if encoded.truncated and overlength == "drop":
-            dropped["overlength"] = dropped.get("overlength", 0) + 1
-            continue
-        truncated += encoded.truncated
-        for feature in encoded.features:
-            features.append({**feature, "example_id": i} if keep_example_ids else feature)
+            raise DropRow("overlength")
+        return encoded
+
+    encoded, kept_ids, report = convert_rows(Split(source, rows, list(ids)), convert, strict)
+    features = [{**f, "example_id": i} if keep_example_ids else f
+                for e, i in zip(encoded, kept_ids) for f in e.features]
     if not features:
-        raise DataError(f"{source}: no usable rows out of {len(ids)} (dropped: {dropped})")
-    report = {
-        "source": source,
-        "rows": len(ids),
-        "kept": len(ids) - sum(dropped.values()),
-        "dropped": dropped,
-        "truncated": truncated,
-        "features": len(features),
-    }
+        raise DataError(f"{source}: {len(encoded)} usable rows gave no features")
+    report.update(truncated=sum(e.truncated for e in encoded), features=len(features))
     return EncodedSplit(features, report)

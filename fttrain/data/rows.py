@@ -4,7 +4,9 @@ task-specific features (encoder tasks): load, split, convert each row.
     load_splits   data.train (+ data.eval, or a seeded held-out fraction) -> row lists
     convert_rows  row -> task example via a converter that raises RowError naming the
                   field; strict: stop at the first bad row with file and row index;
-                  lenient (data.strict=false): drop it and count it under its reason
+                  lenient (data.strict=false): drop it and count it under its reason.
+                  Policies the user chose act whatever data.strict says: DropRow
+                  (counted under its reason), StopAtRow (stops naming the row).
 
 The causal-LM path (``pipeline.py``) uses the same split so held-out rows are
 chosen the same way for every task.
@@ -55,6 +57,20 @@ def load_splits(data_cfg) -> Tuple[Split, Optional[Split]]:
     return train, evaluation
 
 
+class DropRow(Exception):
+    """Raised by a converter: drop this row, counted under ``reason``, in strict
+    mode too (a policy the user set, such as data.overlength=drop)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StopAtRow(Exception):
+    """Raised by a converter: stop naming the row, whatever data.strict says
+    (a policy the user set, such as data.overlength=raise)."""
+
+
 def convert_rows(split: Split, convert: Callable[[Dict], object], strict: bool) -> Tuple[List, List[int], Dict]:
     """(converted examples, their row ids, report). A converter returning None
     drops the row under reason "skipped" (counted, never silent)."""
@@ -68,6 +84,11 @@ def convert_rows(split: Split, convert: Callable[[Dict], object], strict: bool) 
                                 "such rows with a count.") from None
             dropped[e.reason] += 1
             continue
+        except DropRow as e:
+            dropped[e.reason] += 1
+            continue
+        except StopAtRow as e:
+            raise DataError(f"{split.source} row {i}: {e}") from None
         if ex is None:
             dropped["skipped"] += 1
             continue

@@ -122,6 +122,20 @@ def load_model(model_cfg, path: str, precision: str, quantization_config=None):
     )
 
 
+def set_dropout(model, p: float) -> int:
+    """Every torch Dropout module of the model to probability p, and the
+    attention dropout Llama-style layers keep as a float; returns how many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.p = p
+            n += 1
+        elif isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = p
+            n += 1
+    return n
+
+
 def param_counts(model) -> Tuple[int, int]:
     if hasattr(model, "get_nb_trainable_parameters"):  # peft: counts 4-bit packed weights correctly
         return model.get_nb_trainable_parameters()

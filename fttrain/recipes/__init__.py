@@ -1,18 +1,25 @@
 """One recipe per task family; ``task.name`` picks it (see each file's docstring)."""
 
 RECIPES = {
-    "sft": "sft", "pt": "sft",  # causal LM on formatted, masked, packed tokens
-    "dpo": "preference", "kto": "preference", "orpo": "preference",  # TRL preference trainers
-    "rm": "reward",  # scalar-head reward model on pairs
-    "grpo": "grpo",  # RL from reward functions
-    "cls": "encoder", "ner": "encoder", "qa": "encoder",  # encoder heads
+    "sft": "sft:SFTRecipe", "pt": "sft:SFTRecipe",  # causal LM on formatted, masked, packed tokens
+    "dpo": "preference:PreferenceRecipe", "kto": "preference:PreferenceRecipe",  # TRL preference trainers
+    "orpo": "preference:PreferenceRecipe",
+    "rm": "reward:RewardRecipe",  # scalar-head reward model on pairs
+    "grpo": "grpo:GRPORecipe",  # RL from reward functions
+    "cls": "encoder:EncoderRecipe", "ner": "encoder:EncoderRecipe", "qa": "encoder:EncoderRecipe",  # encoder heads
 }
 
 
-def run_task(cfg, run_dir):
+def recipe_class(task: str):
     import importlib
 
-    name = cfg.task.name
-    if name not in RECIPES:
-        raise ValueError(f"task.name={name!r} has no recipe; known: {sorted(RECIPES)}")
-    return importlib.import_module(f"fttrain.recipes.{RECIPES[name]}").run(cfg, run_dir)
+    if task not in RECIPES:
+        raise ValueError(f"task.name={task!r} has no recipe; known: {sorted(RECIPES)}")
+    module, cls = RECIPES[task].split(":")
+    return getattr(importlib.import_module(f"fttrain.recipes.{module}"), cls)
+
+
+def run_task(cfg, run_dir):
+    from fttrain.recipes.base import run_recipe
+
+    return run_recipe(recipe_class(cfg.task.name)(cfg, run_dir))

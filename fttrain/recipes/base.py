@@ -30,6 +30,7 @@ from fttrain.distributed import (
     after_process_group,
     check_plan,
     deepspeed_config_in_use,
+    fill_fsdp_wrap_classes,
     gradient_accumulation,
     plan_label,
     save_model,
@@ -37,7 +38,7 @@ from fttrain.distributed import (
     trainer_args,
 )
 from fttrain.env import check_world_size, detect_runtime, peak_memory_bytes
-from fttrain.models.load import load_tokenizer, param_counts, resolve_model_path
+from fttrain.models.load import load_tokenizer, param_counts, resolve_model_path, set_dropout
 from fttrain.peft_setup import apply_peft, optimizer_args, quantization_config, trainer_hooks
 
 log = logging.getLogger("fttrain")
@@ -80,6 +81,7 @@ class Recipe:
         if self.cfg.preflight:
             return
         self.setup_model()
+        fill_fsdp_wrap_classes(self.args, self.model, self.cfg.dist)
         self.trainer = self.build_trainer()
         self.plan_check.trainer = self.trainer
         for cb in self.hooks.callbacks:
@@ -121,6 +123,9 @@ class Recipe:
         # itself (full, freeze, LISA, GaLore) stay fp32 masters under autocast.
         load_precision = "bf16" if self.runtime.precision == "bf16" and cfg.peft.method not in WHOLE_MODEL else "fp32"
         model = self.load_model(load_precision, quant)
+        if cfg.model.dropout is not None:
+            n = set_dropout(model, cfg.model.dropout)
+            log.info("model.dropout=%s set on %d dropout modules", cfg.model.dropout, n)
         model.config.use_cache = False  # packed batches and checkpointing both need it off
         self.model = apply_peft(model, cfg.peft, cfg.trainer.gradient_checkpointing, task_type=self.peft_task_type,
                                 max_steps=cfg.trainer.max_steps, base_path=self.model_path)
@@ -210,6 +215,19 @@ class Recipe:
 
     def build_trainer(self):
         raise NotImplementedError
+
+    def trl_trainer(self, trainer_cls, count_keys=("attention_mask",), **kwargs):
+        """A TRL trainer over this run's model, arguments and tokenizer, with
+        fttrain's token accounting and the method's parameter groups (LoRA+'s
+        B-matrix rate). count_keys: the batch masks that together cover each
+        sequence once."""
+        from fttrain.trainer import with_fttrain_accounting
+
+        cls = with_fttrain_accounting(trainer_cls, count_keys)
+        cls.param_groups = staticmethod(self.hooks.param_groups) if self.hooks.param_groups else None
+        trainer = cls(model=self.model, args=self.args, processing_class=self.tokenizer, **kwargs)
+        trainer.setup_accounting(self.cfg.trainer.rank_records)
+        return trainer
 
     def callbacks(self, *task_callbacks) -> List:
         """Method callbacks first (LISA adds its layer draw to the log line the

@@ -57,7 +57,7 @@ from fttrain.data.encoder import (
 from fttrain.data.rows import load_splits
 from fttrain.data.sources import DataError
 from fttrain.data.tokenize import IGNORE
-from fttrain.recipes.base import Recipe, run_recipe
+from fttrain.recipes.base import Recipe
 from fttrain.trainer import MethodParamGroups, TokenCounting
 
 log = logging.getLogger("fttrain")
@@ -463,6 +463,3 @@ class EncoderRecipe(Recipe):
                 log.info("held-out %s: %.3f before -> %.3f after training (%d eval rows)", key,
                          metrics.get(f"eval_{key}_before", float("nan")), metrics[f"eval_{key}_after"], rows)
 
-
-def run(cfg, run_dir):
-    return run_recipe(EncoderRecipe(cfg, run_dir))

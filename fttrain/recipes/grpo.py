@@ -26,7 +26,7 @@ import torch
 from fttrain.data.preference import PromptRows, reward_columns
 from fttrain.data.rows import convert_rows, load_splits
 from fttrain.models.load import load_model
-from fttrain.recipes.base import Recipe, run_recipe
+from fttrain.recipes.base import Recipe
 from fttrain.rewards import build_rewards, completion_text
 
 log = logging.getLogger("fttrain")
@@ -83,19 +83,15 @@ class GRPORecipe(Recipe):
         from datasets import Dataset
         from trl import GRPOTrainer
 
-        from fttrain.trainer import AtTrainBegin, with_token_counting
+        from fttrain.trainer import AtTrainBegin
 
-        # GRPO's batch: prompt and completion masks together cover each sequence once.
-        trainer = with_token_counting(GRPOTrainer, ("prompt_mask", "completion_mask"))(
-            model=self.model,
+        return self.trl_trainer(
+            GRPOTrainer,
+            ("prompt_mask", "completion_mask"),  # together they cover each sequence once
             reward_funcs=self.reward_funcs,
-            args=self.args,
             train_dataset=Dataset.from_list(self.train_rows),
-            processing_class=self.tokenizer,
             callbacks=self.callbacks(AtTrainBegin(self._reward_before)),
         )
-        trainer.setup_accounting(self.cfg.trainer.rank_records)
-        return trainer
 
     # ------------------------------------------------------------ train
     def has_eval(self) -> bool:
@@ -168,6 +164,3 @@ class GRPORecipe(Recipe):
             log.info("held-out greedy reward: %.3f before -> %.3f after training",
                      metrics.get("eval_reward_before", float("nan")), self.after["reward"])
 
-
-def run(cfg, run_dir):
-    return run_recipe(GRPORecipe(cfg, run_dir))

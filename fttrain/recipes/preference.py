@@ -21,7 +21,7 @@ from fttrain.data.preference import PreferenceRows
 from fttrain.data.rows import convert_rows, load_splits
 from fttrain.models.load import load_model
 from fttrain.peft_setup import WHOLE_MODEL
-from fttrain.recipes.base import Recipe, eval_metrics_with_prefix, run_recipe
+from fttrain.recipes.base import Recipe, eval_metrics_with_prefix
 
 log = logging.getLogger("fttrain")
 
@@ -140,25 +140,18 @@ class PreferenceRecipe(Recipe):
     def build_trainer(self):
         from datasets import Dataset
 
-        from fttrain.trainer import with_token_counting
-
         trainer_cls, _ = trl_classes(self.cfg.task.name)
-        # The batch's masks that cover each sequence once (prompt + completion).
-        counted = with_token_counting(trainer_cls, self._count_keys())
         kwargs = {}
         if self.cfg.task.name != "orpo":
             kwargs["ref_model"] = self.reference_model()
-        trainer = counted(
-            model=self.model,
-            args=self.args,
+        return self.trl_trainer(
+            trainer_cls,
+            self._count_keys(),  # the batch's masks that cover each sequence once (prompt + completion)
             train_dataset=Dataset.from_list(self.train_rows),
             eval_dataset=Dataset.from_list(self.eval_rows) if self.eval_rows else None,
-            processing_class=self.tokenizer,
             callbacks=self.callbacks(),
             **kwargs,
         )
-        trainer.setup_accounting(self.cfg.trainer.rank_records)
-        return trainer
 
     def _count_keys(self):
         return {"dpo": ("attention_mask",), "kto": ("attention_mask",),
@@ -183,6 +176,3 @@ class PreferenceRecipe(Recipe):
         if acc is not None:
             log.info("held-out preference: reward accuracy %.3f, mean margin %.4f", acc, margin or float("nan"))
 
-
-def run(cfg, run_dir):
-    return run_recipe(PreferenceRecipe(cfg, run_dir))

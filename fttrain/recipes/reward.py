@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from fttrain.recipes.base import eval_metrics_with_prefix, run_recipe
+from fttrain.recipes.base import eval_metrics_with_prefix
 from fttrain.recipes.preference import PreferenceRecipe
 
 log = logging.getLogger("fttrain")
@@ -68,18 +68,14 @@ class RewardRecipe(PreferenceRecipe):
         from datasets import Dataset
         from trl import RewardTrainer
 
-        from fttrain.trainer import AtTrainBegin, with_token_counting
+        from fttrain.trainer import AtTrainBegin
 
-        trainer = with_token_counting(RewardTrainer)(
-            model=self.model,
-            args=self.args,
+        return self.trl_trainer(
+            RewardTrainer,
             train_dataset=Dataset.from_list(self.train_rows),
             eval_dataset=Dataset.from_list(self.eval_rows) if self.eval_rows else None,
-            processing_class=self.tokenizer,
             callbacks=self.callbacks(AtTrainBegin(self._accuracy_before)),
         )
-        trainer.setup_accounting(self.cfg.trainer.rank_records)
-        return trainer
 
     # ------------------------------------------------------------ train
     def _accuracy_before(self):
@@ -126,6 +122,3 @@ class RewardRecipe(PreferenceRecipe):
                      metrics.get("eval_pairwise_accuracy_before", float("nan")), self.after["accuracy"],
                      self.after["pairs"])
 
-
-def run(cfg, run_dir):
-    return run_recipe(RewardRecipe(cfg, run_dir))

@@ -10,9 +10,7 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-from omegaconf import DictConfig
 
 from fttrain import outputs
 from fttrain.config.checks import check_tokenizer_template
@@ -24,7 +22,7 @@ from fttrain.distributed import shards_weights
 from fttrain.generation_eval import exact_match, generate_answers
 from fttrain.models.load import load_model, resolve_chat_template
 from fttrain.paths import cache_dir
-from fttrain.recipes.base import Recipe, run_recipe
+from fttrain.recipes.base import Recipe
 
 log = logging.getLogger("fttrain")
 
@@ -162,6 +160,3 @@ class SFTRecipe(Recipe):
         if "eval_perplexity" in metrics:
             log.info("held-out perplexity: %.3f", metrics["eval_perplexity"])
 
-
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    return run_recipe(SFTRecipe(cfg, run_dir))
