@@ -10,7 +10,8 @@
       train_log.jsonl      one line per logged step: loss, grad_norm, lr, eval_loss
       loss_curve.png
       samples.jsonl        generations on eval prompts after training
-      checkpoints/         trainer checkpoints, when trainer.save_steps is set
+      checkpoints/         trainer checkpoints (trainer.save_steps, or on a stop signal); see fttrain.checkpoints
+      rank0.pid            while running: rank 0's pid, for the Slurm script's signal forwarding
       ranks/rank<r>.json   per-rank record: sample ids trained on, weight hash
       train_rank<r>.log    each rank's log
       COMPLETE             written last; its presence means every file above is whole
@@ -46,29 +47,18 @@ class RunDirError(RuntimeError):
     pass
 
 
-def checkpoint_step(path) -> int:
-    """checkpoints/checkpoint-120 -> 120"""
-    return int(Path(path).name.rsplit("-", 1)[-1])
-
-
-def latest_checkpoint(run_dir: Path):
-    """Newest checkpoint that was written to the end (trainer_state.json is its
-    last file); a half-written one is skipped."""
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return None
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return max(done, key=checkpoint_step, default=None)
-
-
 def guard_run_dir(run_dir: Path, overwrite: bool, resume_from) -> None:
     """Refuse to clobber a finished run, or restart over an unfinished one."""
+    from fttrain.checkpoints import complete_checkpoints
+
     if overwrite:
         return
     if resume_from == "auto":
-        if latest_checkpoint(run_dir) is None:
+        # The newest complete checkpoint, or a fresh start in a directory that
+        # holds no finished run (a Slurm job's first start uses the same command).
+        if not complete_checkpoints(run_dir) and (run_dir / COMPLETE).exists():
             raise RunDirError(
-                f"resume_from=auto: {run_dir / 'checkpoints'} holds no complete checkpoint to resume from "
+                f"resume_from=auto: {run_dir} holds a finished run and no complete checkpoint to resume from "
                 "(set trainer.save_steps to write them). Choose another directory or drop resume_from."
             )
         return

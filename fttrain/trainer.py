@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from fttrain.checkpoints import AtomicCheckpoints
 from fttrain.data.tokenize import IGNORE
 
 
@@ -84,13 +85,13 @@ class MethodParamGroups:
 
 
 def with_fttrain_accounting(trainer_cls, count_keys=("attention_mask",)):
-    """trainer_cls (TRL's DPOTrainer, GRPOTrainer, ...) with token counting and
-    the PEFT method's optimizer groups (LoRA+) mixed in."""
-    return type(f"FT{trainer_cls.__name__}", (MethodParamGroups, TokenCounting, trainer_cls),
+    """trainer_cls (TRL's DPOTrainer, GRPOTrainer, ...) with token counting,
+    the PEFT method's optimizer groups (LoRA+) and whole-or-absent checkpoints."""
+    return type(f"FT{trainer_cls.__name__}", (AtomicCheckpoints, MethodParamGroups, TokenCounting, trainer_cls),
                 {"count_keys": tuple(count_keys)})
 
 
-class FTTrainer(MethodParamGroups, TokenCounting, Trainer):
+class FTTrainer(AtomicCheckpoints, MethodParamGroups, TokenCounting, Trainer):
     count_keys = ()  # counted in compute_loss from the collator's num_real_tokens
 
     def __init__(self, *args, rank_records: bool, param_groups=None, **kwargs):

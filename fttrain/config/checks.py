@@ -170,7 +170,21 @@ def check_config(cfg: DictConfig) -> None:
     # --- peft
     problems += peft_problems(cfg)
 
-    # --- trainer: batch arithmetic that can be checked without a world size
+    # --- trainer: stop signals, then batch arithmetic that can be checked without a world size
+    from fttrain.preemption import signal_number
+
+    for key in ("stop_signals", "requeue_signals"):
+        for name in trainer[key]:
+            try:
+                signal_number(name)
+            except AttributeError:
+                problems.append(f"trainer.{key}: {name!r} is not a signal name (e.g. SIGUSR1, SIGTERM)")
+    if trainer.save_total_limit < 0:
+        problems.append("trainer.save_total_limit must be >= 0 (0 keeps every checkpoint)")
+    unhandled = set(trainer.requeue_signals) - set(trainer.stop_signals)
+    if unhandled:
+        problems.append(f"trainer.requeue_signals {sorted(unhandled)} are not in trainer.stop_signals, so they "
+                        "would never stop the run")
     if trainer.micro_batch_size < 1 or trainer.gradient_accumulation_steps < 1:
         problems.append("trainer.micro_batch_size and trainer.gradient_accumulation_steps must be >= 1")
     if trainer.global_batch_size is not None and trainer.global_batch_size % trainer.micro_batch_size:

@@ -531,8 +531,13 @@ class TrainerConfig:
     gradient_checkpointing: bool = False  # less activation memory, ~30% slower steps
     logging_steps: int = 1
     eval_steps: Optional[int] = None  # None: evaluate once at the end
-    save_steps: Optional[int] = None  # None: save only the final model
-    save_total_limit: int = 2
+    save_steps: Optional[int] = None  # None: save only the final model (and on a stop signal)
+    save_total_limit: int = 2  # complete checkpoints kept (newest first); 0 keeps all
+    # On these signals every rank finishes its step, one checkpoint is written,
+    # and the run stops (Slurm: USR1 before the time limit, TERM on preemption).
+    stop_signals: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    # After stopping on one of these under Slurm, rank 0 runs scontrol requeue.
+    requeue_signals: List[str] = field(default_factory=lambda: ["SIGUSR1"])
     dataloader_num_workers: int = 0
     seed: int = 42
     # Each rank writes ranks/rank<r>.json: the sample ids it trained on and a

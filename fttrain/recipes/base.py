@@ -37,8 +37,10 @@ from fttrain.distributed import (
     single_process_rendezvous,
     trainer_args,
 )
+from fttrain.checkpoints import checkpoint_step, latest_checkpoint
 from fttrain.env import check_world_size, detect_runtime, peak_memory_bytes
 from fttrain.models.load import load_tokenizer, param_counts, resolve_model_path, set_dropout
+from fttrain.preemption import StopOnSignal, remove_pid_file, requeue_job, signal_name, write_pid_file
 from fttrain.peft_setup import apply_peft, optimizer_args, quantization_config, trainer_hooks
 
 log = logging.getLogger("fttrain")
@@ -83,6 +85,7 @@ class Recipe:
         self.setup_model()
         fill_fsdp_wrap_classes(self.args, self.model, self.cfg.dist)
         self.trainer = self.build_trainer()
+        self.trainer.keep_checkpoints = self.cfg.trainer.save_total_limit  # applied after each complete save
         self.plan_check.trainer = self.trainer
         for cb in self.hooks.callbacks:
             cb.trainer = self.trainer
@@ -99,6 +102,10 @@ class Recipe:
         check_world_size(self.args.world_size, self.topology.world_size, cfg.dist)
         after_process_group(cfg.dist, self.runtime.use_cpu)
         self.is_main = self.args.process_index == 0
+        # Handlers first, so a signal during model loading still ends in a clean stop.
+        self.stop_on_signal = StopOnSignal(cfg.trainer.stop_signals, cfg.trainer.requeue_signals)
+        if self.is_main and not cfg.preflight:
+            write_pid_file(self.run_dir)
         self._batch_arithmetic()
 
     def setup_data(self) -> None:
@@ -169,7 +176,7 @@ class Recipe:
             eval_steps=t.eval_steps,
             save_strategy="steps" if t.save_steps else "no",
             save_steps=t.save_steps or 500,
-            save_total_limit=t.save_total_limit,
+            save_total_limit=None,  # fttrain.checkpoints rotates, after a checkpoint is complete
             bf16=rt.precision == "bf16",
             fp16=rt.precision == "fp16",
             use_cpu=rt.use_cpu,
@@ -238,7 +245,7 @@ class Recipe:
         self.plan_check = PlanCheck(self.cfg.dist, getattr(self.model.config, "num_hidden_layers", None),
                                     self._record_plan, checkpointing=self.cfg.trainer.gradient_checkpointing)
         return [*self.hooks.callbacks, JsonlLogCallback(self.run_dir / "train_log.jsonl"), self.step_timer,
-                self.plan_check, *task_callbacks]
+                self.plan_check, self.stop_on_signal, *task_callbacks]
 
     def _record_plan(self, realised: dict) -> None:
         """The verified plan, with the DeepSpeed JSON as run (auto values filled), in plan.json."""
@@ -273,12 +280,16 @@ class Recipe:
     def train(self) -> None:
         cfg = self.cfg
         resume = cfg.resume_from
-        if resume == "auto":  # guard_run_dir made sure there is one
-            resume = str(outputs.latest_checkpoint(self.run_dir))
+        if resume == "auto":
+            latest = latest_checkpoint(self.run_dir)
+            resume = str(latest) if latest else None
+            if resume is None and self.is_main:
+                log.info("resume_from=auto: no complete checkpoint in %s yet, starting from step 0",
+                         self.run_dir / "checkpoints")
         if resume is not None:
             from fttrain.trainer import JsonlLogCallback
 
-            step = outputs.checkpoint_step(resume)
+            step = checkpoint_step(resume)
             for cb in self.trainer.callback_handler.callbacks:
                 if isinstance(cb, JsonlLogCallback):
                     cb.resume_step = step
@@ -286,9 +297,25 @@ class Recipe:
         start = time.time()
         self.trainer.train(resume_from_checkpoint=resume)
         self.train_seconds = time.time() - start
+        if self.stop_on_signal.stopped:  # a checkpoint was written; the final eval and save wait for the resume
+            return
         self.eval_metrics = self.trainer.evaluate() if self.has_eval() else {}
 
     # ------------------------------------------------------------- save
+    def finish_stopped(self) -> dict:
+        """After a stop signal: the checkpoint is written (all ranks); rank 0
+        requeues the Slurm job once when the signal asks for it."""
+        stop = self.stop_on_signal
+        result = {"stopped_by_signal": signal_name(stop.stop_signal), "steps": stop.stopped_at, "requeued": False}
+        if self.is_main:
+            if stop.should_requeue():
+                log.info("requeued Slurm job %s; it resumes from step %d", requeue_job(), stop.stopped_at)
+                result["requeued"] = True
+            else:
+                log.info("stopped after step %d; continue with resume_from=auto", stop.stopped_at)
+        self.trainer.accelerator.wait_for_everyone()
+        return result
+
     def token_counts(self):
         """(real tokens, token slots) trained on, over all ranks."""
         return self.trainer.global_token_counts()
@@ -417,5 +444,11 @@ def run_recipe(recipe: Recipe) -> dict:
         return {}
     if recipe.is_main:
         write_run_info(cfg, run_dir, recipe)
-    recipe.train()
-    return recipe.save()
+    try:
+        recipe.train()
+        if recipe.stop_on_signal.stopped:
+            return recipe.finish_stopped()
+        return recipe.save()
+    finally:
+        if recipe.is_main:
+            remove_pid_file(run_dir)

@@ -1,0 +1,119 @@
+"""Stop on a signal at a step boundary, checkpoint, and requeue under Slurm.
+
+Slurm warns a job before its time limit (``#SBATCH --signal=B:USR1@90``
+sends SIGUSR1 to the batch script) and preempts with SIGTERM. The batch
+script (slurm/*.sbatch) forwards USR1 to rank 0, whose pid is in
+``<run_dir>/rank0.pid``: accelerate and torchrun do not pass USR1 on to
+their workers, and one rank is enough, because:
+
+* each rank's handler only sets a flag (nothing unsafe runs inside a signal
+  handler), and the current optimizer step finishes;
+* after every step the ranks take the maximum of their flags (one small
+  all-reduce), so all ranks stop after the same step, and none exits alone
+  leaving the others waiting in a collective;
+* they write one checkpoint together (fttrain.checkpoints: complete or absent),
+  the recipe skips the final evaluation and save;
+* rank 0 requeues the job once (``scontrol requeue $SLURM_JOB_ID``) when the
+  signal was the time-limit warning, and every process exits with status 0.
+  A requeued job starts again with ``resume_from=auto`` and continues from
+  that checkpoint. SIGTERM (preemption, scancel) checkpoints but does not
+  requeue: Slurm requeues preempted jobs itself, and a cancelled job should
+  stay cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from transformers import TrainerCallback
+
+log = logging.getLogger("fttrain")
+
+PID_FILE = "rank0.pid"
+
+
+def signal_number(name: str) -> int:
+    """"SIGUSR1" or "USR1" -> signal.SIGUSR1"""
+    name = name.upper()
+    return int(getattr(signal, name if name.startswith("SIG") else f"SIG{name}"))
+
+
+def signal_name(number: int) -> str:
+    return signal.Signals(number).name
+
+
+class StopOnSignal(TrainerCallback):
+    """Installs handlers for ``signals``; after each optimizer step the ranks
+    agree whether any of them got one, and if so save and stop together."""
+
+    def __init__(self, signals: List[str], requeue_signals: List[str]):
+        self.received: Optional[int] = None  # the signal number this rank got
+        self.stopped_at: Optional[int] = None  # the step all ranks stopped after
+        self.stop_signal: Optional[int] = None  # agreed over ranks: the largest number received
+        self.requeue_signals = {signal_number(s) for s in requeue_signals}
+        for name in signals:
+            signal.signal(signal_number(name), self._handle)
+
+    def _handle(self, signum, frame):
+        if self.received is None:
+            self.received = signum
+            return
+        # A second signal: the sender insists (a launcher shutting down, Ctrl-\ twice): default action.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    def _agreed(self, device) -> int:
+        flag = torch.tensor([self.received or 0], dtype=torch.int64, device=device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        agreed = self._agreed(args.device)
+        if agreed and self.stopped_at is None:
+            self.stop_signal, self.stopped_at = agreed, state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+            log.warning("%s received%s: stopping after step %d on this rank, as on every rank, and writing a "
+                        "checkpoint", signal_name(agreed), "" if self.received else " by another rank",
+                        state.global_step)
+        return control
+
+    @property
+    def stopped(self) -> bool:
+        return self.stopped_at is not None
+
+    def should_requeue(self) -> bool:
+        return self.stopped and self.stop_signal in self.requeue_signals and bool(os.environ.get("SLURM_JOB_ID"))
+
+
+def write_pid_file(run_dir: Path) -> Path:
+    """Rank 0 records its pid for the batch script's signal forwarding."""
+    path = Path(run_dir) / PID_FILE
+    path.write_text(f"{os.getpid()}\n")
+    return path
+
+
+def remove_pid_file(run_dir: Path) -> None:
+    path = Path(run_dir) / PID_FILE
+    try:
+        if path.read_text().strip() == str(os.getpid()):
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def requeue_job() -> str:
+    """``scontrol requeue $SLURM_JOB_ID``; Slurm then ends this run of the job
+    and starts it again (same job id, SLURM_RESTART_COUNT + 1)."""
+    job = os.environ["SLURM_JOB_ID"]
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"scontrol requeue {job} failed: {(done.stderr or done.stdout).strip()}")
+    return job

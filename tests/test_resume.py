@@ -1,0 +1,170 @@
+"""Checkpoints are whole or absent, resume is exact, and a stop signal ends a
+run cleanly at a step boundary on every rank (what Slurm's time-limit warning
+and preemption rely on; the Slurm side is in test_slurm.py).
+
+The equality tests compare a run stopped by SIGUSR1 and resumed with
+resume_from=auto against the same run uninterrupted: per-step losses and the
+saved adapter must be identical (same data order, RNG and optimizer state;
+CPU fp32 is deterministic)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+
+
+# ------------------------------------------------------------------ unit: the checkpoint folder
+def fake_checkpoint(folder, complete=True):
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"x")
+    if complete:
+        (folder / "trainer_state.json").write_text("{}")
+    return folder
+
+
+def test_latest_is_the_newest_complete_checkpoint_and_incomplete_ones_are_reported(tmp_path, caplog):
+    from fttrain.checkpoints import STAGING, incomplete_checkpoints, latest_checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    fake_checkpoint(ckpts / "checkpoint-2")
+    fake_checkpoint(ckpts / "checkpoint-10")
+    fake_checkpoint(ckpts / STAGING / "checkpoint-12", complete=False)  # a save that died
+    fake_checkpoint(ckpts / "checkpoint-14", complete=False)  # written in place by an older version, unfinished
+    with caplog.at_level("WARNING", logger="fttrain"):
+        assert latest_checkpoint(tmp_path) == ckpts / "checkpoint-10"  # numeric order, not text order
+    assert {p.name for p in incomplete_checkpoints(tmp_path)} == {"checkpoint-12", "checkpoint-14"}
+    assert "checkpoint-12" in caplog.text and "checkpoint-14" in caplog.text
+
+
+def test_rotation_keeps_the_newest_k_and_drops_incomplete_only_behind_a_complete_one(tmp_path):
+    from fttrain.checkpoints import STAGING, rotate
+
+    ckpts = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        fake_checkpoint(ckpts / f"checkpoint-{step}")
+    fake_checkpoint(ckpts / STAGING / "checkpoint-5", complete=False)
+    fake_checkpoint(ckpts / STAGING / "checkpoint-8", complete=False)  # newer than every complete one
+    removed = rotate(tmp_path, keep=2)
+    assert sorted(p.name for p in removed) == ["checkpoint-2", "checkpoint-5"]
+    assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert (ckpts / STAGING / "checkpoint-8").exists()  # no newer complete checkpoint yet: kept
+    assert rotate(tmp_path, keep=0) == []  # 0 keeps every complete checkpoint
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["trainer.stop_signals=[SIGUSR9]"], "'SIGUSR9' is not a signal name"),
+    (["trainer.stop_signals=[SIGTERM]"], "are not in trainer.stop_signals"),
+    (["trainer.save_total_limit=-1"], "trainer.save_total_limit must be >= 0"),
+])
+def test_signal_config_problems(overrides, message):
+    from conftest import compose
+    from fttrain.config.checks import ConfigCheckError, check_config
+
+    with pytest.raises(ConfigCheckError) as e:
+        check_config(compose(["+exp=tiny_sft", *overrides]))
+    assert message in str(e.value)
+
+
+# ------------------------------------------------------------------ signal, stop, resume (processes)
+def losses(run_dir):
+    rows = [json.loads(l) for l in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def adapter(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "model" / "adapter_model.safetensors")
+
+
+def start(args, cwd, launcher=None):
+    cmd = (launcher or [sys.executable]) + ["-m", "fttrain", *args]
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def signal_after(proc, run_dir, steps, sig=signal.SIGUSR1, timeout=240):
+    """Send sig to the pid in rank0.pid once `steps` steps are logged."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        log = run_dir / "train_log.jsonl"
+        if log.exists() and sum('"loss"' in l for l in log.read_text().splitlines()) >= steps:
+            os.kill(int((run_dir / "rank0.pid").read_text()), sig)
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not reach step {steps}: {proc.communicate()[0][-3000:]}")
+
+
+RUN = ["+exp=tiny_sft", "trainer.max_steps=60", "trainer.logging_steps=1", "trainer.save_total_limit=1"]
+
+
+@pytest.mark.slow
+def test_stopped_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
+    run_dir = tmp_path / "outputs" / "tiny_sft"
+    proc = start(RUN, tmp_path)
+    signal_after(proc, run_dir, 5)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGUSR1 received: stopping after step" in (run_dir / "train_rank0.log").read_text()
+    (ckpt,) = (run_dir / "checkpoints").glob("checkpoint-*")
+    stopped = int(ckpt.name.split("-")[1])
+    assert 5 <= stopped < 60
+    assert (ckpt / "trainer_state.json").exists() and (ckpt / "optimizer.pt").exists()
+    assert not (run_dir / "COMPLETE").exists() and not (run_dir / "metrics.json").exists()
+    assert not (run_dir / "rank0.pid").exists()
+
+    resumed = run_cli([*RUN, "resume_from=auto"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {ckpt}" in (run_dir / "train_rank0.log").read_text()
+    assert (run_dir / "COMPLETE").exists()
+
+    ref = run_cli([*RUN, "name=uninterrupted"], cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    ref_dir = tmp_path / "outputs" / "uninterrupted"
+    assert losses(run_dir) == losses(ref_dir) and len(losses(run_dir)) == 60
+    a, b = adapter(run_dir), adapter(ref_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_signal_to_rank0_stops_every_rank_after_the_same_step(tmp_path):
+    """USR1 reaches rank 0 only (as the Slurm script forwards it); both ranks
+    stop after the same step, write one checkpoint together and exit 0; the
+    resumed run ends where the uninterrupted 2-rank run does."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "launch" / "cpu_2proc.yaml"), "--main_process_port", "29791"]
+    args = [*RUN, "dist.expected_world_size=2", "trainer.max_steps=40"]
+    run_dir = tmp_path / "outputs" / "tiny_sft"
+    proc = start(args, tmp_path, launcher)
+    signal_after(proc, run_dir, 4)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    (ckpt,) = (run_dir / "checkpoints").glob("checkpoint-*")
+    assert {p.name for p in ckpt.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    step = int(ckpt.name.split("-")[1])
+    for rank in (0, 1):  # each rank's own log says where it stopped
+        assert f"stopping after step {step} on this rank" in (run_dir / f"train_rank{rank}.log").read_text()
+
+    launcher[-1] = "29792"
+    resumed = run_cli([*args, "resume_from=auto"], cwd=tmp_path, launcher=launcher)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    launcher[-1] = "29793"
+    ref = run_cli([*args, "name=uninterrupted"], cwd=tmp_path, launcher=launcher)
+    assert ref.returncode == 0, ref.stderr[-4000:]
+    assert losses(run_dir) == losses(tmp_path / "outputs" / "uninterrupted")
+    a, b = adapter(run_dir), adapter(tmp_path / "outputs" / "uninterrupted")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_auto_in_a_new_directory_starts_from_step_zero(tmp_path):
+    proc = run_cli(["+exp=tiny_sft", "trainer.max_steps=2", "resume_from=auto"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / "outputs" / "tiny_sft" / "train_rank0.log").read_text()
+    assert "no complete checkpoint" in log and "starting from step 0" in log
