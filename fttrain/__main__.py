@@ -63,6 +63,7 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
     from fttrain import outputs
 
     check_config(cfg)  # cross-field rules; types and key names were checked while composing
+    check_expected_config(cfg)
     run_dir = Path(run_dir)
     if not cfg.preflight:  # preflight writes nothing, so it may look at any directory
         outputs.guard_run_dir(run_dir, cfg.overwrite, cfg.resume_from)
@@ -73,6 +74,30 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
             outputs.clear_previous_run(run_dir)
         outputs.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         outputs.write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(list(overrides)))
+
+
+def check_expected_config(cfg: DictConfig) -> None:
+    """A Slurm job (fttrain.slurm) trains exactly the config that was rendered:
+    FTTRAIN_EXPECT_CONFIG names that resolved config; any difference stops the run."""
+    from fttrain.config.checks import ConfigCheckError
+
+    path = os.environ.get("FTTRAIN_EXPECT_CONFIG")
+    if not path:
+        return
+    want = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    got = OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(cfg, resolve=True)), resolve=True)
+    diffs = sorted(_differences(want, got))
+    if diffs:
+        raise ConfigCheckError([f"this job's config differs from the rendered {path} at: {', '.join(diffs[:20])} "
+                                "(conf/ or the overrides changed after rendering; render the job again)"])
+
+
+def _differences(a, b, path=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in set(a) | set(b):
+            yield from _differences(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{path}.{k}" if path else str(k))
+    elif a != b:
+        yield path or "<root>"
 
 
 if __name__ == "__main__":

@@ -90,7 +90,16 @@ class StopOnSignal(TrainerCallback):
         return self.stopped_at is not None
 
     def should_requeue(self) -> bool:
-        return self.stopped and self.stop_signal in self.requeue_signals and bool(os.environ.get("SLURM_JOB_ID"))
+        """Under Slurm, for a requeue signal, and fewer restarts so far than
+        FTTRAIN_MAX_REQUEUES (slurm.max_requeues, set by the job script)."""
+        if not (self.stopped and self.stop_signal in self.requeue_signals and os.environ.get("SLURM_JOB_ID")):
+            return False
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        limit = os.environ.get("FTTRAIN_MAX_REQUEUES")
+        if limit is not None and restarts >= int(limit):
+            log.warning("not requeueing: the job has restarted %d times (slurm.max_requeues=%s)", restarts, limit)
+            return False
+        return True
 
 
 def write_pid_file(run_dir: Path) -> Path:

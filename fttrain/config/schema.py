@@ -552,6 +552,36 @@ class LoggerConfig:
     progress_bar: bool = True
 
 
+# ------------------------------------------------------------------ slurm
+@dataclass
+class SlurmConfig:
+    """How ``python -m fttrain.slurm`` renders and submits this run (slurm/*.sbatch).
+    Training ignores it; it is part of the run's config so a job's config is
+    exactly the one that was rendered."""
+
+    partition: Optional[str] = None  # required to render: the queue (sinfo lists them)
+    account: Optional[str] = None  # charged account, where the cluster asks for one
+    qos: Optional[str] = None
+    nodes: int = 1  # > 1 renders the multi-node template: one accelerate launch per node
+    gpus_per_node: int = 8  # one training process per GPU; 0 = CPU processes (gloo)
+    processes_per_node: Optional[int] = None  # null: gpus_per_node (CPU clusters: set it)
+    cpus_per_task: int = 8  # CPU cores for each node's launcher and its processes (data loading)
+    mem: Optional[str] = None  # per node, e.g. 200G; "0" = all of it; null: the partition default
+    time: str = "04:00:00"  # wall time; USR1 arrives signal_seconds before it ends
+    job_name: Optional[str] = None  # null: the run's name
+    constraint: Optional[str] = None  # node features, e.g. a100|h100
+    signal_seconds: int = 90  # warning before the limit: one step + a checkpoint must fit in it
+    max_requeues: int = 20  # a run that never gets further stops requeueing after this many
+    port: int = 29500  # rendezvous port on the first node
+    # Environment setup, run before launching: module load ..., source venv/bin/activate
+    setup: List[str] = field(default_factory=list)
+    env: Dict[str, str] = field(default_factory=dict)  # extra exported variables
+    sbatch: List[str] = field(default_factory=list)  # extra #SBATCH options, e.g. ["--exclusive"]
+    nccl_debug: str = "WARN"  # NCCL_DEBUG: INFO prints topology and transports (hangs, slow links)
+    distributed_debug: str = "OFF"  # TORCH_DISTRIBUTED_DEBUG: DETAIL checks collectives match (slow)
+    python: str = "python"  # interpreter on the compute nodes (after setup)
+
+
 # ------------------------------------------------------------------ run
 @dataclass
 class FTConfig:
@@ -573,6 +603,7 @@ class FTConfig:
     precision: PrecisionConfig = MISSING
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
+    slurm: SlurmConfig = MISSING
 
 
 GROUP_SCHEMAS: Dict[str, Dict[str, Any]] = {
@@ -594,10 +625,17 @@ GROUP_SCHEMAS: Dict[str, Dict[str, Any]] = {
     "precision": {"precision": PrecisionConfig},
     "trainer": {"trainer": TrainerConfig},
     "logger": {"logger": LoggerConfig},
+    "slurm": {"slurm": SlurmConfig},
 }
 
 
 def register_configs() -> None:
+    import sys
+
+    from omegaconf import OmegaConf
+
+    # ${fttrain_python:} -> this interpreter (conf/slurm/local.yaml: jobs use the Python that rendered them).
+    OmegaConf.register_new_resolver("fttrain_python", lambda: sys.executable, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="fttrain_schema", node=FTConfig)
     for group, options in GROUP_SCHEMAS.items():
