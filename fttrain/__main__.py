@@ -35,18 +35,50 @@ def _user_errors():
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig):
+    from hydra.types import RunMode
+
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         return _main(cfg)
     except _user_errors() as e:
+        if multirun:  # one failed trial must not end the sweep: recorded, the sweep goes on
+            return _trial_failed(e)
         print(f"fttrain: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2)
+    except Exception as e:
+        if multirun:
+            log.exception("trial failed")
+            return _trial_failed(e)
+        raise
 
 
 def _main(cfg: DictConfig):
+    from fttrain.env import distributed_env_from_slurm
+
+    distributed_env_from_slurm()  # one srun task per rank (Hydra's Slurm launcher): RANK etc. from Slurm
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    metrics = run_in_dir(cfg, run_dir, list(HydraConfig.get().overrides.task))
+    metrics = run_in_dir(cfg, run_dir, list(HydraConfig.get().overrides.task)) or {}
     # Returned for Hydra sweepers (Optuna optimises this value).
-    return (metrics or {}).get("eval_loss")
+    value = metrics.get(cfg.objective)
+    if value is None:
+        log.warning("objective=%s is not among the run's metrics; returning nan to the sweeper", cfg.objective)
+        return float("nan")
+    return float(value)
+
+
+def _trial_failed(error: Exception) -> float:
+    from fttrain.sweep import FAILED
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    print(f"fttrain: trial {run_dir.name} failed: {error}", file=sys.stderr, flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        from fttrain import outputs
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / FAILED).write_text(f"{type(error).__name__}: {error}\n")
+        if not (run_dir / "overrides.yaml").exists():  # failed before the run dir was prepared
+            outputs.write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(list(HydraConfig.get().overrides.task)))
+    return float("nan")
 
 
 def run_in_dir(cfg: DictConfig, run_dir: Path, overrides=()) -> dict:
@@ -64,12 +96,19 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
 
     check_config(cfg)  # cross-field rules; types and key names were checked while composing
     check_expected_config(cfg)
+    if cfg.resume_from is None and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+        # A requeued Slurm job is a continuation of its first start by definition.
+        cfg.resume_from = "auto"
+        log.info("Slurm restart %s: resume_from=auto", os.environ["SLURM_RESTART_COUNT"])
     run_dir = Path(run_dir)
     if not cfg.preflight:  # preflight writes nothing, so it may look at any directory
         outputs.guard_run_dir(run_dir, cfg.overwrite, cfg.resume_from)
     if int(os.environ.get("RANK", "0")) == 0 and not cfg.preflight:
         run_dir.mkdir(parents=True, exist_ok=True)
         outputs.unmark_complete(run_dir)
+        from fttrain.sweep import FAILED
+
+        (run_dir / FAILED).unlink(missing_ok=True)
         if cfg.overwrite:
             outputs.clear_previous_run(run_dir)
         outputs.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import os
+
 import torch
 
 
@@ -76,3 +78,26 @@ def peak_memory_bytes(use_cpu: bool) -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def distributed_env_from_slurm() -> None:
+    """Under ``srun`` with one task per rank (Hydra's submitit launcher with
+    tasks_per_node > 1), torch.distributed's variables from Slurm's. A launcher
+    that set RANK itself (accelerate, torchrun) is left alone."""
+    ntasks = int(os.environ.get("SLURM_NTASKS") or 1)
+    if ntasks < 2 or "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_STEP_ID" not in os.environ:
+        return
+    import subprocess
+
+    nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                           capture_output=True, text=True, check=True).stdout.split()
+    per_node = ntasks // max(1, int(os.environ.get("SLURM_NNODES") or 1))
+    os.environ.update({
+        "RANK": os.environ["SLURM_PROCID"],
+        "WORLD_SIZE": str(ntasks),
+        "LOCAL_RANK": os.environ.get("SLURM_LOCALID", "0"),
+        "LOCAL_WORLD_SIZE": str(per_node),
+        "MASTER_ADDR": nodes[0],
+        # One port per job, so trials sharing a node do not collide.
+        "MASTER_PORT": os.environ.get("MASTER_PORT") or str(15000 + int(os.environ["SLURM_JOB_ID"]) % 20000),
+    })

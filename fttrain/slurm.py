@@ -39,7 +39,7 @@ from fttrain.paths import CONF_DIR, REPO_ROOT
 SLURM_DIR = REPO_ROOT / "slurm"
 # Overrides the renderer sets itself, and keys left out of sweep directory names (as in conf/config.yaml).
 OWN_KEYS = ("resume_from", "hydra.run.dir")
-DIRNAME_EXCLUDE = ("exp", "name", "output_root", "overwrite", "resume_from")
+DIRNAME_EXCLUDE = ("exp", "hparams_search", "name", "output_root", "overwrite", "resume_from")
 
 
 class SlurmError(RuntimeError):

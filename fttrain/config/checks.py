@@ -179,6 +179,8 @@ def check_config(cfg: DictConfig) -> None:
                 signal_number(name)
             except AttributeError:
                 problems.append(f"trainer.{key}: {name!r} is not a signal name (e.g. SIGUSR1, SIGTERM)")
+    if trainer.learning_rate <= 0:
+        problems.append(f"trainer.learning_rate={trainer.learning_rate} must be > 0")
     if trainer.save_total_limit < 0:
         problems.append("trainer.save_total_limit must be >= 0 (0 keeps every checkpoint)")
     unhandled = set(trainer.requeue_signals) - set(trainer.stop_signals)

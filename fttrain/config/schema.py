@@ -535,9 +535,10 @@ class TrainerConfig:
     save_total_limit: int = 2  # complete checkpoints kept (newest first); 0 keeps all
     # On these signals every rank finishes its step, one checkpoint is written,
     # and the run stops (Slurm: USR1 before the time limit, TERM on preemption).
-    stop_signals: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    # USR2: the time-limit warning of Hydra's submitit launcher (hydra/launcher=slurm*).
+    stop_signals: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"])
     # After stopping on one of these under Slurm, rank 0 runs scontrol requeue.
-    requeue_signals: List[str] = field(default_factory=lambda: ["SIGUSR1"])
+    requeue_signals: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2"])
     dataloader_num_workers: int = 0
     seed: int = 42
     # Each rank writes ranks/rank<r>.json: the sample ids it trained on and a
@@ -595,6 +596,8 @@ class FTConfig:
     # tokenizer, template, every data row), print the batch arithmetic and a
     # sample with its trained tokens marked, then stop.
     preflight: bool = False
+    # The metrics.json key python -m fttrain returns: what Hydra sweepers (Optuna) optimise.
+    objective: str = "eval_loss"
     model: ModelConfig = MISSING
     peft: PeftConfig = MISSING
     task: TaskConfig = MISSING
