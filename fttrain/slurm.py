@@ -39,7 +39,7 @@ from fttrain.paths import CONF_DIR, REPO_ROOT
 SLURM_DIR = REPO_ROOT / "slurm"
 # Overrides the renderer sets itself, and keys left out of sweep directory names (as in conf/config.yaml).
 OWN_KEYS = ("resume_from", "hydra.run.dir")
-DIRNAME_EXCLUDE = ("exp", "hparams_search", "name", "output_root", "overwrite", "resume_from")
+DIRNAME_EXCLUDE = ("exp", "hparams_search", "name", "output_root", "overwrite", "resume_from", "slurm")
 
 
 class SlurmError(RuntimeError):
@@ -212,7 +212,9 @@ def template_env():
 def job_args(overrides: List[str], run_dir: Path) -> List[str]:
     """The job's own command line: the user's overrides, its run dir, resume_from=auto."""
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in OWN_KEYS]
-    return [*kept, f"hydra.run.dir={run_dir}", "resume_from=auto"]
+    # Quoted for Hydra's override grammar: sweep directory names hold '=' and ','.
+    quoted = str(run_dir).replace("\\", "\\\\").replace("'", "\\'")
+    return [*kept, f"hydra.run.dir='{quoted}'", "resume_from=auto"]
 
 
 def snapshot_conf(job_dir: Path) -> Path:

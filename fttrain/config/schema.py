@@ -576,7 +576,7 @@ class SlurmConfig:
     port: int = 29500  # rendezvous port on the first node
     # Environment setup, run before launching: module load ..., source venv/bin/activate
     setup: List[str] = field(default_factory=list)
-    env: Dict[str, str] = field(default_factory=dict)  # extra exported variables
+    env: Dict[str, str] = field(default_factory=dict)  # extra exported variables: +slurm.env.HF_HOME=/scratch/hf
     sbatch: List[str] = field(default_factory=list)  # extra #SBATCH options, e.g. ["--exclusive"]
     nccl_debug: str = "WARN"  # NCCL_DEBUG: INFO prints topology and transports (hangs, slow links)
     distributed_debug: str = "OFF"  # TORCH_DISTRIBUTED_DEBUG: DETAIL checks collectives match (slow)
