@@ -5,7 +5,8 @@ and preemption rely on; the Slurm side is in test_slurm.py).
 The equality tests compare a run stopped by SIGUSR1 and resumed with
 resume_from=auto against the same run uninterrupted: per-step losses and the
 saved adapter must be identical (same data order, RNG and optimizer state;
-CPU fp32 is deterministic)."""
+CPU fp32 is deterministic). Two ranks, with the signal reaching rank 0 only,
+are tested through Slurm (test_slurm.py)."""
 
 import json
 import os
@@ -102,7 +103,7 @@ def signal_after(proc, run_dir, steps, sig=signal.SIGUSR1, timeout=240):
     raise AssertionError(f"the run did not reach step {steps}: {proc.communicate()[0][-3000:]}")
 
 
-RUN = ["+exp=tiny_sft", "trainer.max_steps=60", "trainer.logging_steps=1", "trainer.save_total_limit=1"]
+RUN = ["+exp=tiny_sft", "trainer.max_steps=40", "trainer.logging_steps=1", "trainer.save_total_limit=1"]
 
 
 @pytest.mark.slow
@@ -115,7 +116,7 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
     assert "SIGUSR1 received: stopping after step" in (run_dir / "train_rank0.log").read_text()
     (ckpt,) = (run_dir / "checkpoints").glob("checkpoint-*")
     stopped = int(ckpt.name.split("-")[1])
-    assert 5 <= stopped < 60
+    assert 5 <= stopped < 40
     assert (ckpt / "trainer_state.json").exists() and (ckpt / "optimizer.pt").exists()
     assert not (run_dir / "COMPLETE").exists() and not (run_dir / "metrics.json").exists()
     assert not (run_dir / "rank0.pid").exists()
@@ -128,39 +129,9 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
     ref = run_cli([*RUN, "name=uninterrupted"], cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr[-3000:]
     ref_dir = tmp_path / "outputs" / "uninterrupted"
-    assert losses(run_dir) == losses(ref_dir) and len(losses(run_dir)) == 60
+    assert losses(run_dir) == losses(ref_dir) and len(losses(run_dir)) == 40
     a, b = adapter(run_dir), adapter(ref_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.mark.slow
-def test_signal_to_rank0_stops_every_rank_after_the_same_step(tmp_path):
-    """USR1 reaches rank 0 only (as the Slurm script forwards it); both ranks
-    stop after the same step, write one checkpoint together and exit 0; the
-    resumed run ends where the uninterrupted 2-rank run does."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(REPO / "launch" / "cpu_2proc.yaml"), "--main_process_port", "29791"]
-    args = [*RUN, "dist.expected_world_size=2", "trainer.max_steps=40"]
-    run_dir = tmp_path / "outputs" / "tiny_sft"
-    proc = start(args, tmp_path, launcher)
-    signal_after(proc, run_dir, 4)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-4000:]
-    (ckpt,) = (run_dir / "checkpoints").glob("checkpoint-*")
-    assert {p.name for p in ckpt.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
-    step = int(ckpt.name.split("-")[1])
-    for rank in (0, 1):  # each rank's own log says where it stopped
-        assert f"stopping after step {step} on this rank" in (run_dir / f"train_rank{rank}.log").read_text()
-
-    launcher[-1] = "29792"
-    resumed = run_cli([*args, "resume_from=auto"], cwd=tmp_path, launcher=launcher)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    launcher[-1] = "29793"
-    ref = run_cli([*args, "name=uninterrupted"], cwd=tmp_path, launcher=launcher)
-    assert ref.returncode == 0, ref.stderr[-4000:]
-    assert losses(run_dir) == losses(tmp_path / "outputs" / "uninterrupted")
-    a, b = adapter(run_dir), adapter(tmp_path / "outputs" / "uninterrupted")
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_auto_in_a_new_directory_starts_from_step_zero(tmp_path):
