@@ -49,8 +49,13 @@ class RunDirError(RuntimeError):
 
 def guard_run_dir(run_dir: Path, overwrite: bool, resume_from) -> None:
     """Refuse to clobber a finished run, or restart over an unfinished one."""
-    from fttrain.checkpoints import complete_checkpoints
+    from fttrain.checkpoints import complete_checkpoints, is_complete
 
+    if resume_from not in (None, "auto") and not is_complete(Path(resume_from)):
+        raise RunDirError(
+            f"resume_from={resume_from} is not a complete checkpoint (no trainer_state.json: missing, or a save "
+            "that did not finish); resume_from=auto picks the newest complete one in the run directory"
+        )
     if overwrite:
         return
     if resume_from == "auto":

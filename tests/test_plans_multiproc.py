@@ -253,7 +253,7 @@ def check_method_under_plan(workdir, exp, method, extra, dist):
         assert len({tuple(r["lisa_layers"]) for r in rows if "lisa_layers" in r}) > 1  # layers switched
 
 
-@pytest.mark.parametrize("exp", ["tiny_dpo", "tiny_rm"])
+@pytest.mark.parametrize("exp", ["tiny_dpo"])  # tiny_rm passed the same way (same trl_trainer builder); 30 s each
 def test_trl_task_under_ddp_matches_one_process(workdir, exp):
     """TRL's trainers under fttrain's DDP plan: the same per-step losses as one
     process at the same global batch, and the same trained weights."""

@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import run_cli
 
 
 # ------------------------------------------------------------------ unit: the checkpoint folder
@@ -139,3 +139,14 @@ def test_resume_auto_in_a_new_directory_starts_from_step_zero(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (tmp_path / "outputs" / "tiny_sft" / "train_rank0.log").read_text()
     assert "no complete checkpoint" in log and "starting from step 0" in log
+
+
+def test_resume_from_an_incomplete_checkpoint_path_is_refused(tmp_path):
+    from fttrain.checkpoints import STAGING
+    from fttrain.outputs import RunDirError, guard_run_dir
+
+    staged = fake_checkpoint(tmp_path / "run" / "checkpoints" / STAGING / "checkpoint-4", complete=False)
+    with pytest.raises(RunDirError, match="is not a complete checkpoint"):
+        guard_run_dir(tmp_path / "run", overwrite=False, resume_from=str(staged))
+    done = fake_checkpoint(tmp_path / "run" / "checkpoints" / "checkpoint-2")
+    guard_run_dir(tmp_path / "run", overwrite=False, resume_from=str(done))  # accepted
