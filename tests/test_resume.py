@@ -134,6 +134,7 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_auto_in_a_new_directory_starts_from_step_zero(tmp_path):
     proc = run_cli(["+exp=tiny_sft", "trainer.max_steps=2", "resume_from=auto"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -80,6 +80,7 @@ def test_the_job_carries_its_config(tmp_path):
     assert args.group(1) == str(run_dir / "job" / "conf")
 
 
+@pytest.mark.slow
 def test_a_job_whose_config_changed_after_rendering_refuses_to_train(tmp_path):
     script = render(tmp_path, ["+exp=tiny_sft", "slurm=local", "trainer.max_steps=2"])
     expected = script.parent / "job" / "config.yaml"
@@ -192,6 +193,7 @@ def adapter(run_dir):
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
 def test_cluster_refuses_what_it_cannot_run_and_shows_sbatch_errors(cluster, tmp_path, capsys, monkeypatch):
     from fttrain import slurm
 

@@ -170,6 +170,7 @@ def log_rows(run_dir):
     return [json.loads(l) for l in (run_dir / "train_log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task,exp", [("dpo", "tiny_dpo"), ("kto", "tiny_dpo"), ("orpo", "tiny_dpo"),
                                       ("rm", "tiny_rm"), ("grpo", "tiny_grpo")])
 def test_trl_tasks_give_loraplus_b_matrices_the_larger_rate(tmp_path, task, exp):
