@@ -96,11 +96,18 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
 
     check_config(cfg)  # cross-field rules; types and key names were checked while composing
     check_expected_config(cfg)
-    if cfg.resume_from is None and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
-        # A requeued Slurm job is a continuation of its first start by definition.
-        cfg.resume_from = "auto"
-        log.info("Slurm restart %s: resume_from=auto", os.environ["SLURM_RESTART_COUNT"])
     run_dir = Path(run_dir)
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if restarts > 0:
+        # A requeued Slurm job continues its first start: from the newest complete
+        # checkpoint when there is one (not the resume_from PATH it started from),
+        # and never by clearing the run directory again.
+        from fttrain.checkpoints import complete_checkpoints
+
+        cfg.overwrite = False
+        if complete_checkpoints(run_dir):
+            cfg.resume_from = "auto"
+        log.info("Slurm restart %d: resume_from=%s", restarts, cfg.resume_from)
     if not cfg.preflight:  # preflight writes nothing, so it may look at any directory
         outputs.guard_run_dir(run_dir, cfg.overwrite, cfg.resume_from)
     if int(os.environ.get("RANK", "0")) == 0 and not cfg.preflight:

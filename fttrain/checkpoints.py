@@ -69,21 +69,23 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 
 def publish(staged: Path, final: Path) -> None:
-    """Rename a fully written checkpoint to its final name."""
-    if final.exists():  # the same step saved again after a resume: the new one replaces it
-        shutil.rmtree(final)
-    os.replace(staged, final)
+    """Rename a fully written checkpoint to its final name (the same step saved
+    again after a resume is swapped in: the old one is removed only after)."""
+    from fttrain.outputs import publish_dir
+
+    publish_dir(staged, final)
 
 
-def rotate(run_dir: Path, keep: Optional[int]) -> List[Path]:
+def rotate(run_dir: Path, keep: Optional[int], just_written: Optional[Path] = None) -> List[Path]:
     """Remove all but the newest ``keep`` complete checkpoints (None or 0 keeps
-    all), and incomplete ones older than the newest complete one. Returns what
-    was removed."""
+    all), and incomplete ones older than the newest complete one; never the
+    one just written (after resuming from an older checkpoint it is not the
+    newest by step). Returns what was removed."""
     done = complete_checkpoints(run_dir)
     if not done:
         return []
     newest = checkpoint_step(done[-1])
-    doomed = done[:-keep] if keep else []
+    doomed = [p for p in (done[:-keep] if keep else []) if p != just_written]
     doomed += [p for p in incomplete_checkpoints(run_dir) if checkpoint_step(p) < newest]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
@@ -113,7 +115,7 @@ class AtomicCheckpoints:
         if self.args.process_index == 0:
             final = Path(self.args.output_dir) / name
             publish(staging / name, final)
-            removed = rotate(Path(self.args.output_dir).parent, self.keep_checkpoints)
+            removed = rotate(Path(self.args.output_dir).parent, self.keep_checkpoints, just_written=final)
             log.info("checkpoint %s complete%s", final,
                      f"; removed {', '.join(p.name for p in removed)}" if removed else "")
         self.accelerator.wait_for_everyone()

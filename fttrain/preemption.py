@@ -13,12 +13,17 @@ their workers, and one rank is enough, because:
   leaving the others waiting in a collective;
 * they write one checkpoint together (fttrain.checkpoints: complete or absent),
   the recipe skips the final evaluation and save;
-* rank 0 requeues the job once (``scontrol requeue $SLURM_JOB_ID``) when the
-  signal was the time-limit warning, and every process exits with status 0.
-  A requeued job starts again with ``resume_from=auto`` and continues from
-  that checkpoint. SIGTERM (preemption, scancel) checkpoints but does not
-  requeue: Slurm requeues preempted jobs itself, and a cancelled job should
-  stay cancelled.
+* when the signal was a time-limit warning (USR1 from the batch script, USR2
+  from submitit), every rank waits for the others, rank 0 requeues the job
+  once (``scontrol requeue $SLURM_JOB_ID``) as its last action, and every
+  process exits with status 0 (Slurm's own SIGTERM after the requeue is
+  ignored). The restarted job (SLURM_RESTART_COUNT > 0) resumes from the
+  newest complete checkpoint (fttrain.__main__).
+* SIGTERM (preemption, scancel, the time limit itself) stops and
+  checkpoints without requeueing: Slurm requeues preempted jobs itself
+  (PreemptMode=REQUEUE), and a cancelled job should stay cancelled. The
+  checkpoint must fit in the cluster's grace time (KillWait / GraceTime);
+  torchrun's agent kills its workers after its own shutdown timeout too.
 """
 
 from __future__ import annotations
@@ -57,16 +62,22 @@ class StopOnSignal(TrainerCallback):
         self.stopped_at: Optional[int] = None  # the step all ranks stopped after
         self.stop_signal: Optional[int] = None  # agreed over ranks: the largest number received
         self.requeue_signals = {signal_number(s) for s in requeue_signals}
+        self.previous = {}
         for name in signals:
-            signal.signal(signal_number(name), self._handle)
+            number = signal_number(name)
+            self.previous[number] = signal.signal(number, self._handle)
 
     def _handle(self, signum, frame):
+        # Repeats are ignored: on preemption slurmd and torchrun's agent both send
+        # SIGTERM to each worker, and requeueing sends one more after the checkpoint.
         if self.received is None:
             self.received = signum
-            return
-        # A second signal: the sender insists (a launcher shutting down, Ctrl-\ twice): default action.
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+
+    def restore(self) -> None:
+        """The handlers that were there before (after the run)."""
+        for number, handler in self.previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
 
     def _agreed(self, device) -> int:
         flag = torch.tensor([self.received or 0], dtype=torch.int64, device=device)

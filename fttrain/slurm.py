@@ -3,8 +3,10 @@ rendered from the same Hydra config the run will use.
 
     compose     conf/ + OVERRIDES -> the run's config (slurm group: the cluster)
     check       the run's config checks, the plan on the job's topology (nodes x
-                processes), the cluster (sinfo: partition, node count, GPUs, CPUs),
-                the run directory (a finished run is not overwritten)
+                processes), the cluster (sinfo: partition, node count, GPUs, CPUs;
+                squeue: no job of this run already queued), the run directory
+                (the same rules as python -m fttrain: a finished or unfinished
+                run is not restarted without resume_from / a new name)
     write       <run_dir>/job/conf/        a copy of conf/: the job composes from it
                 <run_dir>/job/config.yaml  the resolved config; the job refuses to
                                            train if its own differs
@@ -16,8 +18,9 @@ one trial per task, each trial in ``<output_root>/multirun/<name>/<overrides>``
 (the directory names of a local ``-m`` sweep); ``python -m fttrain.sweep DIR``
 summarises it. Every trial is composed and checked before anything is submitted.
 
-The job always runs with ``resume_from=auto``: its first start trains from step
-0, a requeued start continues from the newest complete checkpoint.
+The job runs the user's overrides as given; when Slurm restarts it (requeue
+after a stop signal, preemption), it continues from the newest complete
+checkpoint (fttrain.__main__: SLURM_RESTART_COUNT > 0).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from fttrain.paths import CONF_DIR, REPO_ROOT
 
 SLURM_DIR = REPO_ROOT / "slurm"
 # Overrides the renderer sets itself, and keys left out of sweep directory names (as in conf/config.yaml).
-OWN_KEYS = ("resume_from", "hydra.run.dir")
+OWN_KEYS = ("hydra.run.dir",)
 DIRNAME_EXCLUDE = ("exp", "hparams_search", "name", "output_root", "overwrite", "resume_from", "slurm")
 
 
@@ -169,6 +172,18 @@ def cluster_problems(s) -> List[str]:
     return problems
 
 
+def queued_problems(run_dir: Path) -> List[str]:
+    """A queued or running job of this run reads job/ at start and at every
+    requeue: rendering again would change what it trains."""
+    done = subprocess.run(["squeue", "-h", "-o", "%i %o"], capture_output=True, text=True)
+    scripts = {str(run_dir / "job.sbatch"), str(run_dir.parent / "array.sbatch")}
+    jobs = [line.split()[0] for line in done.stdout.splitlines() if len(line.split()) > 1 and line.split()[1] in scripts]
+    if jobs:
+        return [f"job(s) {', '.join(jobs)} of this run are queued or running and read {run_dir}/job at each "
+                "(re)start; scancel them first, or choose name=..."]
+    return []
+
+
 def gpu_count(gres: str) -> int:
     """sinfo's %G: "gpu:8", "gpu:a100:4(S:0-1)", "gpu:2,shard:8" or "(null)" -> GPUs per node."""
     total = 0
@@ -191,10 +206,16 @@ def check(cfg: DictConfig, run_dir: Path, against_cluster: bool) -> None:
     problems += topology_problems(cfg)
     if against_cluster:
         problems += cluster_problems(cfg.slurm)
-    try:
-        outputs.guard_run_dir(run_dir, cfg.overwrite, "auto")
-    except outputs.RunDirError as e:
-        problems.append(str(e))
+    if cfg.overwrite:
+        problems.append(f"overwrite=true would clear {run_dir} again whenever Slurm restarts the job; remove the "
+                        "directory (or choose name=...) and submit without overwrite")
+    else:
+        try:
+            outputs.guard_run_dir(run_dir, False, cfg.resume_from)
+        except outputs.RunDirError as e:
+            problems.append(str(e))
+    if against_cluster:
+        problems += queued_problems(run_dir)
     if problems:
         raise SlurmError(f"{run_dir.name}: nothing submitted:\n" + "\n".join(f"  - {p}" for p in problems))
 
@@ -210,11 +231,11 @@ def template_env():
 
 
 def job_args(overrides: List[str], run_dir: Path) -> List[str]:
-    """The job's own command line: the user's overrides, its run dir, resume_from=auto."""
+    """The job's own command line: the user's overrides and its run dir."""
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in OWN_KEYS]
     # Quoted for Hydra's override grammar: sweep directory names hold '=' and ','.
     quoted = str(run_dir).replace("\\", "\\\\").replace("'", "\\'")
-    return [*kept, f"hydra.run.dir='{quoted}'", "resume_from=auto"]
+    return [*kept, f"hydra.run.dir='{quoted}'"]
 
 
 def snapshot_conf(job_dir: Path) -> Path:
@@ -316,7 +337,7 @@ def main(argv=None) -> int:
         else:
             if split_sweeps(args.overrides)[1]:
                 raise SlurmError("sweep values (key=a,b) need --array (a job array) or python -m fttrain -m "
-                                 "hydra/launcher=fttrain_slurm (one job per trial)")
+                                 "hydra/launcher=slurm (one job per trial)")
             cfg, run_dir = compose(args.overrides)
             check(cfg, run_dir, against_cluster)
             script = render_run(args.overrides, cfg, run_dir)

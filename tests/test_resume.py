@@ -57,6 +57,10 @@ def test_rotation_keeps_the_newest_k_and_drops_incomplete_only_behind_a_complete
     assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
     assert (ckpts / STAGING / "checkpoint-8").exists()  # no newer complete checkpoint yet: kept
     assert rotate(tmp_path, keep=0) == []  # 0 keeps every complete checkpoint
+    # Resumed from an older checkpoint: the one just written is kept though it is not the newest by step.
+    written = fake_checkpoint(ckpts / "checkpoint-5")
+    assert rotate(tmp_path, keep=1, just_written=written) == [ckpts / "checkpoint-4"]
+    assert written.exists() and (ckpts / "checkpoint-6").exists()
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -74,7 +74,7 @@ def test_the_job_carries_its_config(tmp_path):
     run_dir = script.parent
     assert (run_dir / "job" / "conf" / "exp" / "tiny_sft.yaml").exists()
     expected = (run_dir / "job" / "config.yaml").read_text()
-    assert "resume_from: auto" in expected and "partition: gpu" in expected
+    assert "resume_from: null" in expected and "partition: gpu" in expected  # restarts resume by themselves
     # The job composes from the copy with its own arguments and the rendered config: identical.
     args = re.search(r"--config-path (\S+) (.*) &$", script.read_text(), re.M)
     assert args.group(1) == str(run_dir / "job" / "conf")
@@ -85,8 +85,8 @@ def test_a_job_whose_config_changed_after_rendering_refuses_to_train(tmp_path):
     script = render(tmp_path, ["+exp=tiny_sft", "slurm=local", "trainer.max_steps=2"])
     expected = script.parent / "job" / "config.yaml"
     expected.write_text(expected.read_text().replace("max_steps: 2", "max_steps: 3"))
-    proc = run_cli(["+exp=tiny_sft", "slurm=local", "trainer.max_steps=2", f"hydra.run.dir={script.parent}",
-                    "resume_from=auto"], cwd=tmp_path, env={"FTTRAIN_EXPECT_CONFIG": str(expected)}, timeout=120)
+    proc = run_cli(["+exp=tiny_sft", "slurm=local", "trainer.max_steps=2", f"hydra.run.dir={script.parent}"],
+                   cwd=tmp_path, env={"FTTRAIN_EXPECT_CONFIG": str(expected)}, timeout=120)
     assert proc.returncode == 2 and "differs from the rendered" in proc.stderr and "trainer.max_steps" in proc.stderr
 
 
@@ -98,6 +98,7 @@ def test_a_job_whose_config_changed_after_rendering_refuses_to_train(tmp_path):
     (["slurm.partition=gpu", "slurm.nodes=1", "dist=fsdp_hybrid"], "dist.hybrid=true"),
     (["slurm.partition=gpu", "trainer.global_batch_size=12"], "on 1 node(s) x 8 process(es)"),
     (["slurm.partition=gpu", "peft.r=8,16"], "need --array"),
+    (["slurm.partition=gpu", "overwrite=true"], "overwrite=true would clear"),
 ])
 def test_bad_input_is_refused_before_sbatch(overrides, message, tmp_path, capsys, monkeypatch):
     from fttrain import slurm
@@ -261,7 +262,8 @@ def test_signalled_job_checkpoints_requeues_and_matches_an_uninterrupted_run(uni
     stopped = re.search(r"stopping after step (\d+)", rank_logs[0]).group(1)
     assert int(stopped) < 40
     assert all(f"stopping after step {stopped} on this rank" in t for t in rank_logs)  # both ranks, same step
-    assert f"requeued Slurm job {job}" in rank_logs[0] and f"checkpoint-{stopped} (step {stopped})" in rank_logs[0]
+    assert f"requeueing Slurm job {job}" in rank_logs[0] and "Slurm restart 1: resume_from=auto" in rank_logs[0]
+    assert f"checkpoint-{stopped} (step {stopped})" in rank_logs[0]
 
     # The same job uninterrupted (two gloo ranks as well): same per-step losses, same weights.
     _, _, ref_dir = uninterrupted_job

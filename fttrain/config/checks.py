@@ -183,7 +183,16 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"trainer.learning_rate={trainer.learning_rate} must be > 0")
     if trainer.save_total_limit < 0:
         problems.append("trainer.save_total_limit must be >= 0 (0 keeps every checkpoint)")
-    unhandled = set(trainer.requeue_signals) - set(trainer.stop_signals)
+    def numbers(names):
+        out = set()
+        for n in names:
+            try:
+                out.add(signal_number(n))
+            except AttributeError:
+                pass
+        return out
+
+    unhandled = [n for n in trainer.requeue_signals if numbers([n]) - numbers(trainer.stop_signals)]
     if unhandled:
         problems.append(f"trainer.requeue_signals {sorted(unhandled)} are not in trainer.stop_signals, so they "
                         "would never stop the run")

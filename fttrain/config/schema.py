@@ -572,8 +572,10 @@ class SlurmConfig:
     job_name: Optional[str] = None  # null: the run's name
     constraint: Optional[str] = None  # node features, e.g. a100|h100
     signal_seconds: int = 90  # warning before the limit: one step + a checkpoint must fit in it
-    max_requeues: int = 20  # a run that never gets further stops requeueing after this many
-    port: int = 29500  # rendezvous port on the first node
+    # Requeues after a stop signal, counted by Slurm (SLURM_RESTART_COUNT, which
+    # also counts other restarts): a long run needs one per time slice.
+    max_requeues: int = 20
+    port: Optional[int] = None  # rendezvous port on the first node; null: derived from the job id (no clashes)
     # Environment setup, run before launching: module load ..., source venv/bin/activate
     setup: List[str] = field(default_factory=list)
     env: Dict[str, str] = field(default_factory=dict)  # extra exported variables: +slurm.env.HF_HOME=/scratch/hf

@@ -300,21 +300,33 @@ class Recipe:
         if self.stop_on_signal.stopped:  # a checkpoint was written; the final eval and save wait for the resume
             return
         self.eval_metrics = self.trainer.evaluate() if self.has_eval() else {}
+        self.after_training()
+
+    def after_training(self) -> None:
+        """The task's own measurement after training (generations, held-out
+        reward, ...); skipped when a stop signal ended the run, whose time
+        before the limit is for the checkpoint and the requeue."""
 
     # ------------------------------------------------------------- save
     def finish_stopped(self) -> dict:
-        """After a stop signal: the checkpoint is written (all ranks); rank 0
-        requeues the Slurm job once when the signal asks for it."""
+        """After a stop signal the checkpoint is written (all ranks). When the
+        signal asks for it under Slurm, rank 0 requeues the job as the very last
+        step (Slurm ends the job's processes right after), and every rank exits
+        with status 0 without returning a result: a sweep launcher must not
+        count a requeued trial as finished."""
         stop = self.stop_on_signal
-        result = {"stopped_by_signal": signal_name(stop.stop_signal), "steps": stop.stopped_at, "requeued": False}
-        if self.is_main:
-            if stop.should_requeue():
-                log.info("requeued Slurm job %s; it resumes from step %d", requeue_job(), stop.stopped_at)
-                result["requeued"] = True
-            else:
-                log.info("stopped after step %d; continue with resume_from=auto", stop.stopped_at)
         self.trainer.accelerator.wait_for_everyone()
-        return result
+        if not stop.should_requeue():
+            if self.is_main:
+                log.info("stopped after step %d; continue with resume_from=auto", stop.stopped_at)
+            return {"stopped_by_signal": signal_name(stop.stop_signal), "steps": stop.stopped_at}
+        if self.is_main:
+            remove_pid_file(self.run_dir)
+            try:
+                log.info("requeueing Slurm job %s; it resumes from step %d", requeue_job(), stop.stopped_at)
+            except RuntimeError as e:  # e.g. an interactive allocation, which cannot be requeued
+                log.error("%s; the checkpoint of step %d is complete: resubmit to continue", e, stop.stopped_at)
+        raise SystemExit(0)
 
     def token_counts(self):
         """(real tokens, token slots) trained on, over all ranks."""
@@ -450,5 +462,6 @@ def run_recipe(recipe: Recipe) -> dict:
             return recipe.finish_stopped()
         return recipe.save()
     finally:
+        recipe.stop_on_signal.restore()  # the next in-process run (a sweep's trial) installs its own
         if recipe.is_main:
             remove_pid_file(run_dir)

@@ -100,8 +100,7 @@ class GRPORecipe(Recipe):
     def _reward_before(self):
         self.before = self.held_out_reward("before")
 
-    def train(self) -> None:
-        super().train()
+    def after_training(self) -> None:
         self.after = self.held_out_reward("after")
 
     @torch.no_grad()

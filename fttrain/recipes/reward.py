@@ -81,8 +81,7 @@ class RewardRecipe(PreferenceRecipe):
     def _accuracy_before(self):
         self.before = self.pairwise_accuracy()
 
-    def train(self) -> None:
-        super().train()
+    def after_training(self) -> None:
         self.after = self.pairwise_accuracy()
 
     @torch.no_grad()

@@ -134,8 +134,7 @@ class SFTRecipe(Recipe):
             log.info("eval exact match %s training: %.3f on %d held-out rows", when, em, len(scored))
         return {"results": results, "exact_match": em, "n": len(scored)}
 
-    def train(self) -> None:
-        super().train()
+    def after_training(self) -> None:
         self.after = self._generations("after")
 
     # ------------------------------------------------------------- save
