@@ -68,14 +68,6 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
-def publish(staged: Path, final: Path) -> None:
-    """Rename a fully written checkpoint to its final name (the same step saved
-    again after a resume is swapped in: the old one is removed only after)."""
-    from fttrain.outputs import publish_dir
-
-    publish_dir(staged, final)
-
-
 def rotate(run_dir: Path, keep: Optional[int], just_written: Optional[Path] = None) -> List[Path]:
     """Remove all but the newest ``keep`` complete checkpoints (None or 0 keeps
     all), and incomplete ones older than the newest complete one; never the
@@ -113,8 +105,11 @@ class AtomicCheckpoints:
         # Every rank has written its shards, optimizer state and RNG state.
         self.accelerator.wait_for_everyone()
         if self.args.process_index == 0:
+            from fttrain.outputs import publish_dir
+
             final = Path(self.args.output_dir) / name
-            publish(staging / name, final)
+            # A rename; the same step saved again after a resume is swapped in, the old one removed after.
+            publish_dir(staging / name, final)
             removed = rotate(Path(self.args.output_dir).parent, self.keep_checkpoints, just_written=final)
             log.info("checkpoint %s complete%s", final,
                      f"; removed {', '.join(p.name for p in removed)}" if removed else "")

@@ -11,11 +11,14 @@ Two traps this module exists for (seen with accelerate 1.15 / torch 2.13):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-import os
-
 import torch
+
+# Rendezvous port of a Slurm job without a fixed one: PORT_BASE + job id % PORT_SPAN,
+# so jobs sharing a node do not clash (the sbatch templates compute the same).
+PORT_BASE, PORT_SPAN = 15000, 20000
 
 
 class LaunchError(RuntimeError):
@@ -99,5 +102,5 @@ def distributed_env_from_slurm() -> None:
         "LOCAL_WORLD_SIZE": str(per_node),
         "MASTER_ADDR": nodes[0],
         # One port per job, so trials sharing a node do not collide.
-        "MASTER_PORT": os.environ.get("MASTER_PORT") or str(15000 + int(os.environ["SLURM_JOB_ID"]) % 20000),
+        "MASTER_PORT": os.environ.get("MASTER_PORT") or str(PORT_BASE + int(os.environ["SLURM_JOB_ID"]) % PORT_SPAN),
     })

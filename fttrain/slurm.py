@@ -37,12 +37,12 @@ from typing import Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from fttrain.env import PORT_BASE, PORT_SPAN
 from fttrain.paths import CONF_DIR, REPO_ROOT
 
 SLURM_DIR = REPO_ROOT / "slurm"
-# Overrides the renderer sets itself, and keys left out of sweep directory names (as in conf/config.yaml).
+# Overrides the renderer sets itself.
 OWN_KEYS = ("hydra.run.dir",)
-DIRNAME_EXCLUDE = ("exp", "hparams_search", "name", "output_root", "overwrite", "resume_from", "slurm")
 
 
 class SlurmError(RuntimeError):
@@ -60,16 +60,9 @@ class Trial:
 # ------------------------------------------------------------------ compose
 def compose(overrides: List[str]) -> tuple:
     """(run config, hydra run dir) as ``python -m fttrain OVERRIDES`` would compose them."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from fttrain.config.compose import compose_config
 
-    from fttrain.config.schema import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        full = hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+    full = compose_config(overrides, return_hydra_config=True)
     run_dir = Path(str(full.hydra.run.dir))
     cfg = OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])
     return cfg, run_dir.resolve()
@@ -90,11 +83,13 @@ def split_sweeps(overrides: List[str]):
 
 
 def dirname_of(overrides: List[str]) -> str:
-    """Hydra's job.override_dirname for these overrides (conf/config.yaml's rule)."""
+    """Hydra's job.override_dirname for these overrides, with the keys
+    conf/config.yaml excludes from it (the same names as a local -m sweep)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    exclude = OmegaConf.load(CONF_DIR / "config.yaml").hydra.job.config.override_dirname.exclude_keys
     lines = [o.input_line for o in OverridesParser.create().parse_overrides(overrides)
-             if o.key_or_group not in DIRNAME_EXCLUDE]
+             if o.key_or_group not in exclude]
     return ",".join(sorted(lines))
 
 
@@ -246,9 +241,10 @@ def snapshot_conf(job_dir: Path) -> Path:
     return dest
 
 
-def expected_config(overrides: List[str], dest: Path) -> Path:
-    """The resolved config the job will compose (its own args, from the copy of conf/)."""
-    cfg, _ = compose(overrides)
+def expected_config(cfg: DictConfig, dest: Path) -> Path:
+    """The resolved config the job must compose: the job's arguments differ
+    from the ones cfg was composed with only in hydra.run.dir, which is not
+    part of it."""
     dest.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return dest
 
@@ -263,6 +259,8 @@ def common_context(cfg: DictConfig) -> Dict:
         "python": shlex.quote(str(s.python)),
         "timeout_minutes": cfg.dist.get("timeout_minutes", 30),
         "omp_threads": max(1, s.cpus_per_task // max(1, ppn)),
+        "port_base": PORT_BASE,
+        "port_span": PORT_SPAN,
     }
 
 
@@ -272,7 +270,7 @@ def render_run(overrides: List[str], cfg: DictConfig, run_dir: Path) -> Path:
     job_dir.mkdir(parents=True, exist_ok=True)
     conf = snapshot_conf(job_dir)
     args = job_args(overrides, run_dir)
-    expected = expected_config(args, job_dir / "config.yaml")
+    expected = expected_config(cfg, job_dir / "config.yaml")
     script = run_dir / "job.sbatch"
     name = "multi_node.sbatch.j2" if cfg.slurm.nodes > 1 else "single_node.sbatch.j2"
     text = template_env().get_template(name).render(
@@ -292,7 +290,7 @@ def render_array(overrides: List[str], trials: List[Trial], max_parallel: Option
     for i, t in enumerate(trials):
         args = job_args(t.overrides, t.run_dir)
         (sweep_dir / f"trial_{i}.args").write_text("".join(a + "\n" for a in args))
-        expected_config(args, sweep_dir / f"trial_{i}.config.yaml")
+        expected_config(t.cfg, sweep_dir / f"trial_{i}.config.yaml")
     (sweep_dir / "run_dirs.txt").write_text("".join(f"{t.run_dir}\n" for t in trials))
     script = sweep_dir / "array.sbatch"
     text = template_env().get_template("array.sbatch.j2").render(

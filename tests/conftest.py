@@ -43,6 +43,16 @@ def compose(overrides=(), return_hydra_config=False):
     return compose_config(overrides, return_hydra_config)
 
 
+def config_error(overrides) -> str:
+    """The message check_config raises for the composed overrides; the test
+    fails if it raises none."""
+    from fttrain.config.checks import ConfigCheckError, check_config
+
+    with pytest.raises(ConfigCheckError) as err:
+        check_config(compose(overrides))
+    return str(err.value)
+
+
 def run_cli(args, cwd, timeout=600, launcher=None, env=None):
     """Run `python -m fttrain ARGS` (or under a launcher) in cwd; returns CompletedProcess."""
     cmd = (launcher or [sys.executable]) + ["-m", "fttrain"] + list(args)

@@ -69,12 +69,9 @@ def test_rotation_keeps_the_newest_k_and_drops_incomplete_only_behind_a_complete
     (["trainer.save_total_limit=-1"], "trainer.save_total_limit must be >= 0"),
 ])
 def test_signal_config_problems(overrides, message):
-    from conftest import compose
-    from fttrain.config.checks import ConfigCheckError, check_config
+    from conftest import config_error
 
-    with pytest.raises(ConfigCheckError) as e:
-        check_config(compose(["+exp=tiny_sft", *overrides]))
-    assert message in str(e.value)
+    assert message in config_error(["+exp=tiny_sft", *overrides])
 
 
 # ------------------------------------------------------------------ signal, stop, resume (processes)

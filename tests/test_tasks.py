@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import compose, run_cli
+from conftest import compose, config_error, run_cli
 
 
 # ------------------------------------------------------------------ pt layout
@@ -128,11 +128,7 @@ def test_builtin_rewards():
     (["data.format=messages"], "task=grpo reads data.format prompt"),
 ])
 def test_grpo_config_problems_fail_before_loading(overrides, message):
-    from fttrain.config.checks import ConfigCheckError, check_config
-
-    with pytest.raises(ConfigCheckError) as e:
-        check_config(compose(["+exp=tiny_grpo", *overrides]))
-    assert message in str(e.value)
+    assert message in config_error(["+exp=tiny_grpo", *overrides])
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -144,11 +140,7 @@ def test_grpo_config_problems_fail_before_loading(overrides, message):
     (["task=sft", "data.format=preference"], "task=sft reads data.format"),
 ])
 def test_preference_config_problems(overrides, message):
-    from fttrain.config.checks import ConfigCheckError, check_config
-
-    with pytest.raises(ConfigCheckError) as e:
-        check_config(compose(["+exp=tiny_dpo", *overrides]))
-    assert message in str(e.value)
+    assert message in config_error(["+exp=tiny_dpo", *overrides])
 
 
 def test_grpo_batch_must_split_into_groups(tmp_path):

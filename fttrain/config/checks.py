@@ -173,26 +173,19 @@ def check_config(cfg: DictConfig) -> None:
     # --- trainer: stop signals, then batch arithmetic that can be checked without a world size
     from fttrain.preemption import signal_number
 
+    numbers = {}  # signal name -> number, for the names that are signals
     for key in ("stop_signals", "requeue_signals"):
         for name in trainer[key]:
             try:
-                signal_number(name)
+                numbers[name] = signal_number(name)
             except AttributeError:
                 problems.append(f"trainer.{key}: {name!r} is not a signal name (e.g. SIGUSR1, SIGTERM)")
     if trainer.learning_rate <= 0:
         problems.append(f"trainer.learning_rate={trainer.learning_rate} must be > 0")
     if trainer.save_total_limit < 0:
         problems.append("trainer.save_total_limit must be >= 0 (0 keeps every checkpoint)")
-    def numbers(names):
-        out = set()
-        for n in names:
-            try:
-                out.add(signal_number(n))
-            except AttributeError:
-                pass
-        return out
-
-    unhandled = [n for n in trainer.requeue_signals if numbers([n]) - numbers(trainer.stop_signals)]
+    stopping = {numbers[n] for n in trainer.stop_signals if n in numbers}
+    unhandled = [n for n in trainer.requeue_signals if n in numbers and numbers[n] not in stopping]
     if unhandled:
         problems.append(f"trainer.requeue_signals {sorted(unhandled)} are not in trainer.stop_signals, so they "
                         "would never stop the run")

@@ -448,20 +448,23 @@ def write_run_info(cfg: DictConfig, run_dir: Path, recipe: Recipe) -> None:
 
 def run_recipe(recipe: Recipe) -> dict:
     cfg, run_dir = recipe.cfg, recipe.run_dir
-    recipe.setup()
-    if cfg.preflight:
-        if recipe.is_main:
-            log.info("preflight passed: config, launch, tokenizer and the data are valid (%s); "
-                     "run again without preflight=true to train", recipe.data_report)
-        return {}
-    if recipe.is_main:
-        write_run_info(cfg, run_dir, recipe)
     try:
+        recipe.setup()
+        if cfg.preflight:
+            if recipe.is_main:
+                log.info("preflight passed: config, launch, tokenizer and the data are valid (%s); "
+                         "run again without preflight=true to train", recipe.data_report)
+            return {}
+        if recipe.is_main:
+            write_run_info(cfg, run_dir, recipe)
         recipe.train()
         if recipe.stop_on_signal.stopped:
             return recipe.finish_stopped()
         return recipe.save()
     finally:
-        recipe.stop_on_signal.restore()  # the next in-process run (a sweep's trial) installs its own
-        if recipe.is_main:
+        # Also after a failed setup: the next in-process run (a sweep's trial) installs its own handlers.
+        stop = getattr(recipe, "stop_on_signal", None)  # absent when the launch checks failed
+        if stop is not None:
+            stop.restore()
+        if getattr(recipe, "is_main", False):
             remove_pid_file(run_dir)
