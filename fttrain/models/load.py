@@ -103,7 +103,36 @@ def load_causal_lm(path: str, dtype: torch.dtype, quantization_config=None, **kw
 
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    if quantization_config is not None:
+        disable_cpu_packed_4bit(model)
+    return model
+
+
+def disable_cpu_packed_4bit(model) -> int:
+    """Keep bitsandbytes' 4-bit layers off their AVX512-BF16 CPU layout; returns how many.
+
+    On a CPU with AVX512-BF16, bitsandbytes (>= 0.49, the fused CPU kernel of
+    bitsandbytes-foundation/bitsandbytes PR #1804) repacks a Linear4bit's weight
+    in place at its first forward pass in eval mode without gradients: the
+    generations before training, an eval. Two things then go wrong, seen with
+    0.50.2 on such a CPU (no upstream issue found):
+      * a layer whose input width is not a multiple of the quantisation block
+        (the tiny model's 352-wide down_proj, block 64) fails with
+        "shape '[128, 5]' is invalid for input of size 704";
+      * a layer that converts stays converted, and its kernel (gemv_4bit) has no
+        autograd: back in training, no gradient flows through it to the input,
+        so adapters of earlier layers stop learning without an error.
+    The flag is read at every forward; with it off the layer keeps the standard
+    layout and the same dequantise-and-matmul path in training and in eval, on
+    every CPU. On a GPU the flag is never consulted.
+    """
+    n = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def load_model(model_cfg, path: str, precision: str, quantization_config=None):
