@@ -25,7 +25,7 @@ def _user_errors():
     """Errors that are the user's to fix: shown as one clear message, no traceback."""
     from fttrain.config.checks import ConfigCheckError
     from fttrain.data.sources import DataError
-    from fttrain.data.tokenize import TemplateError
+    from fttrain.data.templates import TemplateError
     from fttrain.env import LaunchError
     from fttrain.outputs import RunDirError
     from fttrain.peft_setup import PeftSetupError
@@ -96,6 +96,7 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
 
     check_config(cfg)  # cross-field rules; types and key names were checked while composing
     check_expected_config(cfg)
+    warn_inherited_data_settings(cfg, overrides)
     run_dir = Path(run_dir)
     restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     if restarts > 0:
@@ -120,6 +121,18 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
             outputs.clear_previous_run(run_dir)
         outputs.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         outputs.write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(list(overrides)))
+
+
+def warn_inherited_data_settings(cfg: DictConfig, overrides) -> None:
+    """data.train from the command line on an experiment made for a built-in
+    set: say which of that set's settings still apply (eval set, row cap, length)."""
+    from fttrain.config.checks import inherited_data_settings
+
+    inherited = inherited_data_settings(cfg, overrides)
+    if inherited and int(os.environ.get("RANK", "0")) == 0:
+        log.warning("data.train=%s is yours, but these data settings come from the experiment, not your command line: "
+                    "%s. Set them if they do not suit your data (e.g. data.max_samples=null, data.max_length=2048).",
+                    cfg.data.train, ", ".join(inherited))
 
 
 def check_expected_config(cfg: DictConfig) -> None:

@@ -8,8 +8,10 @@ from fttrain.data.packing import PaddingCollator, best_fit_decreasing, pack
 from fttrain.data.pipeline import prepare_data
 from fttrain.data.rows import split_train_eval
 from fttrain.data.sources import DataError, load_rows
-from fttrain.data.tokenize import IGNORE, TemplateError, Tokenizer
-from fttrain.models.load import ensure_pad_token, resolve_chat_template
+from fttrain.data.templates import TemplateError
+from fttrain.data.tokenize import IGNORE, Tokenizer
+from fttrain.data.templates import resolve_chat_template
+from fttrain.models.load import ensure_pad_token
 from conftest import compose
 
 
@@ -257,17 +259,18 @@ def test_eos_padding_keeps_eos_trained(tokenizer):
     assert batch["attention_mask"][1].tolist() == [1, 1, 0]
 
 
-def test_template_without_generation_markers_is_refused(tmp_path, tokenizer):
-    plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    tok = Tokenizer(tokenizer, plain, assistant_only_loss=True)
-    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
-    cfg = data_cfg(write_jsonl(tmp_path / "c.jsonl", rows))
-    with pytest.raises(TemplateError, match="generation"):
+def test_template_without_generation_markers_trains_the_answer_and_its_end_of_turn(tmp_path, tokenizer):
+    # No {% generation %} markers: the trained tokens come from rendering turn by turn.
+    closing = "{% for m in messages %}{{ m['role'] }}:\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}" \
+              "{% if add_generation_prompt %}assistant:\n{% endif %}"
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a b"}]}]
+    cfg = data_cfg(write_jsonl(tmp_path / "c.jsonl", rows), packing=False)
+    assert trained_text(tokenizer, prepare_data(cfg, tokenizer, closing, True).train.rows[0]) == "a b<|eot_id|>"
+    # A template that never closes a turn would train a model that never stops: refused.
+    plain = "{% for m in messages %}{{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}" \
+            "{% if add_generation_prompt %}assistant:\n{% endif %}"
+    with pytest.raises(TemplateError, match="end-of-turn"):
         prepare_data(cfg, tokenizer, plain, True)
-    from fttrain.config.checks import ConfigCheckError, check_tokenizer_template
-
-    with pytest.raises(ConfigCheckError, match="generation"):
-        check_tokenizer_template(compose(["+exp=tiny_sft"]), plain)
 
 
 def test_shipped_templates_mark_assistant_tokens(tokenizer):
@@ -331,7 +334,7 @@ def test_wrong_types_and_template_rejections_name_the_row(tmp_path, tokenizer):
         prepared(tokenizer, data_cfg(write_jsonl(tmp_path / "a.jsonl", rows), fmt="alpaca"))
     strict_template = ("{% for m in messages %}{% if loop.index0 % 2 == 0 and m['role'] != 'user' %}"
                        "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
-                       "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}"
+                       "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + eos_token }}{% endgeneration %}"
                        "{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
     chats = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
              {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"},
@@ -344,7 +347,7 @@ def test_wrong_types_and_template_rejections_name_the_row(tmp_path, tokenizer):
 
 
 def test_generation_marker_spellings():
-    from fttrain.data.tokenize import has_generation_markers
+    from fttrain.data.templates import has_generation_markers
 
     for tag in ("{% generation %}", "{%- generation %}", "{% generation -%}", "{%- generation -%}"):
         assert has_generation_markers(f"x{tag}y{{% endgeneration %}}")

@@ -13,7 +13,6 @@ from typing import List
 from omegaconf import DictConfig
 
 from fttrain.config.schema import value_of
-from fttrain.models.load import TEMPLATE_DIR, shipped_templates
 
 
 CHAT_FORMATS = {"alpaca", "sharegpt", "messages"}  # formats rendered through a chat template
@@ -55,7 +54,7 @@ def unknown_keys(node, path: str = "") -> List[str]:
 TASK_FORMATS = {
     "sft": ("alpaca", "sharegpt", "messages", "prompt_completion", "text"),
     "pt": ("text",),
-    "dpo": ("preference",), "kto": ("preference",), "orpo": ("preference",), "rm": ("preference",),
+    "dpo": ("preference",), "kto": ("preference", "unpaired"), "orpo": ("preference",), "rm": ("preference",),
     "grpo": ("prompt",),
     "cls": ("classification",), "ner": ("tokens_tags",), "qa": ("squad",),
 }
@@ -129,19 +128,21 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"data.max_length={data.max_length} is too small to hold a prompt and a response")
     if not 0.0 <= data.eval_fraction < 1.0:
         problems.append(f"data.eval_fraction={data.eval_fraction} must be in [0, 1)")
-    template = data.chat_template
-    if template != "tokenizer" and template not in shipped_templates():
-        problems.append(f"data.chat_template={template!r}: not 'tokenizer' nor a shipped template {shipped_templates()}")
-    if task.name == "sft" and task.assistant_only_loss and value_of(data.format) in CHAT_FORMATS:
-        # Only checkable here for shipped templates; the tokenizer's own
-        # template is checked right after the tokenizer loads (before the model).
-        if template != "tokenizer":
-            text = (TEMPLATE_DIR / f"{template}.jinja").read_text() if template in shipped_templates() else ""
-            if text and "generation" not in text:
-                problems.append(
-                    f"task.assistant_only_loss=true needs {{% generation %}} markers, which data.chat_template={template} "
-                    "lacks; pick another template or set task.assistant_only_loss=false"
-                )
+    from fttrain.data.templates import template_choice_problem
+
+    problem = template_choice_problem(data.chat_template)
+    if problem:
+        problems.append(problem)
+    if task.name == "sft":
+        from fttrain.data.chat import HISTORY_REWRITE
+        from fttrain.data.formats import ROLES
+
+        if task.history_rewrite not in HISTORY_REWRITE:
+            problems.append(f"task.history_rewrite={task.history_rewrite!r} must be one of {list(HISTORY_REWRITE)}")
+        bad = [r for r in task.train_roles if r not in ROLES]
+        if bad or not task.train_roles:
+            problems.append(f"task.train_roles={list(task.train_roles)} must be a non-empty list of {list(ROLES)}")
+    problems += inherited_data_problems(cfg)
     allowed = TASK_FORMATS[task.name]
     if value_of(data.format) not in allowed:
         problems.append(f"task={task.name} reads data.format {' or '.join(allowed)}, not {value_of(data.format)!r}")
@@ -216,27 +217,68 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigCheckError(problems)
 
 
-def check_tokenizer_template(cfg: DictConfig, template) -> None:
-    """Runs after the tokenizer loads and before the model does."""
-    if cfg.task.name != "sft" or value_of(cfg.data.format) not in CHAT_FORMATS:
-        return
-    if not template:
-        raise ConfigCheckError(
-            [
-                f"data.format={value_of(cfg.data.format)} needs a chat template and the tokenizer has none: "
-                f"set data.chat_template to one of {shipped_templates()}"
-            ]
-        )
-    from fttrain.data.tokenize import has_generation_markers
+def check_tokenizer_template(cfg: DictConfig, tokenizer, template) -> None:
+    """Runs after the tokenizer loads and before the model does: the chat
+    template exists where chat data needs one, and is this model's format."""
+    from fttrain.data.templates import TemplateInfo, check_template_fits, shipped_templates
 
-    if cfg.task.assistant_only_loss and not has_generation_markers(template):
-        raise ConfigCheckError(
-            [
-                "task.assistant_only_loss=true but the tokenizer's chat template has no {% generation %} markers, "
-                "so assistant tokens cannot be found. Set data.chat_template to a shipped template with markers "
-                f"({shipped_templates()}) that matches the model's format, or task.assistant_only_loss=false."
-            ]
-        )
+    fmt = value_of(cfg.data.format)
+    chat_data = fmt in CHAT_FORMATS or fmt in ("preference", "unpaired", "prompt", "prompt_completion")
+    if not chat_data or cfg.task.name not in TASK_FORMATS or cfg.task.name in ENCODER_TASKS:
+        return None
+    if not template:
+        if fmt in CHAT_FORMATS:
+            raise ConfigCheckError([
+                f"data.format={fmt} needs a chat template and the tokenizer has none: set data.chat_template to "
+                f"one of {shipped_templates()} or a .jinja file in the model's format"])
+        return None
+    info = TemplateInfo.probe(tokenizer, template)
+    problems = check_template_fits(tokenizer, info, cfg.data.allow_split_markers)
+    if problems:
+        raise ConfigCheckError([f"data.chat_template={cfg.data.chat_template}: {p}" for p in problems])
+    return info
+
+
+def length_problems(cfg: DictConfig, model_config) -> List[str]:
+    """data.max_length against the positions the model has (read from its config.json, before any weights)."""
+    limit = next((getattr(model_config, k) for k in ("max_position_embeddings", "n_positions", "max_seq_len",
+                                                      "seq_length") if isinstance(getattr(model_config, k, None), int)),
+                 None)
+    if limit is not None and cfg.data.max_length > limit:
+        return [f"data.max_length={cfg.data.max_length} is longer than the model's {limit} positions "
+                f"(max_position_embeddings of {cfg.model.name_or_path}); set data.max_length<={limit}"]
+    return []
+
+
+# What the built-in demo sets choose for themselves; on another data.train they are a trap.
+DEMO_DATA_KEYS = ("eval", "max_samples", "max_length", "system_prompt")
+
+
+def inherited_data_problems(cfg: DictConfig) -> List[str]:
+    """Your data.train on an experiment built for a generated set: a generated
+    eval set makes no sense for it (refused)."""
+    data = cfg.data
+    if data.train and not str(data.train).startswith("builtin:") and data.eval and str(data.eval).startswith("builtin:"):
+        return [f"data.eval={data.eval} is the experiment's generated eval set, but data.train={data.train} is "
+                "your data: set data.eval=YOUR_EVAL_FILE, or data.eval=null to hold out data.eval_fraction of it"]
+    return []
+
+
+def inherited_data_settings(cfg: DictConfig, overrides) -> List[str]:
+    """data.* values that came from the experiment while data.train came from
+    the command line: shown next to a warning at start-up and in preflight."""
+    from fttrain.config.schema import DataConfig
+
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    if "data.train" not in given or str(cfg.data.train).startswith("builtin:"):
+        return []
+    defaults = DataConfig()
+    out = []
+    for key in DEMO_DATA_KEYS:
+        value = cfg.data[key]
+        if f"data.{key}" not in given and value != getattr(defaults, key):
+            out.append(f"data.{key}={value}")
+    return out
 
 
 def peft_problems(cfg: DictConfig) -> List[str]:

@@ -43,6 +43,7 @@ class DataFormat(str, Enum):
     prompt_completion = "prompt_completion"  # prompt / completion
     text = "text"  # raw text, every token trained
     preference = "preference"  # prompt / chosen / rejected (strings or messages): dpo, orpo, kto, rm
+    unpaired = "unpaired"  # prompt / completion / label (true = desirable), or messages + label: kto
     prompt = "prompt"  # prompt (string or messages) + columns the reward functions read: grpo
     classification = "classification"  # text [/ text_pair] / label or labels: cls
     tokens_tags = "tokens_tags"  # CoNLL-style tokens / tags: ner
@@ -300,9 +301,21 @@ class TaskConfig:
 @dataclass
 class SFTTaskConfig(TaskConfig):
     name: str = "sft"
-    # Train only on assistant tokens (and their end-of-turn). Needs a chat
-    # template with {% generation %} markers for chat data.
+    # Train only the chosen turns (train_roles) and their end-of-turn token;
+    # found for any chat template (fttrain/data/chat.py). false: every token.
     assistant_only_loss: bool = True
+    # Roles whose messages train: assistant (default); adding user or tool also trains those turns.
+    train_roles: List[str] = field(default_factory=lambda: ["assistant"])
+    last_turn_only: bool = False  # true: only the last trained turn of each chat (earlier ones are context)
+    # false: an empty <think></think> block the template writes before an answer
+    # (Qwen3 and other reasoning templates) is context, not trained, so the model
+    # keeps its own reasoning mode; true: train it (teaches "no thinking").
+    train_empty_think: bool = False
+    # When the template writes earlier turns differently once later turns follow
+    # (Qwen3 drops earlier <think> blocks; some fold the system prompt into the
+    # last user turn): split = one sample per trained turn (more tokens, every
+    # turn trained as served); last = train the last turn only; raise = stop.
+    history_rewrite: str = "split"
     generation_eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
 
 
@@ -442,9 +455,14 @@ class DataConfig:
     # Role names in the data mapped to system/user/assistant (sharegpt: human->user, gpt->assistant).
     role_map: Dict[str, str] = field(default_factory=dict)
     system_prompt: Optional[str] = None  # prepended to every chat without one
-    # "tokenizer" uses the model's own template; a name picks a shipped template
-    # (fttrain/data/templates/<name>.jinja) that has {% generation %} markers.
+    # "tokenizer": the model's own template (default); a shipped name (llama3,
+    # chatml: fttrain/data/templates/); or a path to a .jinja file. The run
+    # trains with it and saves it with the model, so inference uses the same format.
     chat_template: str = "tokenizer"
+    # A template whose turn markers this tokenizer splits into plain-text pieces
+    # is refused (it is another model's format). true accepts it: a base model
+    # learning a new format.
+    allow_split_markers: bool = False
     max_length: int = 1024  # longer sequences cost memory quadratically in eager attention
     overlength: str = "truncate"  # truncate | drop | raise
     # strict: a bad row raises with its index and field. lenient: it is dropped and counted.

@@ -5,9 +5,9 @@ The label rules, shown for a chat (``.`` = -100, not trained):
     tokens  <bos> <hdr>system ... <eot> <hdr>user ... <eot> <hdr>assistant\\n\\n  c  b  a  <eot>
     labels    .     .   ...      .     .    ...      .        .                  c  b  a  <eot>
 
-* chat: with ``assistant_only_loss`` only tokens inside the template's
-  ``{% generation %}`` blocks are trained: assistant turns and their end-of-turn
-  token, so the model learns to stop. Otherwise every token is trained.
+* chat: with ``assistant_only_loss`` the trained turns (assistant by default)
+  and their end-of-turn token train, found for any chat template
+  (``fttrain.data.chat``); otherwise every token trains.
 * prompt/completion: the prompt is masked, the completion and an EOS trained.
 * text: every token is trained, and an EOS ends the document.
 * the first label of every sample is always -100: no token precedes it, so it
@@ -22,59 +22,54 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
+from fttrain.data.chat import IGNORE, ChatEncoder, EncodedChat, MaskPolicy
 from fttrain.data.formats import Chat, Example, PromptCompletion, Text
-
-IGNORE = -100
-
-
-class TemplateError(ValueError):
-    pass
-
-
-def has_generation_markers(template: Optional[str]) -> bool:
-    import re
-
-    return bool(template) and re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+from fttrain.data.templates import TemplateError, TemplateInfo
 
 
 class Tokenizer:
-    def __init__(self, tokenizer, chat_template: Optional[str], assistant_only_loss: bool):
+    """One example -> one or more (input_ids, labels) samples (several when a
+    chat is split per turn, see ``MaskPolicy.history_rewrite``)."""
+
+    def __init__(self, tokenizer, chat_template: Optional[str], assistant_only_loss: bool,
+                 policy: MaskPolicy = MaskPolicy(), info: Optional[TemplateInfo] = None):
         self.tok = tokenizer
         self.template = chat_template
         self.assistant_only_loss = assistant_only_loss
+        self.info = info or (TemplateInfo.probe(tokenizer, chat_template) if chat_template else None)
+        self.chats = ChatEncoder(tokenizer, self.info, policy) if self.info else None
+
+    def encode(self, ex: Example) -> EncodedChat:
+        if isinstance(ex, Chat):
+            out = self._chat(ex)
+        elif isinstance(ex, PromptCompletion):
+            out = EncodedChat([self._prompt_completion(ex)])
+        else:
+            out = EncodedChat([self._text(ex)])
+        for _, labels in out.samples:
+            if labels:
+                labels[0] = IGNORE
+        return out
 
     def __call__(self, ex: Example) -> Tuple[List[int], List[int]]:
-        if isinstance(ex, Chat):
-            ids, labels = self._chat(ex)
-        elif isinstance(ex, PromptCompletion):
-            ids, labels = self._prompt_completion(ex)
-        else:
-            ids, labels = self._text(ex)
-        if labels:
-            labels[0] = IGNORE
-        return ids, labels
+        """The one sample of an example (tests and tools; the pipeline uses encode)."""
+        samples = self.encode(ex).samples
+        if len(samples) != 1:
+            raise ValueError(f"the example became {len(samples)} samples; use Tokenizer.encode")
+        return samples[0]
 
     def _eos(self) -> List[int]:
         return [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
 
-    def _chat(self, ex: Chat):
-        if not self.template:
+    def _chat(self, ex: Chat) -> EncodedChat:
+        if self.chats is None:
             raise TemplateError(
                 "chat data needs a chat template: the tokenizer has none. Set data.chat_template to a shipped "
-                "template (llama3, chatml) or use a tokenizer that has one."
+                "template (llama3, chatml) or a .jinja file in the model's format."
             )
-        out = self.tok.apply_chat_template(
-            ex.messages,
-            chat_template=self.template,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=self.assistant_only_loss,
-        )
-        ids = list(out["input_ids"])
-        if not self.assistant_only_loss:
-            return ids, list(ids)
-        mask = out["assistant_masks"]
-        return ids, [t if m else IGNORE for t, m in zip(ids, mask)]
+        if self.assistant_only_loss:
+            return self.chats.encode(ex)
+        return self.chats.encode_everything(ex)
 
     def _prompt_completion(self, ex: PromptCompletion):
         prompt = self.tok(ex.prompt, add_special_tokens=True)["input_ids"]

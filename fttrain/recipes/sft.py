@@ -13,14 +13,13 @@ import logging
 
 
 from fttrain import outputs
-from fttrain.config.checks import check_tokenizer_template
 from fttrain.config.schema import value_of
 from fttrain.data.packing import PackedCollator, PaddingCollator
-from fttrain.data.pipeline import prepare_data_cached
+from fttrain.data.pipeline import MAX_PATTERN_SAMPLES, mask_policy, prepare_data_cached
 from fttrain.data.tokenize import IGNORE
 from fttrain.distributed import shards_weights
 from fttrain.generation_eval import exact_match, generate_answers
-from fttrain.models.load import load_model, resolve_chat_template
+from fttrain.models.load import load_model
 from fttrain.paths import cache_dir
 from fttrain.recipes.base import Recipe
 
@@ -55,22 +54,25 @@ class SFTRecipe(Recipe):
     # ------------------------------------------------------------ data
     def setup_data(self) -> None:
         cfg = self.cfg
-        self.chat_template = resolve_chat_template(cfg.data.chat_template, self.tokenizer)
-        check_tokenizer_template(cfg, self.chat_template)
         assistant_only = bool(getattr(cfg.task, "assistant_only_loss", False))
         blocks = cfg.task.name == "pt" and cfg.task.concatenate
         self.data = prepare_data_cached(cfg.data, self.tokenizer, self.chat_template, assistant_only, cache_dir(),
-                                        blocks=blocks)
+                                        blocks=blocks, policy=mask_policy(cfg.task))
         self.data_report = self.data.report
         if self.is_main:
-            log.info("sample with trained tokens in [[...]]:\n%s", render_marked_sample(self.tokenizer, self._first_sample()))
+            self._log_marked_samples(every_pattern=cfg.preflight)
 
-    def _first_sample(self):
-        row = self.data.train.rows[0]
-        if "position_ids" not in row:
-            return row
-        end = row["position_ids"][1:].index(0) + 1 if 0 in row["position_ids"][1:] else len(row["input_ids"])
-        return {"input_ids": row["input_ids"][:end], "labels": row["labels"][:end]}
+    def _log_marked_samples(self, every_pattern: bool) -> None:
+        """A training sample with its trained tokens in [[...]]: one per distinct
+        role pattern in preflight (system,user,assistant / ...,tool,assistant, ...), else the first."""
+        samples = self.data.train.pattern_samples or {"": self._first_sample()}
+        shown = list(samples.items()) if every_pattern else list(samples.items())[:1]
+        for pattern, sample in shown:
+            log.info("sample%s with trained tokens in [[...]]:\n%s", f" ({pattern})" if pattern else "",
+                     render_marked_sample(self.tokenizer, sample))
+        if every_pattern and len(samples) > 1:
+            log.info("%d distinct role patterns shown (at most %d, the first row of each)", len(samples),
+                     MAX_PATTERN_SAMPLES)
 
     # ----------------------------------------------------------- model
     def load_model(self, precision, quantization_config):

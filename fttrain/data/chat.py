@@ -1,0 +1,238 @@
+"""A chat -> token ids and labels that train exactly the chosen turns, for any chat template.
+
+The trained tokens of a turn are found in this order:
+
+1. ``{% generation %}`` markers, when the template has them (and only
+   assistant turns train): the template says itself which text is generated.
+2. Otherwise the template is rendered turn by turn. For a trained turn k:
+
+       prompt_k = render(messages[:k], add_generation_prompt=True)
+       turn_k   = render(messages[:k+1])
+       trained  = turn_k[len(prompt_k):]  cut after its end-of-turn marker
+
+   checked three ways: prompt_k is the start of turn_k (text), turn_k is how the
+   whole conversation starts (text), and prompt_k tokenized alone is how the
+   conversation's tokens start (token level), i.e. what the model sees at
+   inference is what it trains on. A turn-k span for a ChatML template:
+
+       <|im_start|>user\\nhi<|im_end|>\\n<|im_start|>assistant\\n  hello<|im_end|>  \\n
+       '-------------------- prompt_k -----------------------'  '-- trained --'  after EOT: not trained
+
+3. A template that writes earlier turns differently once later turns follow
+   (Qwen3 drops earlier ``<think>`` blocks) cannot train every turn in one
+   sequence; ``task.history_rewrite`` says what happens: ``split`` (one sample
+   per trained turn, each with the history as the template writes it then),
+   ``last`` (train the last turn only) or ``raise``. Never silently.
+
+Each trained span ends with its end-of-turn marker (``<|eot_id|>``,
+``<|im_end|>``, ``</s>``, ``<end_of_turn>``, ``<|end|>``), so the model learns
+to stop; whitespace after it is context. An empty ``<think></think>`` block the
+template writes before an answer is not trained unless
+``task.train_empty_think``.
+
+Tokens are labelled by their character offsets in the one tokenization of the
+whole text, so a sample's ids are exactly what the tokenizer makes of the
+rendered conversation.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from fttrain.data.formats import Chat, RowError
+from fttrain.data.templates import EMPTY_THINK_RE, TemplateInfo, has_generation_markers, render
+
+IGNORE = -100
+HISTORY_REWRITE = ("split", "last", "raise")
+_THINK_BLOCK_RE = re.compile(r"<think>.*?</think>", re.S)
+
+
+@dataclass(frozen=True)
+class MaskPolicy:
+    """Which turns of a chat train (task.* knobs of sft)."""
+
+    roles: Tuple[str, ...] = ("assistant",)
+    last_turn_only: bool = False
+    train_empty_think: bool = False
+    history_rewrite: str = "split"  # one of HISTORY_REWRITE
+
+
+@dataclass
+class EncodedChat:
+    samples: List[Tuple[List[int], List[int]]]  # (input_ids, labels); several when split per turn
+    trained_turns: int = 0
+    turns_without_end_of_turn: int = 0
+    empty_think_masked: int = 0
+    split: bool = False  # the template rewrote history: one sample per trained turn
+    notes: List[str] = field(default_factory=list)
+
+
+class ChatEncoder:
+    def __init__(self, tokenizer, info: TemplateInfo, policy: MaskPolicy = MaskPolicy()):
+        self.tok = tokenizer
+        self.info = info
+        self.policy = policy
+        self.use_markers = has_generation_markers(info.template) and tuple(policy.roles) == ("assistant",)
+
+    # ------------------------------------------------------------ public
+    def encode(self, chat: Chat) -> EncodedChat:
+        msgs = chat.messages
+        full, generation = self._render(msgs, track=self.use_markers, tools=chat.tools)
+        self._check_rendered(chat, full)
+        targets = [i for i, m in enumerate(msgs) if m["role"] in self.policy.roles and chat.train[i] is not False]
+        if self.policy.last_turn_only:
+            targets = targets[-1:]
+        if not targets:
+            raise RowError(chat.field, "no_trained_turn",
+                           f"field '{chat.field}' has no turn to train (roles {list(self.policy.roles)}, "
+                           "train flags, task.last_turn_only)")
+        out = EncodedChat(samples=[])
+        if self.use_markers:
+            spans = self._generation_spans(chat, generation, targets)
+            out.samples.append(self._labelled(full, [self._trim(full, s, e, out) for s, e in spans]))
+            return out
+        turns = [self._turn(chat, k) for k in targets]
+        consistent = [full.startswith(turn[:end]) for (_, turn, _, end) in turns]
+        if all(consistent):
+            spans = [self._trim(full, start, end, out) for (_, _, start, end) in turns]
+            out.samples.append(self._labelled(full, spans, prompts=[p for p, *_ in turns]))
+            return out
+        first_bad = targets[consistent.index(False)]
+        policy = self.policy.history_rewrite
+        if policy == "raise" or (policy == "last" and not consistent[-1]):
+            raise RowError(f"{chat.field}[{first_bad}]", "template_rewrites_history",
+                           f"{chat.field}[{first_bad}]: the chat template writes this turn differently once later "
+                           "turns follow (e.g. it drops earlier <think> blocks), so one sequence cannot train every "
+                           "turn; set task.history_rewrite=split (one sample per trained turn) or last")
+        if policy == "last":
+            prompt, _, start, end = turns[-1]
+            out.samples.append(self._labelled(full, [self._trim(full, start, end, out)], prompts=[prompt]))
+            out.notes.append("history_rewritten_last_only")
+            return out
+        out.split = True
+        for prompt, turn, start, end in turns:  # split: each turn with the history as written before it
+            out.samples.append(self._labelled(turn, [self._trim(turn, start, end, out)], prompts=[prompt]))
+        return out
+
+    def encode_everything(self, chat: Chat) -> EncodedChat:
+        """task.assistant_only_loss=false: every token of the rendered chat trains."""
+        text, _ = self._render(chat.messages, tools=chat.tools)
+        self._check_rendered(chat, text)
+        ids = list(self.tok(text, add_special_tokens=False)["input_ids"])
+        return EncodedChat([(ids, list(ids))])
+
+    # ---------------------------------------------------------- rendering
+    def _render(self, messages: Sequence[Dict], gen: bool = False, track: bool = False, tools=None):
+        try:
+            return render(self.tok, self.info.template, messages, add_generation_prompt=gen, tools=tools,
+                          track_generation=track)
+        except Exception as e:  # jinja's TemplateError, the template's raise_exception, ...
+            raise RowError("<chat template>", "template_error", f"the chat template rejected it: {e}") from None
+
+    def _check_rendered(self, chat: Chat, text: str) -> None:
+        """Nothing of the row may vanish in rendering: a template without tool
+        support drops `tools`, some drop a system turn or a role they do not know."""
+        uses_tools = chat.tools or any(m.get("tool_calls") for m in chat.messages)
+        if uses_tools and not self.info.tool_aware:
+            raise RowError(chat.field, "tools_not_rendered",
+                           "the row has tools or tool calls, and the chat template does not write them (it never "
+                           "reads `tools` or `tool_calls`); use a template with tool support")
+        for i, m in enumerate(chat.messages):
+            content = _THINK_BLOCK_RE.sub("", m.get("content") or "").strip()
+            if content and content not in text:
+                raise RowError(f"{chat.field}[{i}]", "template_dropped_content",
+                               f"{chat.field}[{i}] ({m['role']}) does not appear in the rendered chat: the chat "
+                               "template drops it")
+            for call in m.get("tool_calls") or []:
+                if call["function"]["name"] not in text:
+                    raise RowError(f"{chat.field}[{i}].tool_calls", "template_dropped_content",
+                                   f"{chat.field}[{i}]: the chat template does not write its tool call "
+                                   f"{call['function']['name']!r}")
+        for tool in chat.tools or []:
+            if tool["function"]["name"] not in text:
+                raise RowError("tools", "template_dropped_content",
+                               f"tool {tool['function']['name']!r} does not appear in the rendered chat")
+
+    def _turn(self, chat: Chat, k: int) -> Tuple[str, str, int, int]:
+        """(prompt_k, turn_k, where the trained text starts, where turn k's own text ends) for turn k."""
+        msgs = chat.messages
+        gen = msgs[k]["role"] == "assistant"
+        if k == 0:
+            try:
+                prompt = self._render([], gen=gen, tools=chat.tools)[0]
+            except RowError:  # templates that index messages[0]
+                prompt = ""
+        else:
+            prompt = self._render(msgs[:k], gen=gen, tools=chat.tools)[0]
+        turn = self._render(msgs[:k + 1], tools=chat.tools)[0]
+        if not turn.startswith(prompt):
+            at = next((i for i, (a, b) in enumerate(zip(prompt, turn)) if a != b), min(len(prompt), len(turn)))
+            raise RowError(f"{chat.field}[{k}]", "template_prompt_mismatch",
+                           f"{chat.field}[{k}]: the chat template's generation prompt is not how it starts the "
+                           f"answered turn ({prompt[at:at + 30]!r} vs {turn[at:at + 30]!r}), so the answer cannot be "
+                           "told apart from the prompt; use a template whose prompt matches its turns")
+        tail = self.info.closing_tail
+        end = len(turn) - len(tail) if tail and turn.endswith(tail) else len(turn)
+        return prompt, turn, len(prompt), end
+
+    def _generation_spans(self, chat: Chat, spans: List[Tuple[int, int]], targets: List[int]):
+        assistant = [i for i, m in enumerate(chat.messages) if m["role"] == "assistant"]
+        if len(spans) == len(assistant):
+            wanted = set(targets)
+            return [s for i, s in zip(assistant, spans) if i in wanted]
+        flagged = any(f is False for f in chat.train)
+        if flagged:
+            raise RowError(chat.field, "generation_blocks",
+                           f"the template has {len(spans)} {{% generation %}} blocks for {len(assistant)} assistant "
+                           "turns, so per-message train flags cannot be applied")
+        return spans[-1:] if self.policy.last_turn_only else spans
+
+    # ------------------------------------------------------- trained span
+    def _trim(self, text: str, start: int, end: int, out: EncodedChat) -> Tuple[int, int]:
+        """The span narrowed to what the model generates: an empty <think></think>
+        block off its start (unless trained), whitespace after its end-of-turn marker off its end."""
+        if not self.policy.train_empty_think:
+            m = EMPTY_THINK_RE.match(text, start, end)
+            if m and m.end() < end:
+                start = m.end()
+                out.empty_think_masked += 1
+        segment = text[start:end]
+        end = start + len(segment.rstrip())
+        out.trained_turns += 1
+        if self.info.ends_turn(segment) is None:
+            out.turns_without_end_of_turn += 1
+        return start, end
+
+    def _labelled(self, text: str, spans: List[Tuple[int, int]], prompts: Sequence[str] = ()):
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        for prompt in prompts:
+            self._check_token_prefix(prompt, ids)
+        labels = [IGNORE] * len(ids)
+        k = 0
+        for j, (a, b) in enumerate(offsets):
+            while k < len(spans) and a >= spans[k][1]:
+                k += 1
+            if k == len(spans):
+                break
+            if b > spans[k][0] and b > a:  # overlaps the span (zero-width tokens never train)
+                labels[j] = ids[j]
+        return ids, labels
+
+    def _check_token_prefix(self, prompt: str, ids: List[int]) -> None:
+        """The prompt tokenized alone (what generation starts from) must be how
+        the conversation's tokens start: a boundary token that merges prompt and
+        answer would train on a tokenization the model never sees."""
+        if not prompt:
+            return
+        alone = self.tok(prompt, add_special_tokens=False)["input_ids"]
+        n = len(alone)
+        if ids[:n] == alone:
+            return
+        at = next((i for i, (a, b) in enumerate(zip(alone, ids)) if a != b), min(n, len(ids)))
+        raise RowError("<chat template>", "prompt_not_token_prefix",
+                       f"the prompt tokenized alone ends {self.tok.convert_ids_to_tokens(alone[max(0, at - 2):at + 2])}"
+                       f" but inside the conversation {self.tok.convert_ids_to_tokens(ids[max(0, at - 2):at + 2])}: "
+                       "the boundary between prompt and answer tokenizes differently than at inference")
