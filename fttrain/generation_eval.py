@@ -14,10 +14,11 @@ import torch
 from fttrain.data.formats import example_prompt_and_reference
 
 
-def _prompt_ids(tokenizer, prompt, chat_template):
-    if isinstance(prompt, list):  # chat messages up to the answer
+def _prompt_ids(tokenizer, prompt, chat_template, tools=None):
+    if isinstance(prompt, list):  # chat messages up to the answer, with the row's tools as in training
         return tokenizer.apply_chat_template(
-            prompt, chat_template=chat_template, add_generation_prompt=True, tokenize=True, return_dict=True
+            prompt, chat_template=chat_template, tools=tools, add_generation_prompt=True, tokenize=True,
+            return_dict=True,
         )["input_ids"]
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
@@ -32,7 +33,8 @@ def generate_answers(model, tokenizer, chat_template, examples: Dict[int, object
         prompt, reference = example_prompt_and_reference(examples[row_id])
         if prompt is None:
             continue
-        items.append((row_id, prompt, reference, _prompt_ids(tokenizer, prompt, chat_template)))
+        tools = getattr(examples[row_id], "tools", None)
+        items.append((row_id, prompt, reference, _prompt_ids(tokenizer, prompt, chat_template, tools)))
     if not items:
         return []
     was_training = model.training

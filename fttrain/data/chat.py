@@ -79,6 +79,7 @@ class ChatEncoder:
     # ------------------------------------------------------------ public
     def encode(self, chat: Chat) -> EncodedChat:
         msgs = chat.messages
+        self._check_tools(chat)
         full, generation = self._render(msgs, track=self.use_markers, tools=chat.tools)
         self._check_rendered(chat, full)
         targets = [i for i, m in enumerate(msgs) if m["role"] in self.policy.roles and chat.train[i] is not False]
@@ -118,6 +119,7 @@ class ChatEncoder:
 
     def encode_everything(self, chat: Chat) -> EncodedChat:
         """task.assistant_only_loss=false: every token of the rendered chat trains."""
+        self._check_tools(chat)
         text, _ = self._render(chat.messages, tools=chat.tools)
         self._check_rendered(chat, text)
         ids = list(self.tok(text, add_special_tokens=False)["input_ids"])
@@ -131,14 +133,17 @@ class ChatEncoder:
         except Exception as e:  # jinja's TemplateError, the template's raise_exception, ...
             raise RowError("<chat template>", "template_error", f"the chat template rejected it: {e}") from None
 
-    def _check_rendered(self, chat: Chat, text: str) -> None:
-        """Nothing of the row may vanish in rendering: a template without tool
-        support drops `tools`, some drop a system turn or a role they do not know."""
-        uses_tools = chat.tools or any(m.get("tool_calls") for m in chat.messages)
+    def _check_tools(self, chat: Chat) -> None:
+        """A template without tool support would drop `tools` and tool calls silently."""
+        uses_tools = chat.tools or any(m.get("tool_calls") or m["role"] == "tool" for m in chat.messages)
         if uses_tools and not self.info.tool_aware:
             raise RowError(chat.field, "tools_not_rendered",
-                           "the row has tools or tool calls, and the chat template does not write them (it never "
-                           "reads `tools` or `tool_calls`); use a template with tool support")
+                           "the row has tools, tool calls or tool results, and the chat template does not write them "
+                           "(it never reads `tools` or `tool_calls`); use a template with tool support")
+
+    def _check_rendered(self, chat: Chat, text: str) -> None:
+        """Nothing of the row may vanish in rendering: some templates drop a
+        system turn, an earlier turn's content or a role they do not know."""
         for i, m in enumerate(chat.messages):
             content = _THINK_BLOCK_RE.sub("", m.get("content") or "").strip()
             if content and content not in text:
@@ -175,7 +180,12 @@ class ChatEncoder:
                            "told apart from the prompt; use a template whose prompt matches its turns")
         tail = self.info.closing_tail
         end = len(turn) - len(tail) if tail and turn.endswith(tail) else len(turn)
-        return prompt, turn, len(prompt), end
+        start = len(prompt)
+        if not gen:  # a user/system/tool turn trains from its content on, not its header
+            content = (msgs[k].get("content") or "").strip()
+            at = turn.rfind(content, start, end) if content else -1
+            start = at if at >= 0 else start
+        return prompt, turn, start, end
 
     def _generation_spans(self, chat: Chat, spans: List[Tuple[int, int]], targets: List[int]):
         assistant = [i for i, m in enumerate(chat.messages) if m["role"] == "assistant"]

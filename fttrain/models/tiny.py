@@ -25,7 +25,7 @@ from fttrain.paths import cache_dir
 BUILTIN_NAME = "builtin:tiny-llama"
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|eot_id|>", "<|pad|>", "<|start_header_id|>", "<|end_header_id|>"]
 TEMPLATE = Path(__file__).resolve().parent.parent / "data" / "templates" / "llama3.jinja"
-BUILD_VERSION = 2  # bump when the build recipe changes, so caches are rebuilt
+BUILD_VERSION = 3  # bump when the build recipe changes (3: tool-aware llama3 template), so caches are rebuilt
 
 
 def _spec_dict(spec) -> dict:

