@@ -59,6 +59,13 @@ TASK_FORMATS = {
     "cls": ("classification",), "ner": ("tokens_tags",), "qa": ("squad",),
 }
 ENCODER_TASKS = ("cls", "ner", "qa")
+PACKING_TASKS = ("sft", "pt")  # tasks whose samples fttrain packs into rows itself
+
+
+def packing_on(cfg: DictConfig) -> bool:
+    """data.packing, with null meaning: on where the task packs."""
+    return cfg.data.packing if cfg.data.packing is not None else cfg.task.name in PACKING_TASKS
+
 TRL_TASKS = ("dpo", "kto", "orpo", "rm", "grpo")
 # Methods built for decoder-only models: LLaMA-Adapter patches Llama attention.
 DECODER_ONLY_PEFT = ("llama_adapter",)
@@ -103,9 +110,10 @@ def task_problems(cfg: DictConfig) -> List[str]:
             problems.append(f"peft={peft.method} is built for decoder-only models; task={task.name} needs another method")
         if data.packing:
             problems.append(f"data.packing=true: task={task.name} classifies whole sequences or their tokens, "
-                            "packing would mix them; set data.packing=false")
+                            "packing would mix them; set data.packing=false (or null)")
     if task.name in TRL_TASKS and data.packing:
-        problems.append(f"data.packing=true: task={task.name} pads each batch (TRL's trainer); set data.packing=false")
+        problems.append(f"data.packing=true: task={task.name} pads each batch (TRL's trainer); set data.packing=false "
+                        "(or null)")
     if task.name in TRL_TASKS and peft.method in ("prompt_tuning", "prefix_tuning", "p_tuning",
                                                                             "llama_adapter", "adapter", "lisa"):
         problems.append(f"peft={peft.method} is not supported by task={task.name} (TRL's trainers take LoRA-family "
@@ -323,7 +331,7 @@ def peft_problems(cfg: DictConfig) -> List[str]:
             allowed = ("auto", "bfloat16", "float16", "float32") if key == "compute_dtype" else (None, "bfloat16", "float16", "float32", "uint8")
             if v not in allowed:
                 out.append(f"peft.{key}={v!r} must be one of {list(allowed)}")
-    if m in VIRTUAL_TOKEN and data.packing:
+    if m in VIRTUAL_TOKEN and packing_on(cfg):
         out.append(f"peft={m} prepends virtual tokens to each sequence, which packed rows (several samples per row) "
                    "cannot take: set data.packing=false")
     if m == "adalora":

@@ -467,7 +467,9 @@ class DataConfig:
     overlength: str = "truncate"  # truncate | drop | raise
     # strict: a bad row raises with its index and field. lenient: it is dropped and counted.
     strict: bool = True
-    packing: bool = True  # best-fit-decreasing, padding-free; faster, same loss
+    # Best-fit-decreasing, padding-free rows: faster, same loss. null: on where
+    # the task packs (sft, pt), off where it cannot (TRL's and encoder tasks).
+    packing: Optional[bool] = None
     max_samples: Optional[int] = None  # cap on training rows, for smoke tests
     # Reuse tokenized data from an identical earlier preparation (keyed by this
     # section, the files' size and mtime, the tokenizer and the template).

@@ -154,7 +154,7 @@ def _process(
     if blocks:
         packed_rows = concat_blocks(samples, data_cfg.max_length)
     else:
-        packed_rows = pack(samples, data_cfg.max_length) if data_cfg.packing else as_rows(samples)
+        packed_rows = pack(samples, data_cfg.max_length) if packs(data_cfg) else as_rows(samples)
     n_tokens = sum(len(s["input_ids"]) for s in samples)
     kept_rows = len({s["sample_id"] for s in samples})
     report = {
@@ -170,7 +170,7 @@ def _process(
         report["samples"] = len(samples)  # more than rows: chats split per turn
     if blocks:
         report["layout"] = f"documents concatenated into {data_cfg.max_length}-token blocks"
-    if data_cfg.packing and not blocks:
+    if packs(data_cfg) and not blocks:
         report["packing_efficiency"] = round(n_tokens / (len(packed_rows) * data_cfg.max_length), 4)
     if counts.turns_without_end_of_turn:
         log.warning("%s: %d of %d trained turns do not end with an end-of-turn token", source,
@@ -179,6 +179,11 @@ def _process(
         log.warning("%s: %d rows hold unfilled template placeholders, e.g. %s", source, counts.placeholder_rows,
                     ", ".join(list(counts.placeholders)[:3]))
     return SplitData(packed_rows, examples, report, patterns)
+
+
+def packs(data_cfg) -> bool:
+    """This pipeline serves the packing tasks (sft, pt): data.packing=null means on."""
+    return data_cfg.packing is not False
 
 
 def mask_policy(task_cfg) -> MaskPolicy:

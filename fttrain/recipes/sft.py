@@ -13,6 +13,7 @@ import logging
 
 
 from fttrain import outputs
+from fttrain.config.checks import packing_on
 from fttrain.config.schema import value_of
 from fttrain.data.packing import PackedCollator, PaddingCollator
 from fttrain.data.pipeline import MAX_PATTERN_SAMPLES, mask_policy, prepare_data_cached
@@ -49,7 +50,7 @@ class SFTRecipe(Recipe):
     def batch_unit(self):
         if self.cfg.task.name == "pt" and self.cfg.task.concatenate:
             return f"{self.cfg.data.max_length}-token blocks"
-        return "packed rows" if self.cfg.data.packing else "samples"
+        return "packed rows" if packing_on(self.cfg) else "samples"
 
     # ------------------------------------------------------------ data
     def setup_data(self) -> None:
@@ -84,7 +85,7 @@ class SFTRecipe(Recipe):
         from fttrain.trainer import AtTrainBegin, FTTrainer
 
         pad = self.tokenizer.pad_token_id
-        if self.cfg.data.packing and self.batch_unit == "packed rows":
+        if self.batch_unit == "packed rows":
             flatten = value_of(self.cfg.model.attn_implementation) == "flash_attention_2"
             collator = PackedCollator(pad, flatten=flatten)
         else:
