@@ -105,10 +105,19 @@ def test_keys_of_another_peft_method_are_rejected():
         (["data.eval_fraction=1.5"], "data.eval_fraction"),
         (["resume_from=auto", "overwrite=true"], "resume_from"),
         (["model.attn_implementation=flash_attention_2"], "flash-attn"),
+        (["data.chat_template=/no/such/template.jinja"], "no such file"),
+        (["+data.role_map.bot=robot"], "data.role_map.bot='robot'"),
+        (["task.history_rewrite=sometimes"], "task.history_rewrite='sometimes'"),
+        (["task.train_roles=[assistant,robot]"], "task.train_roles"),
     ],
 )
 def test_cross_field_checks(overrides, needle):
     assert needle in config_error(["+exp=tiny_sft"] + overrides)
+
+
+def test_kto_reads_pairs_or_unpaired_rows():
+    assert "task=kto reads data.format preference or unpaired" in config_error(
+        ["+exp=tiny_dpo", "task=kto", "data.format=messages"])
 
 
 def test_cli_rejects_a_typo_before_loading_anything(tmp_path):

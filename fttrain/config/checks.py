@@ -151,6 +151,12 @@ def check_config(cfg: DictConfig) -> None:
         if bad or not task.train_roles:
             problems.append(f"task.train_roles={list(task.train_roles)} must be a non-empty list of {list(ROLES)}")
     problems += inherited_data_problems(cfg)
+    from fttrain.data.formats import ROLES, TOOL_CALL
+
+    for source, role in data.role_map.items():
+        if role not in ROLES + (TOOL_CALL,):
+            problems.append(f"data.role_map.{source}={role!r} must be one of {list(ROLES + (TOOL_CALL,))} "
+                            f"({TOOL_CALL}: the turn's content is a function call, as LLaMA-Factory's function_call)")
     allowed = TASK_FORMATS[task.name]
     if value_of(data.format) not in allowed:
         problems.append(f"task={task.name} reads data.format {' or '.join(allowed)}, not {value_of(data.format)!r}")
@@ -297,7 +303,7 @@ def peft_problems(cfg: DictConfig) -> List[str]:
     from fttrain.config.schema import GROUP_SCHEMAS
     from fttrain.peft_setup import INIT, VIRTUAL_TOKEN
 
-    peft, data, trainer = cfg.peft, cfg.data, cfg.trainer
+    peft, trainer = cfg.peft, cfg.trainer
     m, out = peft.method, []
     # `peft.method` is a plain field: `peft=qlora peft.method=full` must not slip through.
     schema = OmegaConf.get_type(peft)

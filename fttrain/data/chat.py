@@ -38,8 +38,8 @@ rendered conversation.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
 
 from fttrain.data.formats import Chat, RowError
 from fttrain.data.templates import EMPTY_THINK_RE, TemplateInfo, has_generation_markers, render
@@ -66,7 +66,6 @@ class EncodedChat:
     turns_without_end_of_turn: int = 0
     empty_think_masked: int = 0
     split: bool = False  # the template rewrote history: one sample per trained turn
-    notes: List[str] = field(default_factory=list)
 
 
 class ChatEncoder:
@@ -110,7 +109,6 @@ class ChatEncoder:
         if policy == "last":
             prompt, _, start, end = turns[-1]
             out.samples.append(self._labelled(full, [self._trim(full, start, end, out)], prompts=[prompt]))
-            out.notes.append("history_rewritten_last_only")
             return out
         out.split = True
         for prompt, turn, start, end in turns:  # split: each turn with the history as written before it

@@ -22,10 +22,9 @@ format the model was trained on.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -131,7 +130,6 @@ class TemplateInfo:
     markers: Tuple[str, ...] = ()  # turn markers the template writes around messages
     probe_error: Optional[str] = None  # the template rejected the probe conversation
     tool_aware: bool = False  # the template reads `tools` / `tool_calls`
-    notes: List[str] = field(default_factory=list)
 
     @classmethod
     def probe(cls, tokenizer, template: str) -> "TemplateInfo":
@@ -220,9 +218,3 @@ def describe_choice(name: str, template: Optional[str], tokenizer) -> str:
     if own is None:
         return f"chat template: {source} (the model has none of its own)"
     return f"chat template: {source}, which DIFFERS from the model's own"
-
-
-def template_fingerprint(template: Optional[str]) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(template).encode()).hexdigest()[:12]

@@ -7,8 +7,7 @@ The same code loads a hub id, a local folder, or the offline tiny model
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 

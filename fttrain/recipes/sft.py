@@ -75,6 +75,14 @@ class SFTRecipe(Recipe):
             log.info("%d distinct role patterns shown (at most %d, the first row of each)", len(samples),
                      MAX_PATTERN_SAMPLES)
 
+    def _first_sample(self):
+        """The first sample of the first training row (text data: no role patterns)."""
+        row = self.data.train.rows[0]
+        if "position_ids" not in row:
+            return row
+        end = row["position_ids"][1:].index(0) + 1 if 0 in row["position_ids"][1:] else len(row["input_ids"])
+        return {"input_ids": row["input_ids"][:end], "labels": row["labels"][:end]}
+
     # ----------------------------------------------------------- model
     def load_model(self, precision, quantization_config):
         if self.cfg.trainer.gradient_checkpointing:
