@@ -267,3 +267,36 @@ def test_grpo_raises_the_reward(tmp_path):
     assert metrics["train_reward_last"] > metrics["train_reward_first"] + 0.15
     assert metrics["eval_reward_after"] >= metrics["eval_reward_before"]
     assert metrics["train_tokens"] > 0
+
+
+def test_unpaired_kto_rows_and_their_errors():
+    from fttrain.data.formats import RowError
+    from fttrain.data.preference import UnpairedRows
+
+    rows = UnpairedRows({}, {})
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "label": False}
+    assert rows(chat) == {"prompt": [{"role": "user", "content": "q"}],
+                          "completion": [{"role": "assistant", "content": "a"}], "label": False}
+    assert rows({"prompt": "q", "completion": "a", "label": 1})["label"] is True
+    for bad, field in [({"prompt": "q", "completion": "a", "label": "yes"}, "label"),
+                       ({"prompt": "q", "completion": "a"}, "label"),
+                       ({"messages": [{"role": "user", "content": "q"}], "label": True}, "messages")]:
+        with pytest.raises(RowError) as e:
+            rows(bad)
+        assert e.value.field == field
+
+
+def test_preference_layouts_people_have():
+    from fttrain.data.preference import PreferenceRows
+
+    rows = PreferenceRows({}, {})
+    want = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "good"}],
+            "rejected": [{"role": "assistant", "content": "bad"}]}
+    sharegpt = {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "good"},
+                "rejected": {"from": "gpt", "value": "bad"}}
+    alpaca = {"instruction": "q", "input": "", "chosen": "good", "rejected": "bad"}
+    hh = {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
+          "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}]}
+    assert rows(sharegpt) == rows(alpaca) == rows(hh) == want
+    with_system = rows({**sharegpt, "system": "be nice"})
+    assert with_system["prompt"][0] == {"role": "system", "content": "be nice"}

@@ -87,15 +87,15 @@ class Text:
 Example = Union[Chat, PromptCompletion, Text]
 
 
-def placeholders(example: Example) -> List[str]:
-    """Template placeholders left in the data ({{name}}): a sign of an unfilled prompt template."""
-    if isinstance(example, Chat):
-        texts = [m.get("content") or "" for m in example.messages]
-    elif isinstance(example, PromptCompletion):
-        texts = [example.prompt, example.completion]
-    else:
-        texts = [example.text]
-    return [p for t in texts if isinstance(t, str) for p in PLACEHOLDER_RE.findall(t)]
+def placeholders(value) -> List[str]:
+    """Template placeholders ({{name}}) left in a row's strings: a sign of an unfilled prompt template."""
+    if isinstance(value, str):
+        return PLACEHOLDER_RE.findall(value) if "{{" in value else []
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in placeholders(v)]
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in placeholders(v)]
+    return []
 
 
 # ------------------------------------------------------------------ tools

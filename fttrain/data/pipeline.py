@@ -112,10 +112,6 @@ def _process(
                 ) from None
             counts.dropped[e.reason] += 1
             continue
-        found = placeholders(ex)
-        if found:
-            counts.placeholder_rows += 1
-            counts.placeholders.update(found)
         kept = 0
         for ids_, labels in encoded.samples:
             if tokenizer.assistant_only_loss and count_trained(labels) == 0 and len(ids_) <= data_cfg.max_length:
@@ -141,6 +137,10 @@ def _process(
                 patterns.setdefault(ex.role_pattern(), sample)
         if kept and isinstance(ex, Chat):
             counts.add_chat(encoded)
+        found = placeholders(rows[i]) if kept else []
+        if found:
+            counts.placeholder_rows += 1
+            counts.placeholders.update(found)
         if kept and keep_examples:
             examples[i] = ex
     if not samples:

@@ -14,13 +14,16 @@ chosen the same way for every task.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from fttrain.data.formats import RowError
+from fttrain.data.formats import RowError, placeholders
 from fttrain.data.sources import DataError, load_rows
+
+log = logging.getLogger(__name__)
 
 
 def split_train_eval(rows: List[Dict], fraction: float, seed: int):
@@ -74,7 +77,7 @@ class StopAtRow(Exception):
 def convert_rows(split: Split, convert: Callable[[Dict], object], strict: bool) -> Tuple[List, List[int], Dict]:
     """(converted examples, their row ids, report). A converter returning None
     drops the row under reason "skipped" (counted, never silent)."""
-    out, kept_ids, dropped = [], [], Counter()
+    out, kept_ids, dropped, marked = [], [], Counter(), Counter()
     for i in split.ids:
         try:
             ex = convert(split.rows[i])
@@ -94,6 +97,16 @@ def convert_rows(split: Split, convert: Callable[[Dict], object], strict: bool) 
             continue
         out.append(ex)
         kept_ids.append(i)
+        found = placeholders(split.rows[i])
+        if found:
+            marked["rows"] += 1
+            marked.update(found)
     if not out:
         raise DataError(f"{split.source}: no usable rows out of {len(split.ids)} (dropped: {dict(dropped)})")
-    return out, kept_ids, {"source": split.source, "rows": len(split.ids), "kept": len(out), "dropped": dict(dropped)}
+    report = {"source": split.source, "rows": len(split.ids), "kept": len(out), "dropped": dict(dropped)}
+    if marked:
+        rows_marked = marked.pop("rows")
+        report.update(rows_with_placeholders=rows_marked, placeholders=dict(marked.most_common(10)))
+        log.warning("%s: %d rows hold unfilled template placeholders, e.g. %s", split.source, rows_marked,
+                    ", ".join(list(marked)[:3]))
+    return out, kept_ids, report

@@ -209,12 +209,12 @@ def check_template_fits(tokenizer, info: TemplateInfo, allow_split_markers: bool
     return problems
 
 
-def describe_choice(name: str, template: Optional[str], tokenizer) -> str:
-    """One line for the start-up log: which template, and whether it is the model's own."""
+def describe_choice(name: str, template: Optional[str], tokenizer) -> Tuple[str, bool]:
+    """(one line for the start-up log, whether the template differs from the model's own one)."""
     own = own_template(tokenizer)
     source = "the model's own" if name == TOKENIZER else (f"shipped {name!r}" if name in shipped_templates() else name)
     if name == TOKENIZER or template == own:
-        return f"chat template: {source}"
+        return f"chat template: {source}", False
     if own is None:
-        return f"chat template: {source} (the model has none of its own)"
-    return f"chat template: {source}, which DIFFERS from the model's own"
+        return f"chat template: {source} (the model has none of its own)", False
+    return f"chat template: {source}, which DIFFERS from the model's own", True

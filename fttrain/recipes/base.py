@@ -138,9 +138,9 @@ class Recipe:
         check_tokenizer_template(self.cfg, self.tokenizer, template)
         if template is None:
             return
-        line = describe_choice(self.cfg.data.chat_template, template, self.tokenizer)
+        line, differs = describe_choice(self.cfg.data.chat_template, template, self.tokenizer)
         if self.is_main:
-            if "DIFFERS" in line:
+            if differs:
                 log.warning("%s: training on it teaches the model a format its own template does not write; the "
                             "model folder is saved with the training template, so use that one for inference", line)
             else:
