@@ -247,7 +247,13 @@ def check_method_under_plan(workdir, exp, method, extra, dist):
     ref, got = run(workdir, exp, "one_process", *args), run(workdir, exp, dist, *args)
     assert_same_curve(ref, got)
     assert_plan_applied(got, dist)
-    assert_same_weights(ref / "model", got / "model")
+    # Adam divides each gradient by its running RMS: for an element whose gradient is ~0,
+    # the summation order of 2 ranks vs 1 process (float noise) becomes a visible part of
+    # an lr-sized step. A thousandth of one step bounds that (seen: 5.5e-6 on 1 of 2048
+    # DoRA elements at lr 1e-2 on an AVX512 CPU); a plan that trains differently moves
+    # weights by whole steps.
+    lr = next((float(a.split("=")[1]) for a in extra if a.startswith("trainer.learning_rate=")), 0.0)
+    assert_same_weights(ref / "model", got / "model", atol=max(1e-6, 1e-3 * lr))
     if method == "lisa":
         rows = [json.loads(l) for l in (got / "train_log.jsonl").read_text().splitlines()]
         assert len({tuple(r["lisa_layers"]) for r in rows if "lisa_layers" in r}) > 1  # layers switched
