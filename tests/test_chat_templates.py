@@ -36,9 +36,13 @@ FAMILIES = {
     "phi3": (["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"], None, "<|endoftext|>", "",
              "<|end|>"),
     "chatml": (["<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "", "<|im_end|>"),
+    # gpt-oss-style: the generation prompt is "<|start|>assistant", so the channel header is generated (trained);
+    # the last answer ends with <|return|>, earlier ones with <|end|>.
+    "gptoss": (["<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>"], None, "<|return|>",
+               "<|channel|>final<|message|>", "<|return|>"),
 }
 # Templates that write earlier turns differently once later turns follow: split per turn.
-REWRITES_HISTORY = {"qwen3", "mistral"}
+REWRITES_HISTORY = {"qwen3", "mistral", "gptoss"}
 CHAT = [
     {"role": "system", "content": "Answer briefly."},
     {"role": "user", "content": "What is 2+2?"},
@@ -284,3 +288,36 @@ def test_prompt_that_merges_with_the_answer_is_named(tokenizer):
     with pytest.raises(RowError, match="tokenizes differently") as e:
         encode(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
     assert e.value.reason == "prompt_not_token_prefix"
+
+
+def test_a_chat_that_opens_with_an_answer_trains_only_the_answers(real_tokenizer, tiny_tokenizer):
+    # Qwen2.5- and Llama-3.1-style templates read messages[0], so the empty prompt before a greeting cannot be
+    # rendered: the greeting trains from its content on, never the system block before it.
+    chat = [{"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "Hey"}]
+    for family in ("qwen25", "llama31"):
+        tok = family_tokenizer(family, "special", real_tokenizer, tiny_tokenizer)
+        eot = FAMILIES[family][4]
+        assert trained_runs(tok, *encode(tok, chat).samples[0]) == ["Hello! How can I help?" + eot, "Hey" + eot]
+
+
+def test_reasoning_a_template_does_not_write_is_refused(real_tokenizer, tiny_tokenizer):
+    tok = family_tokenizer("qwen25", "special", real_tokenizer, tiny_tokenizer)  # no reasoning support
+    with pytest.raises(RowError, match="reasoning") as e:
+        encode(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "4",
+                                                       "reasoning_content": "two and two"}])
+    assert e.value.reason == "template_drops_reasoning" and e.value.field == "messages[1]"
+    # A template that strips <think> from every answer, the last one included (as DeepSeek-R1's first one did).
+    tok.chat_template = ("{% for m in messages %}{% set c = m.content.split('</think>')[-1] %}"
+                         "{{ '<|im_start|>' + m.role + '\\n' + c + '<|im_end|>\\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    with pytest.raises(RowError, match="reasoning"):
+        encode(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>r</think>4"}])
+
+
+def test_a_message_marked_train_true_trains_whatever_its_role(real_tokenizer, tiny_tokenizer):
+    tok = family_tokenizer("phi3", "special", real_tokenizer, tiny_tokenizer)  # closes a chat with EOS
+    chat = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]
+    assert trained_runs(tok, *encode(tok, chat, train=[True, None]).samples[0]) == ["q1<|end|>", "a1<|end|>"]
+    users = encode(tok, chat, MaskPolicy(roles=("user", "assistant")))
+    assert trained_runs(tok, *users.samples[0]) == ["q1<|end|>", "a1<|end|>"]

@@ -37,6 +37,7 @@ rendered conversation.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
@@ -79,24 +80,27 @@ class ChatEncoder:
     def encode(self, chat: Chat) -> EncodedChat:
         msgs = chat.messages
         self._check_tools(chat)
-        full, generation = self._render(msgs, track=self.use_markers, tools=chat.tools)
-        self._check_rendered(chat, full)
-        targets = [i for i, m in enumerate(msgs) if m["role"] in self.policy.roles and chat.train[i] is not False]
+        # A message trains if the data says so (train: true), or if its role trains and the data does not forbid it.
+        targets = [i for i, m in enumerate(msgs)
+                   if chat.train[i] is True or (m["role"] in self.policy.roles and chat.train[i] is not False)]
         if self.policy.last_turn_only:
             targets = targets[-1:]
         if not targets:
             raise RowError(chat.field, "no_trained_turn",
                            f"field '{chat.field}' has no turn to train (roles {list(self.policy.roles)}, "
                            "train flags, task.last_turn_only)")
+        use_markers = self.use_markers and all(msgs[k]["role"] == "assistant" for k in targets)
+        full, generation = self._render(msgs, track=use_markers, tools=chat.tools)
+        self._check_rendered(chat, full)
         out = EncodedChat(samples=[])
-        if self.use_markers:
+        if use_markers:
             spans = self._generation_spans(chat, generation, targets)
-            out.samples.append(self._labelled(full, [self._trim(full, s, e, out) for s, e in spans]))
+            out.samples.append(self._labelled(full, [self._trim(chat, k, full, s, e, out) for k, (s, e) in spans]))
             return out
         turns = [self._turn(chat, k) for k in targets]
         consistent = [full.startswith(turn[:end]) for (_, turn, _, end) in turns]
         if all(consistent):
-            spans = [self._trim(full, start, end, out) for (_, _, start, end) in turns]
+            spans = [self._trim(chat, k, full, start, end, out) for k, (_, _, start, end) in zip(targets, turns)]
             out.samples.append(self._labelled(full, spans, prompts=[p for p, *_ in turns]))
             return out
         first_bad = targets[consistent.index(False)]
@@ -108,11 +112,12 @@ class ChatEncoder:
                            "turn; set task.history_rewrite=split (one sample per trained turn) or last")
         if policy == "last":
             prompt, _, start, end = turns[-1]
-            out.samples.append(self._labelled(full, [self._trim(full, start, end, out)], prompts=[prompt]))
+            out.samples.append(self._labelled(full, [self._trim(chat, targets[-1], full, start, end, out)],
+                                              prompts=[prompt]))
             return out
         out.split = True
-        for prompt, turn, start, end in turns:  # split: each turn with the history as written before it
-            out.samples.append(self._labelled(turn, [self._trim(turn, start, end, out)], prompts=[prompt]))
+        for k, (prompt, turn, start, end) in zip(targets, turns):  # each turn with the history as written before it
+            out.samples.append(self._labelled(turn, [self._trim(chat, k, turn, start, end, out)], prompts=[prompt]))
         return out
 
     def encode_everything(self, chat: Chat) -> EncodedChat:
@@ -144,7 +149,7 @@ class ChatEncoder:
         system turn, an earlier turn's content or a role they do not know."""
         for i, m in enumerate(chat.messages):
             content = _THINK_BLOCK_RE.sub("", m.get("content") or "").strip()
-            if content and content not in text:
+            if content and content not in text and json.dumps(m["content"], ensure_ascii=False) not in text:
                 raise RowError(f"{chat.field}[{i}]", "template_dropped_content",
                                f"{chat.field}[{i}] ({m['role']}) does not appear in the rendered chat: the chat "
                                "template drops it")
@@ -159,48 +164,67 @@ class ChatEncoder:
                                f"tool {tool['function']['name']!r} does not appear in the rendered chat")
 
     def _turn(self, chat: Chat, k: int) -> Tuple[str, str, int, int]:
-        """(prompt_k, turn_k, where the trained text starts, where turn k's own text ends) for turn k."""
+        """(the text before turn k's trained part, the chat rendered up to turn k,
+        where the trained part starts, where turn k's own text ends)."""
         msgs = chat.messages
         gen = msgs[k]["role"] == "assistant"
-        if k == 0:
-            try:
-                prompt = self._render([], gen=gen, tools=chat.tools)[0]
-            except RowError:  # templates that index messages[0]
-                prompt = ""
-        else:
-            prompt = self._render(msgs[:k], gen=gen, tools=chat.tools)[0]
         turn = self._render(msgs[:k + 1], tools=chat.tools)[0]
-        if not turn.startswith(prompt):
-            at = next((i for i, (a, b) in enumerate(zip(prompt, turn)) if a != b), min(len(prompt), len(turn)))
-            raise RowError(f"{chat.field}[{k}]", "template_prompt_mismatch",
-                           f"{chat.field}[{k}]: the chat template's generation prompt is not how it starts the "
-                           f"answered turn ({prompt[at:at + 30]!r} vs {turn[at:at + 30]!r}), so the answer cannot be "
-                           "told apart from the prompt; use a template whose prompt matches its turns")
         tail = self.info.closing_tail
         end = len(turn) - len(tail) if tail and turn.endswith(tail) else len(turn)
-        start = len(prompt)
-        if not gen:  # a user/system/tool turn trains from its content on, not its header
-            content = (msgs[k].get("content") or "").strip()
-            at = turn.rfind(content, start, end) if content else -1
-            start = at if at >= 0 else start
-        return prompt, turn, start, end
+        try:
+            prompt = self._render(msgs[:k], gen=gen, tools=chat.tools)[0]
+        except RowError:
+            if k > 0:
+                raise
+            prompt = None  # templates that read messages[0] cannot write an empty chat
+        if prompt is not None and gen:
+            if not turn.startswith(prompt):
+                at = next((i for i, (a, b) in enumerate(zip(prompt, turn)) if a != b), min(len(prompt), len(turn)))
+                raise RowError(f"{chat.field}[{k}]", "template_prompt_mismatch",
+                               f"{chat.field}[{k}]: the chat template's generation prompt is not how it starts the "
+                               f"answered turn ({prompt[at:at + 30]!r} vs {turn[at:at + 30]!r}), so the answer cannot "
+                               "be told apart from the prompt. Seen with templates whose generation prompt opens a "
+                               "<think> block their answered turns drop, and with one that writes the system prompt "
+                               "only before a final question; use a .jinja template whose prompt matches its turns")
+            return prompt, turn, len(prompt), end
+        # A user/system/tool turn, or a first answer with nothing before it: its trained part starts at its content.
+        before = prompt[:-len(tail)] if prompt and tail and prompt.endswith(tail) else prompt or ""
+        lo = len(before) if turn.startswith(before) else 0
+        m = msgs[k]
+        for form in ((m.get("content") or "").strip(), json.dumps(m.get("content") or "", ensure_ascii=False)):
+            at = turn.rfind(form, lo, end) if form.strip('"') else -1
+            if at >= 0:
+                return turn[:at], turn, at, end
+        raise RowError(f"{chat.field}[{k}]", "turn_not_found",
+                       f"{chat.field}[{k}] ({m['role']}): its content is not where the chat template writes the turn, "
+                       "so its trained part cannot be found")
 
     def _generation_spans(self, chat: Chat, spans: List[Tuple[int, int]], targets: List[int]):
+        """[(message index or None, span)] of the {% generation %} blocks that train."""
         assistant = [i for i, m in enumerate(chat.messages) if m["role"] == "assistant"]
         if len(spans) == len(assistant):
             wanted = set(targets)
-            return [s for i, s in zip(assistant, spans) if i in wanted]
-        flagged = any(f is False for f in chat.train)
-        if flagged:
+            return [(i, s) for i, s in zip(assistant, spans) if i in wanted]
+        if any(f is False for f in chat.train):
             raise RowError(chat.field, "generation_blocks",
                            f"the template has {len(spans)} {{% generation %}} blocks for {len(assistant)} assistant "
                            "turns, so per-message train flags cannot be applied")
-        return spans[-1:] if self.policy.last_turn_only else spans
+        return [(None, s) for s in (spans[-1:] if self.policy.last_turn_only else spans)]
 
     # ------------------------------------------------------- trained span
-    def _trim(self, text: str, start: int, end: int, out: EncodedChat) -> Tuple[int, int]:
-        """The span narrowed to what the model generates: an empty <think></think>
-        block off its start (unless trained), whitespace after its end-of-turn marker off its end."""
+    def _trim(self, chat: Chat, k, text: str, start: int, end: int, out: EncodedChat) -> Tuple[int, int]:
+        """The span of message k narrowed to what the model generates: an empty
+        <think></think> block off its start (unless trained), whitespace after its
+        end-of-turn marker off its end. Its reasoning, if it has any, must be in it."""
+        if k is not None:
+            m = chat.messages[k]
+            found = _THINK_BLOCK_RE.search(m.get("content") or "")
+            reasoning = (m.get("reasoning_content") or (found.group()[7:-8] if found else "")).strip()
+            if reasoning and reasoning not in text[start:end]:
+                raise RowError(f"{chat.field}[{k}]", "template_drops_reasoning",
+                               f"{chat.field}[{k}] has reasoning the chat template does not write into the trained "
+                               "answer, so it would be lost without a word; use a template that writes reasoning "
+                               "for the answer it trains (Qwen3-style), or remove it from the data")
         if not self.policy.train_empty_think:
             m = EMPTY_THINK_RE.match(text, start, end)
             if m and m.end() < end:

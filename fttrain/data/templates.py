@@ -33,7 +33,7 @@ TOKENIZER = "tokenizer"
 
 # End-of-turn markers of the common families; the probe adds the template's own.
 KNOWN_END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "</s>", "<end_of_turn>", "<|end|>", "<|endoftext|>",
-                     "<|end_of_text|>", "<｜end▁of▁sentence｜>", "<eos>")
+                     "<|end_of_text|>", "<｜end▁of▁sentence｜>", "<eos>", "<|return|>")
 # What a turn marker looks like: <|...|>, <｜...｜>, <tag> / </tag>, [INST] / [/INST].
 MARKER_RE = re.compile(r"<\|[^<>|\s]{1,40}\|>|<｜[^<>｜]{1,40}｜>|</?[A-Za-z_][A-Za-z0-9_]{0,30}>|\[/?[A-Z_]{2,24}\]")
 EMPTY_THINK_RE = re.compile(r"\s*<think>\s*</think>\s*")
@@ -147,6 +147,12 @@ class TemplateInfo:
             after_last = first[first.rfind(answer) + len(answer):]
             after_turn = both[both.find(answer) + len(answer):]
             shared = _marker_boundary(after_last, common_prefix_length(after_last, after_turn))
+            first = MARKER_RE.match(after_last.lstrip())
+            ends = set(KNOWN_END_OF_TURN) | {tokenizer.eos_token}
+            if not after_last[:shared].strip() and first and first.group() in ends:
+                # The last answer ends with another marker than the others (gpt-oss: <|return|>
+                # vs <|end|>): still the end of that turn, not a tail after it.
+                shared = len(after_last) - len(after_last.lstrip()) + first.end()
             suffix, tail = after_last[:shared].strip(), after_last[shared:]
             scaffold = both + "\0" + render(tokenizer, template, one[:1], add_generation_prompt=True)[0]
             try:  # a system turn too, where the template takes one (Gemma refuses it)
@@ -166,7 +172,7 @@ class TemplateInfo:
         if suffix:
             present.add(suffix)
         end_of_turn = tuple(sorted(present, key=len, reverse=True))
-        tool_aware = bool(re.search(r"\btools?\b|tool_calls", template))
+        tool_aware = bool(re.search(r"\btools\b|\btool_calls\b", template))
         return cls(template, end_of_turn, tail, markers, error, tool_aware)
 
     # ------------------------------------------------------------ checks

@@ -130,7 +130,7 @@ class Recipe:
         becomes the tokenizer's template: TRL's trainers render with it, and it
         is saved with the model, so inference prompts in the trained format."""
         from fttrain.config.checks import check_tokenizer_template
-        from fttrain.data.templates import describe_choice, resolve_chat_template
+        from fttrain.data.templates import TOKENIZER, describe_choice, resolve_chat_template
 
         if not self.renders_chats:
             return
@@ -145,7 +145,8 @@ class Recipe:
                             "model folder is saved with the training template, so use that one for inference", line)
             else:
                 log.info(line)
-        self.tokenizer.chat_template = template
+        if self.cfg.data.chat_template != TOKENIZER:  # the model's own stays as it is (a named set stays whole)
+            self.tokenizer.chat_template = template
         self.chat_template = template
 
     def setup_data(self) -> None:
