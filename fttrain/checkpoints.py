@@ -91,6 +91,8 @@ class AtomicCheckpoints:
     ``keep_checkpoints`` is applied here, after the rename."""
 
     keep_checkpoints: Optional[int] = None
+    # Rank 0 calls each with the staged folder before it is renamed: state that is not the Trainer's.
+    checkpoint_extras: tuple = ()
 
     def _get_output_dir(self, trial):
         return os.path.join(self.args.output_dir, STAGING)
@@ -106,6 +108,9 @@ class AtomicCheckpoints:
         self.accelerator.wait_for_everyone()
         if self.args.process_index == 0:
             from fttrain.outputs import publish_dir
+
+            for write in self.checkpoint_extras:
+                write(staging / name)
 
             final = Path(self.args.output_dir) / name
             # A rename; the same step saved again after a resume is swapped in, the old one removed after.

@@ -240,6 +240,21 @@ def single_process_rendezvous(dist_cfg) -> None:
         os.environ.setdefault(key, value)
 
 
+def cpu_collective_timeout(dist_cfg, use_cpu: bool) -> None:
+    """transformers hands ``ddp_timeout`` to accelerate only for GPU runs; a CPU
+    run's gloo group got torch's default 30 minutes whatever dist.timeout_minutes
+    said. accelerate's state, created here first with the timeout, is the one
+    the Trainer then finds."""
+    if not use_cpu or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return
+    from datetime import timedelta
+
+    from accelerate.state import PartialState
+
+    PartialState(cpu=True, backend=dist_cfg.backend or "gloo",
+                 timeout=timedelta(seconds=max(1, int(round(dist_cfg.timeout_minutes * 60)))))
+
+
 # ------------------------------------------------------- trainer arguments
 def shards_weights(dist_cfg) -> bool:
     """True when no rank holds the whole model (ZeRO-3, FSDP): every forward
@@ -348,7 +363,7 @@ def trainer_args(cfg, precision: str, topology: Topology, accum: int, use_cpu: b
         # Only under a multi-process launch: a backend with one process makes
         # accelerate look for a process group that does not exist.
         "ddp_backend": (dist.backend or ("gloo" if use_cpu else None)) if multi else None,
-        "ddp_timeout": dist.timeout_minutes * 60,
+        "ddp_timeout": max(1, int(round(dist.timeout_minutes * 60))),
         # LISA freezes layers after DDP has wrapped the model: their gradients go missing.
         "ddp_find_unused_parameters": getattr(dist, "find_unused_parameters", False) or cfg.peft.method == "lisa",
     }

@@ -83,6 +83,18 @@ def peak_memory_bytes(use_cpu: bool) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def distributed_env_from_slurm() -> None:
     """Under ``srun`` with one task per rank (Hydra's submitit launcher with
     tasks_per_node > 1), torch.distributed's variables from Slurm's. A launcher

@@ -257,7 +257,7 @@ def common_context(cfg: DictConfig) -> Dict:
         "job_name": s.job_name or cfg.name,
         "processes_per_node": ppn,
         "python": shlex.quote(str(s.python)),
-        "timeout_minutes": cfg.dist.get("timeout_minutes", 30),
+        "timeout_minutes": f'{cfg.dist.get("timeout_minutes", 30):g}',  # 30.0 -> 30
         "omp_threads": max(1, s.cpus_per_task // max(1, ppn)),
         "port_base": PORT_BASE,
         "port_span": PORT_SPAN,

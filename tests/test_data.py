@@ -312,8 +312,8 @@ def test_prepared_data_cache_is_reused_and_invalidated(tmp_path, tokenizer):
     write_jsonl(path, [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(5)])
     cfg = data_cfg(str(path), fmt="prompt_completion")
     first = prepare_data_cached(cfg, tokenizer, None, True, tmp_path / "cache")
-    files = list((tmp_path / "cache" / "prepared").glob("*.pkl"))
-    assert len(files) == 1
+    entries = lambda: sorted(p.name for p in (tmp_path / "cache" / "prepared").iterdir() if (p / "COMPLETE").exists())
+    assert len(entries()) == 1
     again = prepare_data_cached(cfg, tokenizer, None, True, tmp_path / "cache")
     assert again.train.rows == first.train.rows
     # A changed knob or a changed file gets its own entry.
@@ -325,7 +325,7 @@ def test_prepared_data_cache_is_reused_and_invalidated(tmp_path, tokenizer):
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
     changed = prepare_data_cached(cfg, tokenizer, None, True, tmp_path / "cache")
     assert changed.train.report["kept"] == 1
-    assert len(list((tmp_path / "cache" / "prepared").glob("*.pkl"))) == 3
+    assert len(entries()) == 3
 
 
 def test_wrong_types_and_template_rejections_name_the_row(tmp_path, tokenizer):

@@ -136,6 +136,19 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"data.max_length={data.max_length} is too small to hold a prompt and a response")
     if not 0.0 <= data.eval_fraction < 1.0:
         problems.append(f"data.eval_fraction={data.eval_fraction} must be in [0, 1)")
+    if data.num_proc is not None and data.num_proc < 1:
+        problems.append(f"data.num_proc={data.num_proc} must be >= 1 (or null: the CPUs this process may use)")
+    if data.streaming:
+        if task.name not in PACKING_TASKS:
+            problems.append(f"data.streaming=true: task={task.name} reads its rows in memory; streaming serves "
+                            f"{' and '.join(PACKING_TASKS)}")
+        if trainer.max_steps <= 0:
+            problems.append("data.streaming=true: a stream has no length, so set trainer.max_steps > 0")
+        if trainer.dataloader_num_workers:
+            problems.append("data.streaming=true: set trainer.dataloader_num_workers=0 (the stream is read, and its "
+                            "resume position kept, in the training process)")
+        if data.stream_window < 1:
+            problems.append(f"data.stream_window={data.stream_window} must be >= 1")
     from fttrain.data.templates import template_choice_problem
 
     problem = template_choice_problem(data.chat_template)

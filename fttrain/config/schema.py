@@ -471,6 +471,14 @@ class DataConfig:
     # the task packs (sft, pt), off where it cannot (TRL's and encoder tasks).
     packing: Optional[bool] = None
     max_samples: Optional[int] = None  # cap on training rows, for smoke tests
+    # Processes that tokenize and mask (sft, pt): null = the CPUs this process
+    # may use, at most 8. Each holds the tokenizer and ~2000 rows at a time.
+    num_proc: Optional[int] = None
+    # Encode the training rows while training reads them, a window at a time,
+    # instead of preparing them once into the cache: for sets larger than the
+    # disk. Every rank encodes every row; needs trainer.max_steps.
+    streaming: bool = False
+    stream_window: int = 2000  # rows packed together when streaming: more packs tighter, holds more in memory
     # Reuse tokenized data from an identical earlier preparation (keyed by this
     # section, the files' size and mtime, the tokenizer and the template).
     cache: bool = True
@@ -489,7 +497,9 @@ class DistConfig:
     # starts one).
     expected_world_size: Optional[int] = None
     backend: Optional[str] = None  # None: nccl on GPU, gloo on CPU
-    timeout_minutes: int = 30
+    # How long a collective may wait for a rank. Data preparation on local
+    # rank 0 is waited for without it (fttrain.rendezvous), however long it takes.
+    timeout_minutes: float = 30
 
 
 @dataclass

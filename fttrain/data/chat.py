@@ -37,6 +37,10 @@ rendered conversation.
 
 from __future__ import annotations
 
+from itertools import chain
+
+import numpy as np
+
 import json
 import re
 from dataclasses import dataclass
@@ -48,6 +52,18 @@ from fttrain.data.templates import EMPTY_THINK_RE, TemplateInfo, has_generation_
 IGNORE = -100
 HISTORY_REWRITE = ("split", "last", "raise")
 _THINK_BLOCK_RE = re.compile(r"<think>.*?</think>", re.S)
+
+
+def token_offsets(tokenizer, text: str):
+    """(ids, character offsets) of text without special tokens added. A fast
+    tokenizer's own encoder is called directly: the same ids, without the
+    per-row cost of the Python wrapper (a fifth of the tokenizing time)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode"):
+        enc = backend.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), enc["offset_mapping"]
 
 
 @dataclass(frozen=True)
@@ -238,19 +254,20 @@ class ChatEncoder:
         return start, end
 
     def _labelled(self, text: str, spans: List[Tuple[int, int]], prompts: Sequence[str] = ()):
-        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        ids, offsets = token_offsets(self.tok, text)
         for prompt in prompts:
             self._check_token_prefix(prompt, ids)
-        labels = [IGNORE] * len(ids)
-        k = 0
-        for j, (a, b) in enumerate(offsets):
-            while k < len(spans) and a >= spans[k][1]:
-                k += 1
-            if k == len(spans):
-                break
-            if b > spans[k][0] and b > a:  # overlaps the span (zero-width tokens never train)
-                labels[j] = ids[j]
+        if not spans or not ids:
+            return ids, [IGNORE] * len(ids)
+        # Token j (characters [a, b)) trains when it overlaps the first span that ends after a;
+        # zero-width tokens never train. Offsets and spans both run left to right.
+        ab = np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets)).reshape(-1, 2)
+        a, b = ab[:, 0], ab[:, 1]
+        span = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+        k = np.searchsorted(span[:, 1], a, side="right")
+        inside = k < len(span)
+        trains = inside & (b > a) & (b > span[np.minimum(k, len(span) - 1), 0])
+        labels = np.where(trains, np.asarray(ids, dtype=np.int64), IGNORE).tolist()
         return ids, labels
 
     def _check_token_prefix(self, prompt: str, ids: List[int]) -> None:

@@ -12,43 +12,62 @@ import hashlib
 import json
 import logging
 import os
-import pickle
+import tempfile
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
 
 from fttrain.data.chat import MaskPolicy
 from fttrain.data.formats import Chat, Example, Formatter, RowError, placeholders
-from fttrain.data.packing import as_rows, concat_blocks, pack
+from fttrain.data.packing import best_fit_decreasing
 from fttrain.data.rows import load_splits
-from fttrain.data.sources import DataError
+from fttrain.data.sources import DataError, RowSource
+from fttrain.data.store import ChunkWriter, PreparedRows, remove_tree, sync_folder, write_split
 from fttrain.data.templates import TemplateError
 from fttrain.data.tokenize import Tokenizer, apply_overlength, count_trained
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 3  # bump when tokenization, masking or packing changes
+CACHE_VERSION = 4  # bump when tokenization, masking, packing or the store's files change
 
 
 @dataclass
 class SplitData:
-    rows: List[Dict]  # what the trainer iterates: packed or one sample per row
+    rows: PreparedRows  # what the trainer iterates: packed or one sample per row, memory-mapped
     examples: Dict[int, Example]  # eval split only: kept examples by row id, for generation eval
     report: Dict = field(default_factory=dict)
     # The first sample of each distinct role pattern ("system,user,assistant", ...), for preflight.
     pattern_samples: Dict[str, Dict] = field(default_factory=dict)
 
+    @classmethod
+    def open(cls, folder: Path) -> "SplitData":
+        rows = PreparedRows(folder)
+        return cls(rows, rows.examples(), rows.meta["report"], rows.meta["patterns"])
+
 
 @dataclass
 class PreparedData:
-    train: SplitData
+    train: Optional[SplitData]  # None with data.streaming=true: the training rows are made as they are read
     eval: Optional[SplitData]
+    folder: Optional[Path] = None  # where the prepared files are
 
     @property
     def report(self) -> Dict:
-        out = {"train": self.train.report}
+        out = {"train": self.train.report} if self.train is not None else {}
         if self.eval is not None:
             out["eval"] = self.eval.report
         return out
+
+    @classmethod
+    def open(cls, folder: Path) -> "PreparedData":
+        folder = Path(folder)
+        def split(name):
+            return SplitData.open(folder / name) if (folder / name / "meta.json").exists() else None
+
+        return cls(split("train"), split("eval"), folder)
 
 
 MAX_PATTERN_SAMPLES = 8
@@ -66,6 +85,13 @@ class _Counts:
         self.rows_split = 0
         self.placeholder_rows = 0
         self.placeholders: Counter = Counter()
+
+    def merge(self, other: "_Counts") -> None:
+        for name, value in vars(other).items():
+            if isinstance(value, Counter):
+                getattr(self, name).update(value)
+            else:
+                setattr(self, name, getattr(self, name) + value)
 
     def add_chat(self, encoded) -> None:
         self.trained_turns += encoded.trained_turns
@@ -87,63 +113,152 @@ class _Counts:
         return out
 
 
-def _process(
-    source: str,
-    rows: List[Dict],
-    ids: List[int],
-    formatter: Formatter,
-    tokenizer: Tokenizer,
-    data_cfg,
-    keep_examples: bool,
-    blocks: bool = False,
-) -> SplitData:
-    policy = data_cfg.overlength
-    counts = _Counts()
-    samples, examples, patterns = [], {}, {}
-    for i in ids:
+# ---------------------------------------------------------------- encoding
+MIN_CHUNK_ROWS = 256  # fewer rows than two chunks: encoded in this process, no workers started
+CHUNK_ROWS = 2000  # most rows a worker encodes and writes at a time: ~10 MB of text, one pair of token files
+
+
+@dataclass
+class _Job:
+    """What encoding one split needs; forked workers inherit it instead of unpickling it per chunk."""
+
+    source: str
+    rows: RowSource
+    formatter: Formatter
+    tokenizer: Tokenizer
+    max_length: int
+    overlength: str
+    strict: bool
+    blocks: bool
+    keep_examples: bool
+    folder: Path
+
+
+_JOB: Optional[_Job] = None
+
+
+def encode_rows(job: _Job, ids: List[int], counts: "_Counts", keep: Callable[[List[int], List[int], int, Example], None]
+                ) -> None:
+    """Rows ``ids`` -> samples, each handed to ``keep(input_ids, labels, row, example)``;
+    what was dropped, truncated or found is added to ``counts``. A bad row raises
+    naming the file and row (strict) or is counted under its reason."""
+    tokenizer = job.tokenizer
+    for i, row in zip(ids, job.rows.read(ids)):
         try:
-            ex = formatter(rows[i])
+            ex = job.formatter(row)
             encoded = tokenizer.encode(ex)
         except RowError as e:
-            if data_cfg.strict:
+            if job.strict:
                 raise DataError(
-                    f"{source} row {i}: {e}. Fix the row, or set data.strict=false to drop "
+                    f"{job.source} row {i}: {e}. Fix the row, or set data.strict=false to drop "
                     "such rows with a count."
                 ) from None
             counts.dropped[e.reason] += 1
             continue
         kept = 0
         for ids_, labels in encoded.samples:
-            if tokenizer.assistant_only_loss and count_trained(labels) == 0 and len(ids_) <= data_cfg.max_length:
+            if tokenizer.assistant_only_loss and count_trained(labels) == 0 and len(ids_) <= job.max_length:
                 raise TemplateError(
-                    f"{source} row {i}: no token of it is trained, though it has a turn to train: the chat "
+                    f"{job.source} row {i}: no token of it is trained, though it has a turn to train: the chat "
                     "template's output could not be matched to its messages"
                 )
             # Concatenated into blocks, a long document continues in the next block.
-            sample, outcome = apply_overlength(ids_, labels, data_cfg.max_length if not blocks else len(ids_), policy)
+            sample, outcome = apply_overlength(ids_, labels, job.max_length if not job.blocks else len(ids_),
+                                               job.overlength)
             if outcome == "raise":
                 raise DataError(
-                    f"{source} row {i}: {len(ids_)} tokens is longer than data.max_length={data_cfg.max_length}. "
+                    f"{job.source} row {i}: {len(ids_)} tokens is longer than data.max_length={job.max_length}. "
                     "Set data.overlength=truncate or drop, or raise data.max_length."
                 )
             if sample is None:
                 counts.dropped[outcome] += 1
                 continue
             counts.truncated += outcome == "truncated"
-            sample["sample_id"] = i
-            samples.append(sample)
+            keep(sample["input_ids"], sample["labels"], i, ex)
             kept += 1
-            if isinstance(ex, Chat) and len(patterns) < MAX_PATTERN_SAMPLES:
-                patterns.setdefault(ex.role_pattern(), sample)
         if kept and isinstance(ex, Chat):
             counts.add_chat(encoded)
-        found = placeholders(rows[i]) if kept else []
+        found = placeholders(row) if kept else []
         if found:
             counts.placeholder_rows += 1
             counts.placeholders.update(found)
-        if kept and keep_examples:
+
+
+def _encode_chunk(task) -> Dict:
+    """Rows of one chunk -> its token files; returns the chunk's lengths, counts and samples to show."""
+    index, ids = task
+    job = _JOB
+    counts = _Counts()
+    writer = ChunkWriter(job.folder, index)
+    examples, patterns = {}, {}
+
+    def keep(input_ids, labels, i, ex):
+        writer.add(input_ids, labels, i)
+        if isinstance(ex, Chat) and len(patterns) < 4 * MAX_PATTERN_SAMPLES:
+            patterns.setdefault(ex.role_pattern(), {"input_ids": input_ids, "labels": labels})
+        if job.keep_examples:
             examples[i] = ex
-    if not samples:
+
+    encode_rows(job, ids, counts, keep)
+    return {"index": index, **writer.close(), "counts": counts, "patterns": patterns, "examples": examples}
+
+
+def _encode_chunks(job: _Job, ids: List[int], num_proc: int):
+    """Every chunk's result, in file order: in this process, or over num_proc forked workers."""
+    global _JOB
+    # At least ~8 chunks a worker, so that the last ones finish together.
+    size = max(MIN_CHUNK_ROWS, min(CHUNK_ROWS, -(-len(ids) // (8 * max(1, num_proc)))))
+    chunks = [(k, ids[a:a + size]) for k, a in enumerate(range(0, len(ids), size))]
+    _JOB = job
+    try:
+        if num_proc <= 1 or len(chunks) <= 1:
+            for chunk in chunks:
+                yield _encode_chunk(chunk)
+            return
+        import multiprocessing
+
+        # Fork: the workers share the tokenizer, template and row index without pickling them.
+        # A tokenizer that already ran batched would warn after the fork; the workers are the parallelism.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        with multiprocessing.get_context("fork").Pool(min(num_proc, len(chunks))) as pool:
+            yield from pool.imap(_encode_chunk, chunks)
+    finally:
+        _JOB = None
+
+
+def workers(data_cfg) -> int:
+    """data.num_proc, or (null) the CPUs this process may use, at most 8."""
+    if getattr(data_cfg, "num_proc", None):
+        return int(data_cfg.num_proc)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 8))
+
+
+def _prepare_split(source: str, rows: RowSource, ids: List[int], formatter: Formatter, tokenizer: Tokenizer,
+                   data_cfg, keep_examples: bool, blocks: bool, folder: Path, num_proc: int) -> Dict:
+    """Encode one split into ``folder``; returns its report."""
+    folder.mkdir(parents=True, exist_ok=True)
+    job = _Job(source, rows, formatter, tokenizer, data_cfg.max_length, str(data_cfg.overlength),
+               bool(data_cfg.strict), blocks, keep_examples, folder)
+    counts = _Counts()
+    lengths, sample_ids, trained, patterns, examples = [], [], [], {}, {}
+    n_chunks = 0
+    for result in _encode_chunks(job, ids, num_proc):
+        n_chunks += 1
+        counts.merge(result["counts"])
+        lengths.append(result["lengths"])
+        sample_ids.append(result["sample_ids"])
+        trained.append(result["trained"])
+        for pattern, sample in result["patterns"].items():
+            if len(patterns) < MAX_PATTERN_SAMPLES:
+                patterns.setdefault(pattern, sample)
+        examples.update(result["examples"])
+    lengths = np.concatenate(lengths) if lengths else np.empty(0, np.int32)
+    sample_ids = np.concatenate(sample_ids) if sample_ids else np.empty(0, np.int64)
+    if not len(lengths):
         raise DataError(f"{source}: no usable rows out of {len(ids)} (dropped: {dict(counts.dropped)})")
     if counts.trained_turns and counts.turns_without_end_of_turn == counts.trained_turns:
         markers = list(tokenizer.info.end_of_turn) if tokenizer.info else []
@@ -151,34 +266,59 @@ def _process(
             f"{source}: no trained turn ends with an end-of-turn token (looked for {markers}), so the model would "
             "never learn to stop. Use a chat template that closes each assistant turn (the model's own does)."
         )
+    bins = None
     if blocks:
-        packed_rows = concat_blocks(samples, data_cfg.max_length)
+        layout = "blocks"
+        n_rows = -(-int(lengths.sum()) // data_cfg.max_length)
+    elif packs(data_cfg):
+        layout = "packed"
+        bins = best_fit_decreasing(lengths.tolist(), data_cfg.max_length)
+        n_rows = len(bins)
     else:
-        packed_rows = pack(samples, data_cfg.max_length) if packs(data_cfg) else as_rows(samples)
-    n_tokens = sum(len(s["input_ids"]) for s in samples)
-    kept_rows = len({s["sample_id"] for s in samples})
+        layout, n_rows = "samples", len(lengths)
+    n_tokens = int(lengths.sum())
+    kept_rows = len(np.unique(sample_ids))
     report = {
         "source": source,
         "rows": len(ids),
         "kept": kept_rows,
         **counts.report(),
         "tokens": n_tokens,
-        "trained_tokens": sum(count_trained(s["labels"]) for s in samples),
-        "rows_after_packing": len(packed_rows),
+        "trained_tokens": int(sum(int(t.sum()) for t in trained)),
+        "rows_after_packing": n_rows,
     }
-    if len(samples) != kept_rows:
-        report["samples"] = len(samples)  # more than rows: chats split per turn
+    if len(lengths) != kept_rows:
+        report["samples"] = len(lengths)  # more than rows: chats split per turn
     if blocks:
         report["layout"] = f"documents concatenated into {data_cfg.max_length}-token blocks"
-    if packs(data_cfg) and not blocks:
-        report["packing_efficiency"] = round(n_tokens / (len(packed_rows) * data_cfg.max_length), 4)
+    if layout == "packed":
+        report["packing_efficiency"] = round(n_tokens / (n_rows * data_cfg.max_length), 4)
     if counts.turns_without_end_of_turn:
         log.warning("%s: %d of %d trained turns do not end with an end-of-turn token", source,
                     counts.turns_without_end_of_turn, counts.trained_turns)
     if counts.placeholder_rows:
         log.warning("%s: %d rows hold unfilled template placeholders, e.g. %s", source, counts.placeholder_rows,
                     ", ".join(list(counts.placeholders)[:3]))
-    return SplitData(packed_rows, examples, report, patterns)
+    write_split(folder, n_chunks, lengths, sample_ids, layout, data_cfg.max_length, bins,
+                {"report": report, "patterns": patterns}, examples if keep_examples else None)
+    return report
+
+
+def streams(data_cfg) -> bool:
+    return bool(getattr(data_cfg, "streaming", False))
+
+
+def open_stream(data_cfg, tokenizer, chat_template: Optional[str], assistant_only_loss: bool, blocks: bool = False,
+                policy: MaskPolicy = MaskPolicy()):
+    """data.streaming=true: the training split as a RowStream (``fttrain.data.streaming``)."""
+    from fttrain.data.streaming import RowStream
+
+    formatter, tok = _encoders(data_cfg, tokenizer, chat_template, assistant_only_loss, policy)
+    train_split, _ = load_splits(data_cfg)
+    job = _Job(data_cfg.train, train_split.rows, formatter, tok, data_cfg.max_length, str(data_cfg.overlength),
+               bool(data_cfg.strict), blocks, False, Path("."))
+    layout = "blocks" if blocks else ("packed" if packs(data_cfg) else "samples")
+    return RowStream(job, train_split.ids, data_cfg.stream_window, layout)
 
 
 def packs(data_cfg) -> bool:
@@ -197,19 +337,39 @@ def mask_policy(task_cfg) -> MaskPolicy:
 
 
 def prepare_data(data_cfg, tokenizer, chat_template: Optional[str], assistant_only_loss: bool,
-                 blocks: bool = False, policy: MaskPolicy = MaskPolicy()) -> PreparedData:
+                 blocks: bool = False, policy: MaskPolicy = MaskPolicy(), folder: Optional[Path] = None) -> PreparedData:
+    """Load, encode and lay out both splits into ``folder`` (default: a temporary
+    folder removed with the returned object) and open them memory-mapped."""
+    formatter, tok = _encoders(data_cfg, tokenizer, chat_template, assistant_only_loss, policy)
+    temporary = folder is None
+    folder = Path(tempfile.mkdtemp(prefix="fttrain-prepared-")) if temporary else Path(folder)
+    try:
+        write_prepared(folder, data_cfg, formatter, tok, blocks)
+    except BaseException:
+        remove_tree(folder)
+        raise
+    data = PreparedData.open(folder)
+    if temporary:
+        weakref.finalize(data, remove_tree, str(folder))
+    return data
+
+
+def _encoders(data_cfg, tokenizer, chat_template, assistant_only_loss, policy):
     fmt = data_cfg.format.value if hasattr(data_cfg.format, "value") else str(data_cfg.format)
     formatter = Formatter(fmt, dict(data_cfg.columns), dict(data_cfg.role_map), data_cfg.system_prompt)
-    tok = Tokenizer(tokenizer, chat_template, assistant_only_loss, policy)
+    return formatter, Tokenizer(tokenizer, chat_template, assistant_only_loss, policy)
 
+
+def write_prepared(folder: Path, data_cfg, formatter: Formatter, tok: Tokenizer, blocks: bool) -> None:
+    """Both splits into folder/train and folder/eval (with data.streaming=true: the eval split only)."""
+    num_proc = workers(data_cfg)
     train_split, eval_split = load_splits(data_cfg)
-    rows, train_ids = train_split.rows, train_split.ids
-    train = _process(data_cfg.train, rows, train_ids, formatter, tok, data_cfg, keep_examples=False, blocks=blocks)
-    evaluation = None
+    if not streams(data_cfg):
+        _prepare_split(data_cfg.train, train_split.rows, train_split.ids, formatter, tok, data_cfg,
+                       keep_examples=False, blocks=blocks, folder=folder / "train", num_proc=num_proc)
     if eval_split is not None:
-        evaluation = _process(eval_split.source, eval_split.rows, eval_split.ids, formatter, tok, data_cfg,
-                              keep_examples=True, blocks=blocks)
-    return PreparedData(train, evaluation)
+        _prepare_split(eval_split.source, eval_split.rows, eval_split.ids, formatter, tok, data_cfg,
+                       keep_examples=True, blocks=blocks, folder=folder / "eval", num_proc=num_proc)
 
 
 # ------------------------------------------------------------------ cache
@@ -231,16 +391,22 @@ def _source_fingerprint(source) -> dict:
     return {"name": source}
 
 
+NOT_IN_KEY = ("num_proc", "cache")  # how the rows are prepared, not what they are
+
+
 def cache_key(data_cfg, tokenizer, chat_template: Optional[str], assistant_only_loss: bool, blocks: bool = False,
               policy: MaskPolicy = MaskPolicy()) -> str:
     from omegaconf import OmegaConf
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     tok_id = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    data = OmegaConf.to_container(data_cfg, resolve=True, enum_to_str=True) if OmegaConf.is_config(data_cfg) \
+        else dict(data_cfg)
+    for knob in NOT_IN_KEY:
+        data.pop(knob, None)
     material = {
         "v": CACHE_VERSION,
-        "data": OmegaConf.to_container(data_cfg, resolve=True, enum_to_str=True)
-        if OmegaConf.is_config(data_cfg) else data_cfg,
+        "data": data,
         "train": _source_fingerprint(data_cfg.train),
         "eval": _source_fingerprint(data_cfg.eval),
         "tokenizer": hashlib.sha256(tok_id.encode()).hexdigest(),
@@ -253,27 +419,55 @@ def cache_key(data_cfg, tokenizer, chat_template: Optional[str], assistant_only_
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def prepare_data_cached(data_cfg, tokenizer, chat_template, assistant_only_loss, cache_root,
-                        blocks: bool = False, policy: MaskPolicy = MaskPolicy()) -> PreparedData:
-    """prepare_data, reusing the result of an identical earlier preparation.
+COMPLETE = "COMPLETE"  # written last: a folder without it is a preparation that did not finish
 
-    Called by local rank 0 first (the others wait, then load what it wrote),
+
+def prepare_data_cached(data_cfg, tokenizer, chat_template, assistant_only_loss, cache_root,
+                        blocks: bool = False, policy: MaskPolicy = MaskPolicy(), fresh_tag: Optional[str] = None
+                        ) -> PreparedData:
+    """prepare_data into ``cache_root/prepared/<key>``, reusing an identical
+    earlier preparation (data.cache=true).
+
+    Called by local rank 0 first (the others wait, then map what it wrote),
     so a large data set is tokenized once per node instead of once per rank,
-    and a rerun or a resumed run skips tokenizing altogether.
+    every rank shares one copy through the page cache, and a rerun or a
+    resumed run skips tokenizing altogether. With data.cache=false the folder
+    is ``<key>-<fresh_tag>`` (one per launch, shared by its ranks), made anew
+    and removed when this process ends.
+
+    The folder is built under a temporary name and renamed into place once
+    every file is on disk, so an interrupted preparation never passes for a
+    finished one; two nodes preparing into one shared cache keep the first.
     """
-    if not data_cfg.cache:
-        return prepare_data(data_cfg, tokenizer, chat_template, assistant_only_loss, blocks, policy)
     key = cache_key(data_cfg, tokenizer, chat_template, assistant_only_loss, blocks, policy)
-    path = cache_root / "prepared" / f"{key}.pkl"
-    if path.exists():
-        with open(path, "rb") as f:
-            data = pickle.load(f)
-        log.info("data: reusing prepared data %s", path)
-        return data
-    data = prepare_data(data_cfg, tokenizer, chat_template, assistant_only_loss, blocks, policy)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not data_cfg.cache:
+        key = f"{key}-{fresh_tag or os.getpid()}"
+    path = Path(cache_root) / "prepared" / key
+    if (path / COMPLETE).exists():
+        if data_cfg.cache:
+            log.info("data: reusing prepared data %s", path)
+        return PreparedData.open(path)
+    formatter, tok = _encoders(data_cfg, tokenizer, chat_template, assistant_only_loss, policy)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
-    return data
+    remove_tree(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        write_prepared(tmp, data_cfg, formatter, tok, blocks)
+        sync_folder(tmp)
+        (tmp / COMPLETE).write_text("")
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another node (shared cache) or an earlier unfinished folder holds the name
+            if (path / COMPLETE).exists():
+                remove_tree(tmp)
+            else:
+                remove_tree(path)
+                os.rename(tmp, path)
+    except BaseException:
+        remove_tree(tmp)
+        raise
+    if not data_cfg.cache:
+        import atexit
+
+        atexit.register(remove_tree, str(path))
+    return PreparedData.open(path)

@@ -21,16 +21,18 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from fttrain.data.formats import RowError, placeholders
-from fttrain.data.sources import DataError, load_rows
+from fttrain.data.sources import DataError, RowSource, open_rows
 
 log = logging.getLogger(__name__)
 
 
-def split_train_eval(rows: List[Dict], fraction: float, seed: int):
-    """Deterministic held-out split; returns (train ids, eval ids) in file order."""
-    ids = list(range(len(rows)))
-    n_eval = int(round(len(rows) * fraction))
-    if fraction > 0 and n_eval == 0 and len(rows) > 1:
+def split_train_eval(rows, fraction: float, seed: int):
+    """Deterministic held-out split of a row sequence (or a row count); returns
+    (train ids, eval ids) in file order."""
+    n = rows if isinstance(rows, int) else len(rows)
+    ids = range(n)
+    n_eval = int(round(n * fraction))
+    if fraction > 0 and n_eval == 0 and n > 1:
         n_eval = 1
     held = set(random.Random(seed).sample(ids, n_eval))
     return [i for i in ids if i not in held], sorted(held)
@@ -39,14 +41,14 @@ def split_train_eval(rows: List[Dict], fraction: float, seed: int):
 @dataclass
 class Split:
     source: str  # for messages: the file, or the file and the held-out fraction
-    rows: List[Dict]
+    rows: RowSource  # the whole file, read lazily
     ids: List[int]  # which rows of `rows` belong to this split
 
 
 def load_splits(data_cfg) -> Tuple[Split, Optional[Split]]:
-    rows = load_rows(data_cfg.train, data_cfg.train_split)
+    rows = open_rows(data_cfg.train, data_cfg.train_split)
     if data_cfg.eval:
-        eval_rows = load_rows(data_cfg.eval, data_cfg.eval_split)
+        eval_rows = open_rows(data_cfg.eval, data_cfg.eval_split)
         train = Split(data_cfg.train, rows, list(range(len(rows))))
         evaluation = Split(data_cfg.eval, eval_rows, list(range(len(eval_rows))))
     elif data_cfg.eval_fraction > 0:

@@ -1,14 +1,24 @@
 """Read rows from local files, generated builtin sets, or `datasets` names.
 
-Every source ends up as a list of plain dicts, in file order, so that an error
-can name the row index a user sees when they open the file.
+Every source is a sequence of plain dicts in file order, so that an error can
+name the row index a user sees when they open the file. Sources are lazy: a
+JSON Lines file is indexed by the byte offset of each row and a row is parsed
+when it is read; Parquet is read a row group at a time; `datasets` sets stay
+memory-mapped Arrow. A million-row file therefore costs ~8 bytes a row in
+memory until it is read, and worker processes forked for preparation read
+their own rows (``os.pread``: no shared file position).
+
+In memory as a whole: ``.json`` (one JSON document) and ``.csv``.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
-from typing import Dict, List
+from typing import Dict, Iterator, List, Sequence
+
+import numpy as np
 
 from fttrain.data.synthetic import resolve_builtin
 
@@ -19,28 +29,192 @@ class DataError(ValueError):
     """A problem with the user's data; the message names the file, row and field."""
 
 
-def load_rows(source: str, split: str = "train") -> List[Dict]:
+class RowSource(Sequence):
+    """Rows by index, read on demand."""
+
+    name: str
+
+    def read(self, ids: Sequence[int]) -> List[Dict]:
+        """Several rows at once (sources that read in blocks override it)."""
+        return [self[i] for i in ids]
+
+    def __iter__(self) -> Iterator[Dict]:
+        for start in range(0, len(self), 1024):
+            yield from self.read(range(start, min(start + 1024, len(self))))
+
+
+class ListSource(RowSource):
+    def __init__(self, name: str, rows: List[Dict]):
+        self.name, self.rows = name, rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+class JsonlSource(RowSource):
+    """Rows of a JSON Lines file, indexed by byte offset (blank lines skipped)."""
+
+    def __init__(self, path: str):
+        self.name = path
+        self.starts, self.ends = _line_offsets(path)
+        self._fd = None
+        self._pid = None
+
+    def __len__(self):
+        return len(self.starts)
+
+    def _file(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.name, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def __getitem__(self, i):
+        if i < 0:
+            i += len(self)
+        start, end = int(self.starts[i]), int(self.ends[i])
+        line = os.pread(self._file(), end - start, start)
+        try:
+            return json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{self.name} line {self._line_number(start)}: not valid JSON "
+                            f"({getattr(e, 'msg', e)})") from None
+
+    def read(self, ids: Sequence[int]) -> List[Dict]:
+        ids = list(ids)
+        if ids and ids[-1] - ids[0] == len(ids) - 1 and ids == sorted(ids):  # one read for a contiguous run
+            lo, hi = int(self.starts[ids[0]]), int(self.ends[ids[-1]])
+            block = os.pread(self._file(), hi - lo, lo)
+            rows = []
+            for i in ids:
+                s, e = int(self.starts[i]) - lo, int(self.ends[i]) - lo
+                try:
+                    rows.append(json.loads(block[s:e]))
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    rows.append(self[i])  # raises, naming the line
+            return rows
+        return [self[i] for i in ids]
+
+    def _line_number(self, offset: int) -> int:
+        with open(self.name, "rb") as f:
+            return f.read(offset).count(b"\n") + 1
+
+    def __getstate__(self):  # a copy opens its own file
+        state = dict(self.__dict__)
+        state["_fd"] = state["_pid"] = None
+        return state
+
+
+def _line_offsets(path: str):
+    """(starts, ends) of the non-blank lines, as int64 arrays: one pass over the bytes."""
+    starts, ends = [], []
+    pos = 0
+    with open(path, "rb") as f:
+        tail = b""
+        while True:
+            block = f.read(1 << 24)
+            if not block:
+                break
+            data = tail + block
+            base = pos - len(tail)
+            cut = data.rfind(b"\n") + 1
+            lines, tail = data[:cut], data[cut:]
+            _scan(lines, base, starts, ends)
+            pos += len(block)
+        if tail:
+            _scan(tail + b"\n", pos - len(tail), starts, ends)
+    return np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+
+
+def _scan(lines: bytes, base: int, starts: list, ends: list) -> None:
+    start = 0
+    n = len(lines)
+    while start < n:
+        end = lines.index(b"\n", start)
+        if (end > start and lines[start] == 0x7B) or lines[start:end].strip():  # 0x7B: '{', the usual start
+            starts.append(base + start)
+            ends.append(base + end)
+        start = end + 1
+
+
+class ParquetSource(RowSource):
+    """Rows of a Parquet file, decoded one row group at a time."""
+
+    def __init__(self, path: str):
+        import pyarrow.parquet as pq
+
+        self.name = path
+        meta = pq.ParquetFile(path).metadata
+        self.group_starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        self._cached = (None, None)
+
+    def __len__(self):
+        return int(self.group_starts[-1])
+
+    def _group(self, g: int) -> List[Dict]:
+        if self._cached[0] != g:
+            import pyarrow.parquet as pq
+
+            self._cached = (g, pq.ParquetFile(self.name).read_row_group(g).to_pylist())
+        return self._cached[1]
+
+    def __getitem__(self, i):
+        if i < 0:
+            i += len(self)
+        g = bisect.bisect_right(self.group_starts, i) - 1
+        return self._group(g)[i - int(self.group_starts[g])]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_cached"] = (None, None)
+        return state
+
+
+class DatasetsSource(RowSource):
+    """A `datasets` set: memory-mapped Arrow, rows converted on read."""
+
+    def __init__(self, name: str, ds):
+        self.name, self.ds = name, ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[int(i)]
+
+    def read(self, ids: Sequence[int]) -> List[Dict]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            return []
+        if ids[-1] - ids[0] == len(ids) - 1 and ids == sorted(ids):
+            return self.ds.select(range(ids[0], ids[-1] + 1)).to_list()
+        return self.ds.select(ids).to_list()
+
+
+def open_rows(source: str, split: str = "train") -> RowSource:
+    """The rows of a data source, read lazily where the format allows."""
+    name = source
     if source.startswith("builtin:"):
         source = resolve_builtin(source)
     if source.endswith(FILE_SUFFIXES) or os.path.isfile(source):
         if not os.path.exists(source):
             raise DataError(f"data file not found: {source}")
-        return _load_file(source)
-    return _load_datasets(source, split)
+        if source.endswith(".jsonl"):
+            return JsonlSource(source)
+        if source.endswith(".parquet"):
+            return ParquetSource(source)
+        return ListSource(source, _load_file(source))
+    return _load_datasets(name, split)
+
+
+def load_rows(source: str, split: str = "train") -> List[Dict]:
+    """Every row of a source as a list (small sets, tests and tools)."""
+    return list(open_rows(source, split))
 
 
 def _load_file(path: str) -> List[Dict]:
-    if path.endswith(".jsonl"):
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} line {i + 1}: not valid JSON ({e.msg})") from None
-        return rows
     if path.endswith(".json"):
         with open(path, encoding="utf-8") as f:
             try:
@@ -55,19 +229,13 @@ def _load_file(path: str) -> List[Dict]:
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a list of rows")
         return data
-    # csv and parquet through pyarrow: typed columns, no pandas index surprises
-    if path.endswith(".csv"):
-        import pyarrow.csv as pacsv
+    # csv through pyarrow: typed columns, no pandas index surprises
+    import pyarrow.csv as pacsv
 
-        table = pacsv.read_csv(path)
-    else:
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-    return table.to_pylist()
+    return pacsv.read_csv(path).to_pylist()
 
 
-def _load_datasets(name: str, split: str) -> List[Dict]:
+def _load_datasets(name: str, split: str) -> RowSource:
     """A `datasets` hub name or a folder saved with `save_to_disk`."""
     import datasets
 
@@ -79,4 +247,4 @@ def _load_datasets(name: str, split: str) -> List[Dict]:
         if split not in ds:
             raise DataError(f"{name}: no split {split!r}; has {list(ds)}")
         ds = ds[split]
-    return ds.to_list()
+    return DatasetsSource(name, ds)

@@ -87,7 +87,7 @@ class Tokenizer:
 
 
 def count_trained(labels: List[int]) -> int:
-    return sum(1 for x in labels if x != IGNORE)
+    return len(labels) - labels.count(IGNORE)
 
 
 def apply_overlength(ids: List[int], labels: List[int], max_length: int, policy: str) -> Tuple[Optional[Dict], str]:

@@ -29,6 +29,7 @@ from fttrain.distributed import (
     Topology,
     after_process_group,
     check_plan,
+    cpu_collective_timeout,
     deepspeed_config_in_use,
     fill_fsdp_wrap_classes,
     gradient_accumulation,
@@ -40,6 +41,7 @@ from fttrain.distributed import (
 from fttrain.checkpoints import checkpoint_step, latest_checkpoint
 from fttrain.env import check_world_size, detect_runtime, peak_memory_bytes
 from fttrain.models.load import load_tokenizer, param_counts, resolve_model_path, set_dropout
+from fttrain.rendezvous import launch_token, local_main_first
 from fttrain.preemption import StopOnSignal, remove_pid_file, requeue_job, signal_name, write_pid_file
 from fttrain.peft_setup import apply_peft, optimizer_args, quantization_config, trainer_hooks
 
@@ -72,12 +74,12 @@ class Recipe:
     def setup(self) -> None:
         self.setup_launch()
         # Local rank 0 builds the tiny model or generated data once; the others wait, then reuse it.
-        with self.args.main_process_first(local=True, desc="prepare model files"):
+        with local_main_first("preparing the model files"):
             self.model_path = resolve_model_path(self.cfg.model)
         self.tokenizer, self.pad_strategy = load_tokenizer(self.cfg.model, self.model_path)
         self.check_model_config()
         self.setup_chat_template()
-        with self.args.main_process_first(local=True, desc="prepare data"):
+        with local_main_first("data preparation"):
             self.setup_data()
         if self.is_main:
             log.info("data: %s", self.data_report)
@@ -101,10 +103,12 @@ class Recipe:
         check_plan(cfg, self.topology, self.runtime.precision, on_gpu=not self.runtime.use_cpu)
         self.accum = gradient_accumulation(cfg.trainer, self.topology.world_size)
         single_process_rendezvous(cfg.dist)
+        cpu_collective_timeout(cfg.dist, self.runtime.use_cpu)
         self.args = self.training_args()  # initialises the process group
         check_world_size(self.args.world_size, self.topology.world_size, cfg.dist)
         after_process_group(cfg.dist, self.runtime.use_cpu)
         self.is_main = self.args.process_index == 0
+        self.launch_token = launch_token()  # shared by this launch's ranks: names its unshared data folder
         # Handlers first, so a signal during model loading still ends in a clean stop.
         self.stop_on_signal = StopOnSignal(cfg.trainer.stop_signals, cfg.trainer.requeue_signals)
         if self.is_main and not cfg.preflight:
@@ -335,6 +339,7 @@ class Recipe:
                 if isinstance(cb, JsonlLogCallback):
                     cb.resume_step = step
             log.info("resuming from %s (step %d)", resume, step)
+            self.before_resume(Path(resume), step)
         start = time.time()
         self.trainer.train(resume_from_checkpoint=resume)
         self.train_seconds = time.time() - start
@@ -342,6 +347,9 @@ class Recipe:
             return
         self.eval_metrics = self.trainer.evaluate() if self.has_eval() else {}
         self.after_training()
+
+    def before_resume(self, checkpoint: Path, step: int) -> None:
+        """The task's own state from the checkpoint it resumes from (a data stream's position)."""
 
     def after_training(self) -> None:
         """The task's own measurement after training (generations, held-out

@@ -10,15 +10,16 @@
 from __future__ import annotations
 
 import logging
-
+import time
 
 from fttrain import outputs
 from fttrain.config.checks import packing_on
 from fttrain.config.schema import value_of
 from fttrain.data.packing import PackedCollator, PaddingCollator
-from fttrain.data.pipeline import MAX_PATTERN_SAMPLES, mask_policy, prepare_data_cached
+from fttrain.data.pipeline import MAX_PATTERN_SAMPLES, mask_policy, open_stream, prepare_data_cached, streams
 from fttrain.data.tokenize import IGNORE
 from fttrain.distributed import shards_weights
+from fttrain.env import rss_bytes
 from fttrain.generation_eval import exact_match, generate_answers
 from fttrain.models.load import load_model
 from fttrain.paths import cache_dir
@@ -57,16 +58,33 @@ class SFTRecipe(Recipe):
         cfg = self.cfg
         assistant_only = bool(getattr(cfg.task, "assistant_only_loss", False))
         blocks = cfg.task.name == "pt" and cfg.task.concatenate
+        rss, start = rss_bytes(), time.perf_counter()
+        # Prepared once per node into the cache (with streaming: the eval split only).
         self.data = prepare_data_cached(cfg.data, self.tokenizer, self.chat_template, assistant_only, cache_dir(),
-                                        blocks=blocks, policy=mask_policy(cfg.task))
+                                        blocks=blocks, policy=mask_policy(cfg.task), fresh_tag=self.launch_token)
         self.data_report = self.data.report
+        if streams(cfg.data):
+            self.stream = open_stream(cfg.data, self.tokenizer, self.chat_template, assistant_only, blocks=blocks,
+                                      policy=mask_policy(cfg.task))
+            self.data_report["train"] = self.stream.report()
+            log.info("data: streaming %d training rows from %s, %d rows a window", len(self.stream.ids),
+                     cfg.data.train, self.stream.window)
+        else:
+            # Each rank maps the prepared files: its memory grows by the pages it reads, not by the data set.
+            log.info("data: %d training rows (%d tokens) ready from %s in %.2f s; RSS %+.1f MiB on this rank",
+                     len(self.data.train.rows), self.data.train.rows.num_tokens, self.data.folder,
+                     time.perf_counter() - start, (rss_bytes() - rss) / 2**20)
         if self.is_main:
             self._log_marked_samples(every_pattern=cfg.preflight)
 
     def _log_marked_samples(self, every_pattern: bool) -> None:
         """A training sample with its trained tokens in [[...]]: one per distinct
         role pattern in preflight (system,user,assistant / ...,tool,assistant, ...), else the first."""
-        samples = self.data.train.pattern_samples or {"": self._first_sample()}
+        if self.stream is not None:
+            first = self.stream.first_sample()
+            samples = {"": first} if first else {}
+        else:
+            samples = self.data.train.pattern_samples or {"": self._first_sample()}
         shown = list(samples.items()) if every_pattern else list(samples.items())[:1]
         for pattern, sample in shown:
             log.info("sample%s with trained tokens in [[...]]:\n%s", f" ({pattern})" if pattern else "",
@@ -83,6 +101,33 @@ class SFTRecipe(Recipe):
         end = row["position_ids"][1:].index(0) + 1 if 0 in row["position_ids"][1:] else len(row["input_ids"])
         return {"input_ids": row["input_ids"][:end], "labels": row["labels"][:end]}
 
+    # ---------------------------------------------------------- stream
+    stream = None  # a RowStream with data.streaming=true
+
+    def task_training_args(self) -> dict:
+        if not streams(self.cfg.data):
+            return {}
+        # Every rank reads the whole stream and keeps its share of each global batch
+        # (accelerate's IterableDatasetShard); a resume starts the stream where the
+        # checkpoint left it (before_resume), so the Trainer must not skip batches again.
+        return {"accelerator_config": {"dispatch_batches": False}, "ignore_data_skip": True}
+
+    def before_resume(self, checkpoint, step: int) -> None:
+        if self.stream is None:
+            return
+        from fttrain.data.sources import DataError
+        from fttrain.data.streaming import STATE_FILE, load_state
+
+        state = load_state(checkpoint)
+        if state is None:
+            raise DataError(f"{checkpoint} has no {STATE_FILE}: it was not written by a streaming run, so the "
+                            "stream's position is unknown. Resume with data.streaming=false, or start a new run.")
+        consumed = step * self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps \
+            * self.args.world_size
+        window, offset = self.stream.resume(state, consumed)
+        log.info("stream resumes after %d rows (%d steps x %d rows a step): window %d, row %d in it", consumed, step,
+                 consumed // max(1, step), window, offset)
+
     # ----------------------------------------------------------- model
     def load_model(self, precision, quantization_config):
         if self.cfg.trainer.gradient_checkpointing:
@@ -98,10 +143,10 @@ class SFTRecipe(Recipe):
             collator = PackedCollator(pad, flatten=flatten)
         else:
             collator = PaddingCollator(pad)
-        return FTTrainer(
+        trainer = FTTrainer(
             model=self.model,
             args=self.args,
-            train_dataset=self.data.train.rows,
+            train_dataset=self.stream if self.stream is not None else self.data.train.rows,
             eval_dataset=self.data.eval.rows if self.data.eval else None,
             data_collator=collator,
             processing_class=self.tokenizer,
@@ -109,6 +154,9 @@ class SFTRecipe(Recipe):
             rank_records=self.cfg.trainer.rank_records,
             param_groups=self.hooks.param_groups,
         )
+        if self.stream is not None:
+            trainer.checkpoint_extras = (self.stream.save_state,)
+        return trainer
 
     # ------------------------------------------------------------ train
     before = after = None  # generation results, set during train()
@@ -151,6 +199,9 @@ class SFTRecipe(Recipe):
     # ------------------------------------------------------------- save
     def task_metrics(self) -> dict:
         metrics = {}
+        if self.stream is not None:  # the stream's counts, now that it has been read
+            self.data_report["train"] = self.stream.report()
+            outputs.write_json(self.run_dir / "data_report.json", self.data_report)
         if "eval_perplexity" in self.eval_metrics:  # exp of the token-weighted eval loss
             metrics["eval_perplexity"] = self.eval_metrics["eval_perplexity"]
         for when, res in (("before", self.before), ("after", self.after)):

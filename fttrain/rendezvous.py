@@ -1,0 +1,127 @@
+"""Waiting on other ranks without the process group's timeout.
+
+Local rank 0 prepares what its node shares (the tiny model's files, the
+tokenized data set) while the other ranks wait. A collective barrier there
+fails once the wait passes ``dist.timeout_minutes`` (and NCCL's watchdog
+kills the job), yet tokenizing a few hundred thousand long chats can take
+longer than any timeout one would set for a collective. So the ranks wait by
+polling keys in the rendezvous store (a non-blocking ``check``, once a
+second), which no timeout limits:
+
+    rank:        0 (local main)      1 .. 7
+    before       -                   poll until key <step>/0 is set
+    the work     prepare             (after 0: reuse what it wrote)
+    after        set <step>/0 = ok   set <step>/r = ok; poll until every rank's key is set
+
+A failure sets the rank's key to the error, so the waiting ranks stop at once
+with its message instead of waiting for the launcher to kill them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from contextlib import contextmanager
+from typing import Iterable
+
+log = logging.getLogger("fttrain")
+
+POLL_SECONDS = 1.0
+_steps = {"n": 0}
+_token: dict = {}
+
+
+class RankFailed(RuntimeError):
+    """Another rank failed in a section this rank was waiting on."""
+
+
+def _group():
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return dist
+
+
+def _store():
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
+
+
+def _wait_for(store, keys: Iterable[str], what: str) -> None:
+    pending = list(keys)
+    waited, next_log = 0.0, 60.0
+    while pending:
+        still = []
+        for key in pending:
+            if not store.check([key]):
+                still.append(key)
+                continue
+            value = store.get(key).decode()
+            if value != "ok":
+                rank = key.rsplit("/", 1)[-1]
+                user, _, message = value.partition(":")
+                raise RankFailed(f"rank {rank} failed during {what}: {message}") if user != "user" else \
+                    _user_error(f"rank {rank} failed during {what}: {message}")
+        pending = still
+        if pending:
+            time.sleep(POLL_SECONDS)
+            waited += POLL_SECONDS
+            if waited >= next_log:
+                log.info("waiting for %s on %d rank(s) for %.0f s", what, len(pending), waited)
+                next_log *= 2
+
+
+def _user_error(message: str) -> Exception:
+    from fttrain.data.sources import DataError
+
+    return DataError(message)
+
+
+def _failure(e: BaseException) -> str:
+    from fttrain.__main__ import _user_errors
+
+    kind = "user" if isinstance(e, _user_errors()) else "error"
+    return f"{kind}:{type(e).__name__}: {e}" if kind == "error" else f"user:{e}"
+
+
+@contextmanager
+def local_main_first(what: str):
+    """Run the block on each node's local rank 0 first, then on the other ranks;
+    return once every rank has run it. No timeout (see the module doc)."""
+    dist = _group()
+    if dist is None:
+        yield
+        return
+    store = _store()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    _steps["n"] += 1
+    prefix = f"fttrain/local_main_first/{_steps['n']}"
+    local_main = rank - local_rank
+    if local_rank != 0:
+        _wait_for(store, [f"{prefix}/{local_main}"], what)
+    try:
+        yield
+    except BaseException as e:
+        store.set(f"{prefix}/{rank}", _failure(e))
+        raise
+    store.set(f"{prefix}/{rank}", "ok")
+    _wait_for(store, [f"{prefix}/{r}" for r in range(world)], what)
+
+
+def launch_token() -> str:
+    """A string every rank of this launch shares and no other launch has."""
+    if "value" not in _token:
+        dist = _group()
+        if dist is None:
+            _token["value"] = uuid.uuid4().hex[:12]
+        else:
+            store = _store()
+            if dist.get_rank() == 0:
+                store.set("fttrain/launch_token", uuid.uuid4().hex[:12])
+            _token["value"] = store.get("fttrain/launch_token").decode()  # blocks until rank 0 has set it
+    return _token["value"]
