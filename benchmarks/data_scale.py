@@ -12,6 +12,7 @@ Each variant runs in its own process, so its peak RSS is its own:
   fttrain     prepare_data_cached (data.num_proc workers, memory-mapped store, packed at 2048)
   datasets    Dataset.from_json + map(apply_chat_template, tokenize; batched, num_proc) into its Arrow cache:
               the plain reference, without loss masks or packing
+  datasets_masked  the same with return_assistant_tokens_mask=True (how TRL's assistant_only_loss masks)
   old         the pickle pipeline at --old-commit (one process, every row in memory), if given
 Then a fresh process opens the prepared set (fttrain: PreparedData.open; datasets:
 Dataset.from_file on its cache files; old: pickle.load) and reads a row: time and added RSS.
@@ -42,14 +43,18 @@ LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>
 
 
 def write_chats(path: Path, n: int, seed: int = 0) -> None:
+    import numpy as np
+
     rng = random.Random(seed)
+    pick = np.random.default_rng(seed)
+    words = np.array(WORDS)
     with open(path, "w") as f:
         for _ in range(n):
             msgs = [{"role": "system", "content": "You are a helpful assistant."}] if rng.random() < 0.5 else []
             for _ in range(rng.randint(1, 3)):
                 for role in ("user", "assistant"):
-                    words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(50, 400)))
-                    msgs.append({"role": role, "content": words})
+                    content = " ".join(words[pick.integers(0, len(words), rng.randint(50, 400))].tolist())
+                    msgs.append({"role": role, "content": content})
             f.write(json.dumps({"messages": msgs}) + "\n")
 
 
@@ -107,7 +112,7 @@ def prepare_old(path, out, num_proc):
 
     tok = tokenizer()
     t = time.perf_counter()
-    data = prepare_data_cached(data_cfg(path, num_proc), tok, tok.chat_template, True, out)
+    data = prepare_data_cached(data_cfg(path, num_proc), tok, tok.chat_template, True, Path(out))
     seconds = time.perf_counter() - t
     files = list((Path(out) / "prepared").glob("*.pkl"))
     return {"seconds": seconds, "folder": str(files[0]), "tokens": data.train.report["tokens"],
@@ -124,6 +129,25 @@ def prepare_datasets(path, out, num_proc):
     def encode(batch):
         texts = tok.apply_chat_template(batch["messages"], tokenize=False)
         return {"input_ids": tok(texts, add_special_tokens=False)["input_ids"]}
+
+    ds = ds.map(encode, batched=True, num_proc=num_proc, remove_columns=ds.column_names)
+    seconds = time.perf_counter() - t
+    return {"seconds": seconds, "folder": str(Path(out) / "hf"), "files": [f["filename"] for f in ds.cache_files],
+            "tokens": None, "packed_rows": None}
+
+
+def prepare_datasets_masked(path, out, num_proc):
+    """The same, with the assistant-token masks as TRL's assistant_only_loss computes them."""
+    import datasets
+
+    tok = tokenizer()
+    t = time.perf_counter()
+    ds = datasets.Dataset.from_json(path, cache_dir=str(Path(out) / "hf"))
+
+    def encode(batch):
+        enc = tok.apply_chat_template(batch["messages"], tokenize=True, return_dict=True,
+                                      return_assistant_tokens_mask=True)
+        return {"input_ids": enc["input_ids"], "assistant_masks": enc["assistant_masks"]}
 
     ds = ds.map(encode, batched=True, num_proc=num_proc, remove_columns=ds.column_names)
     seconds = time.perf_counter() - t
@@ -168,6 +192,7 @@ def open_datasets(info):
 
 
 VARIANTS = {"fttrain": (prepare_fttrain, open_fttrain), "datasets": (prepare_datasets, open_datasets),
+            "datasets_masked": (prepare_datasets_masked, open_datasets),
             "old": (prepare_old, open_old)}
 
 
@@ -232,6 +257,47 @@ def replicate(folder: Path, k: int, dest: Path) -> Path:
     return dest
 
 
+def two_ranks(n: int, work: Path) -> list:
+    """Two CPU ranks train the tiny model on n generated chats: each rank's log says how long
+    its data took and how much its RSS grew; the second launch reuses the first one's cache."""
+    import re
+
+    data = work / f"short-chats-{n}.jsonl"
+    if not data.exists():
+        rng = random.Random(1)
+        with open(data, "w") as f:
+            for _ in range(n):
+                msgs = []
+                for _ in range(rng.randint(1, 2)):
+                    for role in ("user", "assistant"):
+                        msgs.append({"role": role, "content": " ".join(rng.choice(WORDS)
+                                                                       for _ in range(rng.randint(5, 30)))})
+                f.write(json.dumps({"messages": msgs}) + "\n")
+    env = {**os.environ, "FTTRAIN_CACHE": str(work / "two-ranks-cache"), "PYTHONUNBUFFERED": "1"}
+    out = []
+    for launch in ("prepares", "reuses"):
+        run = work / f"two-ranks-{launch}"
+        shutil.rmtree(run, ignore_errors=True)
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / "cpu_2proc.yaml"),
+               "--main_process_port", "29571", "-m", "fttrain", "+exp=tiny_sft", f"data.train={data}", "data.eval=null",
+               "data.eval_fraction=0", "data.max_samples=null", "trainer.max_steps=3",
+               "task.generation_eval.num_samples=0", f"hydra.run.dir={run}"]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise SystemExit(f"two-rank run failed:\n{proc.stderr[-3000:]}")
+        wall = time.perf_counter() - t
+        for r in range(2):
+            log = (run / f"train_rank{r}.log").read_text()
+            m = re.search(r"data: (\d+) training rows \((\d+) tokens\) ready from (\S+) in ([\d.]+) s; RSS ([+-][\d.]+) MiB",
+                          log)
+            out.append({"launch": launch, "rank": r, "rows": n, "packed_rows": int(m.group(1)),
+                        "tokens": int(m.group(2)), "data_s": float(m.group(4)), "rss_added_mib": float(m.group(5)),
+                        "folder": Path(m.group(3)).name, "run_wall_s": round(wall, 1)})
+            print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, nargs="+", default=[10000])
@@ -242,6 +308,7 @@ def main():
     p.add_argument("--open-replicas", type=int, default=0)
     p.add_argument("--work", default="/tmp/fttrain-scale")
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--two-ranks", type=int, default=0, help="also: two CPU ranks train on this many short chats")
     p.add_argument("--child", action="store_true")
     p.add_argument("--variant"), p.add_argument("--phase"), p.add_argument("--data"), p.add_argument("--out")
     p.add_argument("--info")
@@ -296,6 +363,12 @@ def main():
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in table:
         print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    if args.two_ranks:
+        ranks = two_ranks(args.two_ranks, work)
+        cols2 = ["launch", "rank", "rows", "packed_rows", "tokens", "data_s", "rss_added_mib", "folder"]
+        print("\n| " + " | ".join(cols2) + " |\n|" + "---|" * len(cols2))
+        for r in ranks:
+            print("| " + " | ".join(str(r[c]) for c in cols2) + " |")
     if old_tree is not None and not args.keep:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old_tree)], capture_output=True)
 

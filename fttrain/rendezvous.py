@@ -51,7 +51,9 @@ def _store():
     return distributed_c10d._get_default_store()
 
 
-def _wait_for(store, keys: Iterable[str], what: str) -> None:
+def _wait_for(store, keys: Iterable[str], what: str, mine: str) -> None:
+    """Until every key is set; a key holding a failure raises it here, after
+    acknowledging it under this rank's own key (``mine``)."""
     pending = list(keys)
     waited, next_log = 0.0, 60.0
     while pending:
@@ -61,11 +63,12 @@ def _wait_for(store, keys: Iterable[str], what: str) -> None:
                 still.append(key)
                 continue
             value = store.get(key).decode()
-            if value != "ok":
+            if value not in ("ok", "seen"):
+                store.set(mine, "seen")
                 rank = key.rsplit("/", 1)[-1]
-                user, _, message = value.partition(":")
-                raise RankFailed(f"rank {rank} failed during {what}: {message}") if user != "user" else \
-                    _user_error(f"rank {rank} failed during {what}: {message}")
+                kind, _, message = value.partition(":")
+                failure = f"rank {rank} failed during {what}: {message}"
+                raise _user_error(failure) if kind == "user" else RankFailed(failure)
         pending = still
         if pending:
             time.sleep(POLL_SECONDS)
@@ -102,15 +105,22 @@ def local_main_first(what: str):
     _steps["n"] += 1
     prefix = f"fttrain/local_main_first/{_steps['n']}"
     local_main = rank - local_rank
+    mine = f"{prefix}/{rank}"
     if local_rank != 0:
-        _wait_for(store, [f"{prefix}/{local_main}"], what)
+        _wait_for(store, [f"{prefix}/{local_main}"], what, mine)
     try:
         yield
     except BaseException as e:
-        store.set(f"{prefix}/{rank}", _failure(e))
+        store.set(mine, _failure(e))
+        # A few seconds for the waiting ranks to read the message before the launcher
+        # sees this rank exit and stops them.
+        others = [f"{prefix}/{r}" for r in range(world) if r != rank]
+        deadline = time.monotonic() + 5 * POLL_SECONDS
+        while time.monotonic() < deadline and not all(store.check([k]) for k in others):
+            time.sleep(POLL_SECONDS / 10)
         raise
-    store.set(f"{prefix}/{rank}", "ok")
-    _wait_for(store, [f"{prefix}/{r}" for r in range(world)], what)
+    store.set(mine, "ok")
+    _wait_for(store, [f"{prefix}/{r}" for r in range(world)], what, mine)
 
 
 def launch_token() -> str:

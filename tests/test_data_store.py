@@ -319,3 +319,24 @@ def test_a_resumed_stream_continues_the_uninterrupted_run(tmp_path):
     a, b = losses("full"), losses("resumed")
     assert sorted(b) == [5, 6, 7, 8]
     assert [b[s] for s in b] == pytest.approx([a[s] for s in b], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_bad_row_found_by_local_rank_0_stops_the_waiting_rank_with_its_message(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    rows = chats(20)
+    rows[7] = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]}
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"),
+           "--main_process_port", "29534", "-m", "fttrain", "+exp=tiny_sft", f"data.train={path}", "data.eval=null",
+           "data.eval_fraction=0", "hydra.run.dir=run"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode != 0
+    assert "bad.jsonl row 7" in proc.stderr  # rank 0's own message
+    assert "rank 0 failed during data preparation: " in proc.stderr  # rank 1 stopped with it, not by a timeout
+    assert "Traceback" not in proc.stderr

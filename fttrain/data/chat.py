@@ -37,9 +37,8 @@ rendered conversation.
 
 from __future__ import annotations
 
-from itertools import chain
-
-import numpy as np
+from bisect import bisect_left, bisect_right
+from operator import eq, itemgetter
 
 import json
 import re
@@ -50,6 +49,7 @@ from fttrain.data.formats import Chat, RowError
 from fttrain.data.templates import EMPTY_THINK_RE, TemplateInfo, has_generation_markers, render
 
 IGNORE = -100
+_start, _end = itemgetter(0), itemgetter(1)
 HISTORY_REWRITE = ("split", "last", "raise")
 _THINK_BLOCK_RE = re.compile(r"<think>.*?</think>", re.S)
 
@@ -257,18 +257,30 @@ class ChatEncoder:
         ids, offsets = token_offsets(self.tok, text)
         for prompt in prompts:
             self._check_token_prefix(prompt, ids)
+        labels = [IGNORE] * len(ids)
         if not spans or not ids:
-            return ids, [IGNORE] * len(ids)
-        # Token j (characters [a, b)) trains when it overlaps the first span that ends after a;
-        # zero-width tokens never train. Offsets and spans both run left to right.
-        ab = np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets)).reshape(-1, 2)
-        a, b = ab[:, 0], ab[:, 1]
-        span = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
-        k = np.searchsorted(span[:, 1], a, side="right")
-        inside = k < len(span)
-        trains = inside & (b > a) & (b > span[np.minimum(k, len(span) - 1), 0])
-        labels = np.where(trains, np.asarray(ids, dtype=np.int64), IGNORE).tolist()
+            return ids, labels
+        # A token (characters [a, b)) trains when it overlaps a span; zero-width tokens never train.
+        # Offsets run left to right, so each span is one slice of tokens, found by bisection
+        # (the checks and the bisection run in C: a tenth of a per-token Python loop).
+        offsets = list(offsets)
+        zero_width = any(map(eq, map(_start, offsets), map(_end, offsets)))
+        if zero_width or offsets != sorted(offsets):
+            return ids, self._labelled_token_by_token(ids, offsets, spans)
+        for s, e in spans:
+            j0, j1 = bisect_right(offsets, s, key=_end), bisect_left(offsets, e, key=_start)
+            labels[j0:j1] = ids[j0:j1]
         return ids, labels
+
+    @staticmethod
+    def _labelled_token_by_token(ids, offsets, spans) -> List[int]:
+        """The same rule where the bisection cannot be used: zero-width tokens, or
+        offsets that do not run left to right."""
+        labels = [IGNORE] * len(ids)
+        for j, (a, b) in enumerate(offsets):
+            if b > a and any(a < e and b > s for s, e in spans):
+                labels[j] = ids[j]
+        return labels
 
     def _check_token_prefix(self, prompt: str, ids: List[int]) -> None:
         """The prompt tokenized alone (what generation starts from) must be how

@@ -1,9 +1,16 @@
-"""From ``cfg.data`` to training rows: load, split, validate, tokenize, pack.
+"""From ``cfg.data`` to training rows: load, split, validate, tokenize, pack, store.
+
+    load_splits       data.train (+ data.eval or a held-out fraction), read lazily (``sources``)
+    encode_rows       row -> Example (``formats``) -> samples with the loss mask (``tokenize``, ``chat``)
+    _encode_chunks    chunks of rows over data.num_proc forked workers, each writing its token files
+    _prepare_split    counts merged in file order, the layout (packed / samples / blocks), the report
+    prepare_data_cached   the cache entry, built under a temporary name, renamed when whole
 
 Nothing is dropped silently: every row that does not reach training is
 counted under its reason in the report (``data_report.json`` in the run dir),
 and in strict mode (the default) a bad row stops the run with its file, row
-index and field.
+index and field, whichever worker read it. ``streaming.py`` encodes with the
+same ``encode_rows`` while training reads (data.streaming=true).
 """
 
 from __future__ import annotations
@@ -73,7 +80,7 @@ class PreparedData:
 MAX_PATTERN_SAMPLES = 8
 
 
-class _Counts:
+class RowCounts:
     """What happened to the rows of one split, for data_report.json."""
 
     def __init__(self):
@@ -86,7 +93,7 @@ class _Counts:
         self.placeholder_rows = 0
         self.placeholders: Counter = Counter()
 
-    def merge(self, other: "_Counts") -> None:
+    def merge(self, other: "RowCounts") -> None:
         for name, value in vars(other).items():
             if isinstance(value, Counter):
                 getattr(self, name).update(value)
@@ -119,7 +126,7 @@ CHUNK_ROWS = 2000  # most rows a worker encodes and writes at a time: ~10 MB of 
 
 
 @dataclass
-class _Job:
+class EncodeJob:
     """What encoding one split needs; forked workers inherit it instead of unpickling it per chunk."""
 
     source: str
@@ -134,10 +141,10 @@ class _Job:
     folder: Path
 
 
-_JOB: Optional[_Job] = None
+_JOB: Optional[EncodeJob] = None
 
 
-def encode_rows(job: _Job, ids: List[int], counts: "_Counts", keep: Callable[[List[int], List[int], int, Example], None]
+def encode_rows(job: EncodeJob, ids: List[int], counts: "RowCounts", keep: Callable[[List[int], List[int], int, Example], None]
                 ) -> None:
     """Rows ``ids`` -> samples, each handed to ``keep(input_ids, labels, row, example)``;
     what was dropped, truncated or found is added to ``counts``. A bad row raises
@@ -188,7 +195,7 @@ def _encode_chunk(task) -> Dict:
     """Rows of one chunk -> its token files; returns the chunk's lengths, counts and samples to show."""
     index, ids = task
     job = _JOB
-    counts = _Counts()
+    counts = RowCounts()
     writer = ChunkWriter(job.folder, index)
     examples, patterns = {}, {}
 
@@ -203,7 +210,7 @@ def _encode_chunk(task) -> Dict:
     return {"index": index, **writer.close(), "counts": counts, "patterns": patterns, "examples": examples}
 
 
-def _encode_chunks(job: _Job, ids: List[int], num_proc: int):
+def _encode_chunks(job: EncodeJob, ids: List[int], num_proc: int):
     """Every chunk's result, in file order: in this process, or over num_proc forked workers."""
     global _JOB
     # At least ~8 chunks a worker, so that the last ones finish together.
@@ -241,9 +248,9 @@ def _prepare_split(source: str, rows: RowSource, ids: List[int], formatter: Form
                    data_cfg, keep_examples: bool, blocks: bool, folder: Path, num_proc: int) -> Dict:
     """Encode one split into ``folder``; returns its report."""
     folder.mkdir(parents=True, exist_ok=True)
-    job = _Job(source, rows, formatter, tokenizer, data_cfg.max_length, str(data_cfg.overlength),
+    job = EncodeJob(source, rows, formatter, tokenizer, data_cfg.max_length, str(data_cfg.overlength),
                bool(data_cfg.strict), blocks, keep_examples, folder)
-    counts = _Counts()
+    counts = RowCounts()
     lengths, sample_ids, trained, patterns, examples = [], [], [], {}, {}
     n_chunks = 0
     for result in _encode_chunks(job, ids, num_proc):
@@ -315,7 +322,7 @@ def open_stream(data_cfg, tokenizer, chat_template: Optional[str], assistant_onl
 
     formatter, tok = _encoders(data_cfg, tokenizer, chat_template, assistant_only_loss, policy)
     train_split, _ = load_splits(data_cfg)
-    job = _Job(data_cfg.train, train_split.rows, formatter, tok, data_cfg.max_length, str(data_cfg.overlength),
+    job = EncodeJob(data_cfg.train, train_split.rows, formatter, tok, data_cfg.max_length, str(data_cfg.overlength),
                bool(data_cfg.strict), blocks, False, Path("."))
     layout = "blocks" if blocks else ("packed" if packs(data_cfg) else "samples")
     return RowStream(job, train_split.ids, data_cfg.stream_window, layout)

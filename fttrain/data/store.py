@@ -47,13 +47,13 @@ class ChunkWriter:
         self.lengths, self.sample_ids, self.trained_counts = array("i"), array("q"), array("q")
 
     def add(self, input_ids: List[int], labels: List[int], sample_id: int) -> None:
-        ids = np.asarray(input_ids, dtype=np.int32)
-        lab = np.asarray(labels, dtype=np.int64)
+        ids = np.frombuffer(array("i", input_ids), dtype=np.int32)
+        lab = np.frombuffer(array("q", labels), dtype=np.int64)
         mask = lab != IGNORE
         if not np.array_equal(lab[mask], ids[mask]):
             raise AssertionError(f"row {sample_id}: a label differs from its token; the mask cannot carry it")
-        self.tokens.frombytes(ids.tobytes())
-        self.trained.frombytes(mask.astype(np.uint8).tobytes())
+        self.tokens.extend(input_ids)
+        self.trained.frombytes(mask.tobytes())  # bool -> one byte, 0 or 1
         self.lengths.append(len(ids))
         self.sample_ids.append(sample_id)
         self.trained_counts.append(int(mask.sum()))
@@ -106,6 +106,9 @@ class PreparedRows:
         if self.layout == "packed":
             self.row_offsets = np.load(self.folder / "row_offsets.npy", mmap_mode="r")
             self.row_members = np.load(self.folder / "row_members.npy", mmap_mode="r")
+
+    def __reduce__(self):  # a copy (a DataLoader worker started by spawn) maps the same files
+        return PreparedRows, (str(self.folder),)
 
     @property
     def num_samples(self) -> int:

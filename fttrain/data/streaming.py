@@ -52,12 +52,12 @@ class RowStream(torch.utils.data.IterableDataset):
     """The training rows of one split, encoded a window at a time as they are read."""
 
     def __init__(self, job, ids: List[int], window: int, layout: str):
-        from fttrain.data.pipeline import _Counts
+        from fttrain.data.pipeline import RowCounts
 
         self.job, self.ids, self.window, self.layout = job, list(ids), max(1, int(window)), layout
         self.rows_per_window: List[int] = []  # rows each window produced so far, in order
         self.epoch_rows: Optional[int] = None  # rows of a whole pass, once one finished
-        self.counts = _Counts()
+        self.counts = RowCounts()
         self._start: Tuple[int, int] = (0, 0)
 
     @property
@@ -65,10 +65,10 @@ class RowStream(torch.utils.data.IterableDataset):
         return -(-len(self.ids) // self.window)
 
     def window_rows(self, w: int) -> List[Dict]:
-        from fttrain.data.pipeline import _Counts, encode_rows
+        from fttrain.data.pipeline import RowCounts, encode_rows
 
         samples: List[Dict] = []
-        counts = _Counts() if w < len(self.rows_per_window) else self.counts  # a window counts once
+        counts = RowCounts() if w < len(self.rows_per_window) else self.counts  # a window counts once
 
         def keep(input_ids, labels, i, ex):
             samples.append({"input_ids": input_ids, "labels": labels, "sample_id": i})
@@ -138,7 +138,7 @@ class RowStream(torch.utils.data.IterableDataset):
 
     def first_sample(self) -> Optional[Dict]:
         """The first trained sample of the stream (for the start-up log), encoded on its own."""
-        from fttrain.data.pipeline import _Counts, encode_rows
+        from fttrain.data.pipeline import RowCounts, encode_rows
 
         found: List[Dict] = []
 
@@ -147,7 +147,7 @@ class RowStream(torch.utils.data.IterableDataset):
                 found.append({"input_ids": input_ids, "labels": labels, "chat": isinstance(ex, Chat)})
 
         for i in self.ids[:16]:
-            encode_rows(self.job, [i], _Counts(), keep)
+            encode_rows(self.job, [i], RowCounts(), keep)
             if found:
                 return found[0]
         return None
