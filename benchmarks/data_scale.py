@@ -23,6 +23,11 @@ tokenizing them again.
 
 Prints one table: rows/s, peak RSS of the preparing process (and its largest
 worker), cache size on disk, open time and RSS added by opening.
+
+--two-ranks N: two CPU ranks (launch/cpu_2proc.yaml) train the tiny model for
+3 steps on N generated short chats, twice: the first launch prepares, the
+second reuses the cache. Each rank's log line gives the seconds its data took
+and how much its RSS grew, and the folder it mapped (the same for both ranks).
 """
 
 import argparse
@@ -300,7 +305,7 @@ def two_ranks(n: int, work: Path) -> list:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--rows", type=int, nargs="+", default=[10000])
+    p.add_argument("--rows", type=int, nargs="*", default=[10000])
     p.add_argument("--num-proc", type=int, default=2)
     p.add_argument("--variants", nargs="+", default=["fttrain", "datasets", "old"])
     p.add_argument("--old-commit", default=None, help="a commit of this repository with the pickle pipeline")
@@ -348,7 +353,7 @@ def main():
                 last_fttrain = prep
             elif not args.keep:
                 shutil.rmtree(out, ignore_errors=True)
-    if args.open_replicas and last_fttrain:
+    if args.open_replicas and last_fttrain and args.rows:
         folder = Path(last_fttrain["folder"])
         dest = replicate(folder, args.open_replicas, work / "replicated")
         opened = run_child("fttrain", "open", ROOT, info=json.dumps({"folder": str(dest)}))
