@@ -121,7 +121,8 @@ done
 
 # ---------------------------------------------------------------- config
 HOST=$(hostname -s)
-NPROC=$(nproc)
+# nproc counts OMP_NUM_THREADS as the CPU count (the test suite sets it to 1); the node has them all.
+NPROC=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 CTLD_HOST=$HOST
 NODE_ADDR=""
 if ! getent hosts "$HOST" >/dev/null 2>&1; then

@@ -8,6 +8,7 @@ cache entry that is whole or absent.
 
 import json
 import os
+import re
 
 import pytest
 
@@ -339,4 +340,5 @@ def test_a_bad_row_found_by_local_rank_0_stops_the_waiting_rank_with_its_message
     assert proc.returncode != 0
     assert "bad.jsonl row 7" in proc.stderr  # rank 0's own message
     assert "rank 0 failed during data preparation: " in proc.stderr  # rank 1 stopped with it, not by a timeout
-    assert "Traceback" not in proc.stderr
+    # The launcher prints its own traceback for a child that failed; none comes from fttrain's code.
+    assert not re.search(r'File "[^"]*fttrain/', proc.stderr), proc.stderr[-3000:]
