@@ -342,3 +342,69 @@ def test_a_bad_row_found_by_local_rank_0_stops_the_waiting_rank_with_its_message
     assert "rank 0 failed during data preparation: " in proc.stderr  # rank 1 stopped with it, not by a timeout
     # The launcher prints its own traceback for a child that failed; none comes from fttrain's code.
     assert not re.search(r'File "[^"]*fttrain/', proc.stderr), proc.stderr[-3000:]
+
+
+def test_a_worker_killed_midway_stops_the_preparation_instead_of_hanging(tmp_path, tokenizer, small_chunks,
+                                                                         monkeypatch):
+    import signal
+
+    encode = pipeline._encode_chunk
+
+    def killed_on_chunk_2(task):  # the kernel's out-of-memory killer, in effect
+        if task[0] == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return encode(task)
+
+    killed_on_chunk_2.__module__, killed_on_chunk_2.__qualname__ = pipeline.__name__, "_encode_chunk"
+    monkeypatch.setattr(pipeline, "_encode_chunk", killed_on_chunk_2)
+    path = write_jsonl(tmp_path / "c.jsonl", chats(40))
+    with pytest.raises(RuntimeError, match="a data worker died .* lower data.num_proc"):
+        pipeline.prepare_data(cfg_for(path, eval_fraction=0, num_proc=2), tokenizer, tokenizer.chat_template, True)
+
+
+def test_tokenizer_json_truncation_does_not_cut_chats(tmp_path, tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok._tokenizer.enable_truncation(max_length=8)  # as some tokenizer.json files ship
+    path = write_jsonl(tmp_path / "c.jsonl", chats(6))
+    cfg = cfg_for(path, eval_fraction=0, max_length=512)
+    assert list(pipeline.prepare_data(cfg, tok, tok.chat_template, True).train.rows) == \
+        list(pipeline.prepare_data(cfg, tokenizer, tokenizer.chat_template, True).train.rows)
+
+
+def test_trained_tokens_follow_the_overlap_rule_for_any_offsets(monkeypatch, tokenizer):
+    """The bisection shortcut gives what the rule gives token by token: a token trains when it
+    has width and overlaps a span; nested, zero-width and unordered offsets included."""
+    import random
+
+    import fttrain.data.chat as chat
+    from fttrain.data.templates import TemplateInfo
+
+    encoder = chat.ChatEncoder(tokenizer, TemplateInfo.probe(tokenizer, tokenizer.chat_template))
+    rng = random.Random(0)
+    for _ in range(3000):
+        n, offsets, pos = rng.randint(1, 12), [], 0
+        for _ in range(n):
+            a = max(0, pos + rng.randint(-2, 2))
+            b = a + rng.choice([0, 1, 1, 2, 3])
+            offsets.append((a, b))
+            pos = b
+        ids = list(range(100, 100 + n))
+        spans, at = [], 0
+        for _ in range(rng.randint(1, 3)):
+            s = at + rng.randint(0, 4)
+            e = s + rng.randint(1, 5)
+            spans.append((s, e))
+            at = e
+        monkeypatch.setattr(chat, "token_offsets", lambda tok, text: (ids, offsets))
+        _, labels = encoder._labelled("x", spans)
+        expected = [t if b > a and any(a < e and b > s for s, e in spans) else chat.IGNORE
+                    for t, (a, b) in zip(ids, offsets)]
+        assert labels == expected, (offsets, spans)
+
+
+def test_a_unicode_whitespace_line_is_blank(tmp_path):
+    path = tmp_path / "u.jsonl"
+    path.write_text('{"a": 1}\n\u00a0\u2003\n{"a": 2}\r\n', encoding="utf-8")
+    assert list(open_rows(str(path))) == [{"a": 1}, {"a": 2}]

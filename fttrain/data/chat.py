@@ -59,7 +59,8 @@ def token_offsets(tokenizer, text: str):
     tokenizer's own encoder is called directly: the same ids, without the
     per-row cost of the Python wrapper (a fifth of the tokenizing time)."""
     backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode"):
+    # Only without truncation or padding left set in tokenizer.json: the wrapper resets those per call.
+    if backend is not None and hasattr(backend, "encode") and backend.truncation is None and backend.padding is None:
         enc = backend.encode(text, add_special_tokens=False)
         return enc.ids, enc.offsets
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -264,8 +265,9 @@ class ChatEncoder:
         # Offsets run left to right, so each span is one slice of tokens, found by bisection
         # (the checks and the bisection run in C: a tenth of a per-token Python loop).
         offsets = list(offsets)
-        zero_width = any(map(eq, map(_start, offsets), map(_end, offsets)))
-        if zero_width or offsets != sorted(offsets):
+        ends = list(map(_end, offsets))
+        zero_width = any(map(eq, map(_start, offsets), ends))
+        if zero_width or offsets != sorted(offsets) or ends != sorted(ends):  # starts and ends both left to right
             return ids, self._labelled_token_by_token(ids, offsets, spans)
         for s, e in spans:
             j0, j1 = bisect_right(offsets, s, key=_end), bisect_left(offsets, e, key=_start)

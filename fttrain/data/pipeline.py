@@ -19,7 +19,9 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import tempfile
+import uuid
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -223,12 +225,22 @@ def _encode_chunks(job: EncodeJob, ids: List[int], num_proc: int):
                 yield _encode_chunk(chunk)
             return
         import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
 
         # Fork: the workers share the tokenizer, template and row index without pickling them.
         # A tokenizer that already ran batched would warn after the fork; the workers are the parallelism.
+        # An executor, not a Pool: a worker killed by the kernel (out of memory) breaks it with an
+        # error instead of leaving its chunk unanswered and every rank waiting forever.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        with multiprocessing.get_context("fork").Pool(min(num_proc, len(chunks))) as pool:
-            yield from pool.imap(_encode_chunk, chunks)
+        executor = ProcessPoolExecutor(min(num_proc, len(chunks)), mp_context=multiprocessing.get_context("fork"))
+        try:
+            yield from executor.map(_encode_chunk, chunks)
+        except BrokenProcessPool:
+            raise RuntimeError(f"{job.source}: a data worker died while encoding (killed, e.g. out of memory); "
+                               f"lower data.num_proc (it was {num_proc})") from None
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
     finally:
         _JOB = None
 
@@ -455,7 +467,8 @@ def prepare_data_cached(data_cfg, tokenizer, chat_template, assistant_only_loss,
             log.info("data: reusing prepared data %s", path)
         return PreparedData.open(path)
     formatter, tok = _encoders(data_cfg, tokenizer, chat_template, assistant_only_loss, policy)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    # Unique across the nodes that may share this cache (their local rank 0s can have the same pid).
+    tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     remove_tree(tmp)
     try:
         tmp.mkdir(parents=True)

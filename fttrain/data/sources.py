@@ -133,7 +133,8 @@ def _scan(lines: bytes, base: int, starts: list, ends: list) -> None:
     n = len(lines)
     while start < n:
         end = lines.index(b"\n", start)
-        if (end > start and lines[start] == 0x7B) or lines[start:end].strip():  # 0x7B: '{', the usual start
+        # 0x7B: '{', the usual start; otherwise blank means Unicode whitespace only, as str.strip() sees it.
+        if (end > start and lines[start] == 0x7B) or lines[start:end].decode("utf-8", "replace").strip():
             starts.append(base + start)
             ends.append(base + end)
         start = end + 1

@@ -219,7 +219,8 @@ def remove_tree(path) -> None:
 
 
 def sync_folder(folder: Path) -> None:
-    """fsync every file of a folder and the folder itself, before it is renamed into place."""
+    """fsync every file of a folder, before it is renamed into place (a crash before the
+    rename leaves a temporary folder, which is never used)."""
     for p in Path(folder).rglob("*"):
         if p.is_file():
             fd = os.open(p, os.O_RDONLY)
