@@ -143,6 +143,13 @@ class EncodeJob:
     folder: Path
 
 
+    @classmethod
+    def for_split(cls, source: str, rows: RowSource, formatter: Formatter, tokenizer: Tokenizer, data_cfg,
+                  blocks: bool, keep_examples: bool = False, folder: Path = Path(".")) -> "EncodeJob":
+        return cls(source, rows, formatter, tokenizer, data_cfg.max_length, str(data_cfg.overlength),
+                   bool(data_cfg.strict), blocks, keep_examples, folder)
+
+
 _JOB: Optional[EncodeJob] = None
 
 
@@ -256,12 +263,28 @@ def workers(data_cfg) -> int:
     return max(1, min(cpus, 8))
 
 
+def check_end_of_turn(source: str, counts: RowCounts, tokenizer: Tokenizer) -> None:
+    """Stop when no trained turn ends with an end-of-turn token: the model would never learn to stop."""
+    if counts.trained_turns and counts.turns_without_end_of_turn == counts.trained_turns:
+        markers = list(tokenizer.info.end_of_turn) if tokenizer.info else []
+        raise TemplateError(
+            f"{source}: no trained turn ends with an end-of-turn token (looked for {markers}), so the model would "
+            "never learn to stop. Use a chat template that closes each assistant turn (the model's own does)."
+        )
+
+
+def layout_of(data_cfg, blocks: bool) -> str:
+    """How samples become rows: pretraining blocks, best-fit packed rows, or one sample a row."""
+    if blocks:
+        return "blocks"
+    return "packed" if packs(data_cfg) else "samples"
+
+
 def _prepare_split(source: str, rows: RowSource, ids: List[int], formatter: Formatter, tokenizer: Tokenizer,
                    data_cfg, keep_examples: bool, blocks: bool, folder: Path, num_proc: int) -> Dict:
     """Encode one split into ``folder``; returns its report."""
     folder.mkdir(parents=True, exist_ok=True)
-    job = EncodeJob(source, rows, formatter, tokenizer, data_cfg.max_length, str(data_cfg.overlength),
-               bool(data_cfg.strict), blocks, keep_examples, folder)
+    job = EncodeJob.for_split(source, rows, formatter, tokenizer, data_cfg, blocks, keep_examples, folder)
     counts = RowCounts()
     lengths, sample_ids, trained, patterns, examples = [], [], [], {}, {}
     n_chunks = 0
@@ -279,22 +302,15 @@ def _prepare_split(source: str, rows: RowSource, ids: List[int], formatter: Form
     sample_ids = np.concatenate(sample_ids) if sample_ids else np.empty(0, np.int64)
     if not len(lengths):
         raise DataError(f"{source}: no usable rows out of {len(ids)} (dropped: {dict(counts.dropped)})")
-    if counts.trained_turns and counts.turns_without_end_of_turn == counts.trained_turns:
-        markers = list(tokenizer.info.end_of_turn) if tokenizer.info else []
-        raise TemplateError(
-            f"{source}: no trained turn ends with an end-of-turn token (looked for {markers}), so the model would "
-            "never learn to stop. Use a chat template that closes each assistant turn (the model's own does)."
-        )
-    bins = None
-    if blocks:
-        layout = "blocks"
+    check_end_of_turn(source, counts, tokenizer)
+    layout, bins = layout_of(data_cfg, blocks), None
+    if layout == "blocks":
         n_rows = -(-int(lengths.sum()) // data_cfg.max_length)
-    elif packs(data_cfg):
-        layout = "packed"
+    elif layout == "packed":
         bins = best_fit_decreasing(lengths.tolist(), data_cfg.max_length)
         n_rows = len(bins)
     else:
-        layout, n_rows = "samples", len(lengths)
+        n_rows = len(lengths)
     n_tokens = int(lengths.sum())
     kept_rows = len(np.unique(sample_ids))
     report = {
@@ -334,10 +350,8 @@ def open_stream(data_cfg, tokenizer, chat_template: Optional[str], assistant_onl
 
     formatter, tok = _encoders(data_cfg, tokenizer, chat_template, assistant_only_loss, policy)
     train_split, _ = load_splits(data_cfg)
-    job = EncodeJob(data_cfg.train, train_split.rows, formatter, tok, data_cfg.max_length, str(data_cfg.overlength),
-               bool(data_cfg.strict), blocks, False, Path("."))
-    layout = "blocks" if blocks else ("packed" if packs(data_cfg) else "samples")
-    return RowStream(job, train_split.ids, data_cfg.stream_window, layout)
+    job = EncodeJob.for_split(data_cfg.train, train_split.rows, formatter, tok, data_cfg, blocks)
+    return RowStream(job, train_split.ids, data_cfg.stream_window, layout_of(data_cfg, blocks))
 
 
 def packs(data_cfg) -> bool:

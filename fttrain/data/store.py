@@ -208,10 +208,6 @@ class PreparedRows:
             return pickle.load(f)
 
 
-def folder_size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
-
-
 def remove_tree(path) -> None:
     import shutil
 

@@ -32,7 +32,6 @@ import torch
 from fttrain.data.formats import Chat
 from fttrain.data.packing import as_rows, concat_blocks, pack
 from fttrain.data.sources import DataError
-from fttrain.data.templates import TemplateError
 
 log = logging.getLogger("fttrain")
 
@@ -65,7 +64,7 @@ class RowStream(torch.utils.data.IterableDataset):
         return -(-len(self.ids) // self.window)
 
     def window_rows(self, w: int) -> List[Dict]:
-        from fttrain.data.pipeline import RowCounts, encode_rows
+        from fttrain.data.pipeline import RowCounts, check_end_of_turn, encode_rows
 
         samples: List[Dict] = []
         counts = RowCounts() if w < len(self.rows_per_window) else self.counts  # a window counts once
@@ -74,9 +73,8 @@ class RowStream(torch.utils.data.IterableDataset):
             samples.append({"input_ids": input_ids, "labels": labels, "sample_id": i})
 
         encode_rows(self.job, self.ids[w * self.window:(w + 1) * self.window], counts, keep)
-        if w == 0 and counts.trained_turns and counts.turns_without_end_of_turn == counts.trained_turns:
-            raise TemplateError(f"{self.job.source}: no trained turn of the first {self.window} rows ends with an "
-                                "end-of-turn token, so the model would never learn to stop")
+        if w == 0:  # the prepared path checks the whole split; a stream, its first window
+            check_end_of_turn(f"{self.job.source} (the first {self.window} rows)", counts, self.job.tokenizer)
         return lay_out(samples, self.layout, self.job.max_length)
 
     def __iter__(self):
