@@ -15,36 +15,42 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fttrain.config.schema import register_configs
+from fttrain.env import is_main_process
+from fttrain.errors import FttrainError, report
 from fttrain.paths import CONF_DIR
 
 register_configs()
 log = logging.getLogger("fttrain")
 
 
-def _user_errors():
-    """Errors that are the user's to fix: shown as one clear message, no traceback."""
-    from fttrain.config.checks import ConfigCheckError
-    from fttrain.data.sources import DataError
-    from fttrain.data.templates import TemplateError
-    from fttrain.env import LaunchError
-    from fttrain.outputs import RunDirError
-    from fttrain.peft_setup import PeftSetupError
+_composed = False  # set once Hydra hands over a config: an exit before that is a compose error
 
-    return (ConfigCheckError, DataError, TemplateError, LaunchError, RunDirError, PeftSetupError)
+
+def cli() -> None:
+    """``python -m fttrain`` / ``fttrain train``. Hydra reports an override it cannot
+    compose (a typo, a wrong type, an unknown option) in one message and exits 1;
+    that is the user's to fix, so it exits 2 like every other user error."""
+    try:
+        main()
+    except SystemExit as e:
+        if e.code == 1 and not _composed:
+            raise SystemExit(2) from None
+        raise
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig):
     from hydra.types import RunMode
 
+    global _composed
+    _composed = True
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         return _main(cfg)
-    except _user_errors() as e:
+    except FttrainError as e:
         if multirun:  # one failed trial must not end the sweep: recorded, the sweep goes on
             return _trial_failed(e)
-        print(f"fttrain: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
+        raise SystemExit(report("fttrain", e))
     except Exception as e:
         if multirun:
             log.exception("trial failed")
@@ -71,13 +77,13 @@ def _trial_failed(error: Exception) -> float:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     print(f"fttrain: trial {run_dir.name} failed: {error}", file=sys.stderr, flush=True)
-    if int(os.environ.get("RANK", "0")) == 0:
-        from fttrain import outputs
+    if is_main_process():
+        from fttrain import atomic
 
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / FAILED).write_text(f"{type(error).__name__}: {error}\n")
         if not (run_dir / "overrides.yaml").exists():  # failed before the run dir was prepared
-            outputs.write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(list(HydraConfig.get().overrides.task)))
+            atomic.write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(list(HydraConfig.get().overrides.task)))
     return float("nan")
 
 
@@ -92,7 +98,7 @@ def run_in_dir(cfg: DictConfig, run_dir: Path, overrides=()) -> dict:
 
 def prepare_run_dir(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
     from fttrain.config.checks import check_config
-    from fttrain import outputs
+    from fttrain import atomic, outputs
 
     check_config(cfg)  # cross-field rules; types and key names were checked while composing
     check_expected_config(cfg)
@@ -111,7 +117,7 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
         log.info("Slurm restart %d: resume_from=%s", restarts, cfg.resume_from)
     if not cfg.preflight:  # preflight writes nothing, so it may look at any directory
         outputs.guard_run_dir(run_dir, cfg.overwrite, cfg.resume_from)
-    if int(os.environ.get("RANK", "0")) == 0 and not cfg.preflight:
+    if is_main_process() and not cfg.preflight:
         run_dir.mkdir(parents=True, exist_ok=True)
         outputs.unmark_complete(run_dir)
         from fttrain.sweep import FAILED
@@ -119,8 +125,8 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
         (run_dir / FAILED).unlink(missing_ok=True)
         if cfg.overwrite:
             outputs.clear_previous_run(run_dir)
-        outputs.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        outputs.write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(list(overrides)))
+        atomic.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        atomic.write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(list(overrides)))
 
 
 def warn_inherited_data_settings(cfg: DictConfig, overrides) -> None:
@@ -129,7 +135,7 @@ def warn_inherited_data_settings(cfg: DictConfig, overrides) -> None:
     from fttrain.config.checks import inherited_data_settings
 
     inherited = inherited_data_settings(cfg, overrides)
-    if inherited and int(os.environ.get("RANK", "0")) == 0:
+    if inherited and is_main_process():
         log.warning("data.train=%s is yours, but these data settings come from the experiment, not your command line: "
                     "%s. Set them if they do not suit your data (e.g. data.max_samples=null, data.max_length=2048).",
                     cfg.data.train, ", ".join(inherited))
@@ -148,7 +154,7 @@ def check_expected_config(cfg: DictConfig) -> None:
     diffs = sorted(_differences(want, got))
     if diffs:
         raise ConfigCheckError([f"this job's config differs from the rendered {path} at: {', '.join(diffs[:20])} "
-                                "(conf/ or the overrides changed after rendering; render the job again)"])
+                                "(fttrain/conf/ or the overrides changed after rendering; render the job again)"])
 
 
 def _differences(a, b, path=""):
@@ -160,4 +166,4 @@ def _differences(a, b, path=""):
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from fttrain.models.layers import transformer_layers
-from fttrain.peft_setup import PeftSetupError
+from fttrain.errors import PeftSetupError
 
 CONFIG_NAME = "bottleneck_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

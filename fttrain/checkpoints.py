@@ -26,6 +26,8 @@ import shutil
 from pathlib import Path
 from typing import List, Optional
 
+from fttrain.env import is_main_process
+
 log = logging.getLogger("fttrain")
 
 STAGING = ".staging"
@@ -100,14 +102,14 @@ class AtomicCheckpoints:
     def _save_checkpoint(self, model, trial):
         name = f"checkpoint-{self.state.global_step}"
         staging = Path(self.args.output_dir) / STAGING
-        if self.args.process_index == 0 and (staging / name).exists():
+        if is_main_process() and (staging / name).exists():
             shutil.rmtree(staging / name)  # left by a save of this step that died
         self.accelerator.wait_for_everyone()
         super()._save_checkpoint(model, trial)
         # Every rank has written its shards, optimizer state and RNG state.
         self.accelerator.wait_for_everyone()
-        if self.args.process_index == 0:
-            from fttrain.outputs import publish_dir
+        if is_main_process():
+            from fttrain.atomic import publish_dir
 
             for write in self.checkpoint_extras:
                 write(staging / name)

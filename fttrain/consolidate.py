@@ -17,6 +17,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from fttrain.errors import FttrainError, report
+
 KEEP = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
         "special_tokens_map.json", "tokenizer.model")
 
@@ -26,8 +28,8 @@ def sharded_kind(folder: Path) -> str:
         return "zero_sharded"
     if (folder / "pytorch_model_fsdp_0").is_dir():
         return "fsdp_sharded"
-    raise SystemExit(
-        f"fttrain.consolidate: {folder} holds no sharded weights (no DeepSpeed 'latest'/global_step*, "
+    raise FttrainError(
+        f"{folder} holds no sharded weights (no DeepSpeed 'latest'/global_step*, "
         "no pytorch_model_fsdp_0/): nothing to merge"
     )
 
@@ -50,7 +52,7 @@ def consolidate(folder: Path, out: Path) -> Path:
     for name in KEEP:
         if (folder / name).exists():
             shutil.copy2(folder / name, tmp / name)
-    from fttrain.outputs import publish_dir
+    from fttrain.atomic import publish_dir
 
     publish_dir(tmp, out)  # whole or absent: a crash leaves only the .tmp folder
     return out
@@ -62,7 +64,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: <folder>_hf)")
     args = parser.parse_args(argv)
     out = args.out or args.folder.with_name(args.folder.name + "_hf")
-    consolidate(args.folder, out)
+    try:
+        consolidate(args.folder, out)
+    except FttrainError as e:
+        return report("fttrain.consolidate", e)
     print(f"merged weights written to {out}")
     return 0
 

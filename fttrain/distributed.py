@@ -28,7 +28,7 @@ from typing import List, Optional
 from transformers import TrainerCallback
 
 from fttrain.config.schema import value_of
-from fttrain.env import LaunchError
+from fttrain.env import LaunchError, is_main_process
 
 log = logging.getLogger("fttrain")
 
@@ -559,7 +559,7 @@ def save_model(trainer, out_dir, dist_cfg, peft_method: str, final_dir=None) -> 
         from fttrain.bottleneck import adapter_state_dict, save_bottleneck
 
         weights = adapter_state_dict(full_trainable_weights(trainer))  # collective
-        if trainer.accelerator.is_main_process:
+        if is_main_process():
             model = trainer.accelerator.unwrap_model(trainer.model)
             save_bottleneck(weights, model._fttrain_bottleneck, out_dir)
             model.config.save_pretrained(out_dir)
@@ -577,7 +577,7 @@ def save_model(trainer, out_dir, dist_cfg, peft_method: str, final_dir=None) -> 
         trainer.save_model(out_dir)  # the ZeRO-3 checkpoint, one file per rank
         kind = "zero_sharded"
     acc.wait_for_everyone()
-    if acc.is_main_process:
+    if is_main_process():
         model = acc.unwrap_model(trainer.model)
         model.config.save_pretrained(out_dir)
         if getattr(model, "generation_config", None) is not None:

@@ -16,13 +16,25 @@ from dataclasses import dataclass
 
 import torch
 
+from fttrain.errors import FttrainError
+
 # Rendezvous port of a Slurm job without a fixed one: PORT_BASE + job id % PORT_SPAN,
 # so jobs sharing a node do not clash (the sbatch templates compute the same).
 PORT_BASE, PORT_SPAN = 15000, 20000
 
 
-class LaunchError(RuntimeError):
+class LaunchError(FttrainError, RuntimeError):
     pass
+
+
+def is_main_process() -> bool:
+    """Global rank 0, the process that writes the run's shared files: torch.distributed's
+    rank once a process group exists, else the launcher's RANK (one process: True)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 @dataclass

@@ -40,9 +40,11 @@ from typing import Dict, List, Optional
 
 import torch
 
-from fttrain.models.adapted import LoadError, adapter_method, load_for_inference, model_folder
+from fttrain import errors
+from fttrain.errors import FttrainError
+from fttrain.models.adapted import adapter_method, load_for_inference, model_folder
 from fttrain.models.load import DTYPES, load_causal_lm
-from fttrain.outputs import publish_dir
+from fttrain.atomic import publish_dir
 
 log = logging.getLogger("fttrain.export")
 # Largest |logit difference| accepted per dtype: merging changes the order of
@@ -57,7 +59,7 @@ UNMERGEABLE = {
 }
 
 
-class ExportError(RuntimeError):
+class ExportError(FttrainError, RuntimeError):
     pass
 
 
@@ -298,9 +300,8 @@ def main(argv=None) -> int:
             out = args.out or (folder.parent / "merged" if folder.name == "model" else Path(f"{folder}_merged"))
             report = export_merged(args.path, out, args.base, args.dtype, args.qlora_base, args.tolerance,
                                    args.gate_inputs, args.keep_unmerged, args.overwrite)
-    except (ExportError, LoadError) as e:
-        print(f"fttrain.export: error: {e}", file=sys.stderr)
-        return 2
+    except FttrainError as e:
+        return errors.report("fttrain.export", e)
     if report.get("merged", True):
         print(f"exported to {out}: max |logit diff| {report['max_abs_logit_diff']:.3g} "
               f"(tolerance {report['tolerance']:g}), argmax agreement {report['argmax_agreement']:.3f}")

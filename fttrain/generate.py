@@ -25,6 +25,7 @@ from typing import Dict, List, Union
 
 import torch
 
+from fttrain.errors import FttrainError, report
 from fttrain.models.adapted import DTYPES, LoadError, load_for_inference
 
 Prompt = Union[str, List[Dict[str, str]]]
@@ -58,6 +59,8 @@ def generate_one(model, tokenizer, prompt: Prompt, args, stream: bool = False) -
 
 
 def read_prompts(path: Path) -> List[dict]:
+    if not Path(path).is_file():
+        raise LoadError(f"--prompts {path}: no such file")
     rows = []
     for i, line in enumerate(path.read_text().splitlines()):
         if not line.strip():
@@ -162,9 +165,8 @@ def main(argv=None) -> int:
                     sink.close()
             if args.out:
                 print(f"{len(rows)} generations written to {args.out}", file=sys.stderr)
-    except LoadError as e:
-        print(f"fttrain.generate: error: {e}", file=sys.stderr)
-        return 2
+    except FttrainError as e:
+        return report("fttrain.generate", e)
     return 0
 
 

@@ -21,12 +21,13 @@ A directory with COMPLETE is never overwritten unless ``overwrite=true``.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
 from pathlib import Path
 from typing import Dict, List
+
+from fttrain.errors import FttrainError
 
 METRIC_KEYS = [
     "train_loss",
@@ -43,7 +44,7 @@ METRIC_KEYS = [
 COMPLETE = "COMPLETE"
 
 
-class RunDirError(RuntimeError):
+class RunDirError(FttrainError, RuntimeError):
     pass
 
 
@@ -93,13 +94,6 @@ def unmark_complete(run_dir: Path) -> None:
             p.unlink()
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def clear_previous_run(run_dir: Path) -> None:
     """overwrite=true: remove what the old run derived, so nothing of it (a
     stale checkpoint picked by a later resume, an old COMPLETE) passes for
@@ -111,26 +105,6 @@ def clear_previous_run(run_dir: Path) -> None:
             p.unlink()
     for name in ("checkpoints", "ranks", "model.old", "model.tmp"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
-
-
-def write_json(path: Path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
-
-
-def write_jsonl(path: Path, rows: List[Dict]) -> None:
-    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def publish_dir(tmp: Path, final: Path) -> None:
-    """Swap a fully written folder into place; a reader sees the old one or the new one."""
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def plot_loss_curve(log_rows: List[Dict], path: Path) -> None:

@@ -3,8 +3,9 @@
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO_ROOT / "conf"
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONF_DIR = PACKAGE_DIR / "conf"  # shipped in the package: a wheel install composes from any directory
+SBATCH_DIR = PACKAGE_DIR / "sbatch"  # the Slurm job templates
 
 
 def cache_dir() -> Path:
@@ -12,6 +13,6 @@ def cache_dir() -> Path:
     root = os.environ.get("FTTRAIN_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fttrain"
     )
-    path = Path(root)
+    path = Path(root).resolve()  # absolute: saved adapters name their base model by it
     path.mkdir(parents=True, exist_ok=True)
     return path

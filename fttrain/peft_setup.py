@@ -23,11 +23,9 @@ from typing import Callable, List, Optional
 import torch
 from transformers import TrainerCallback
 
+from fttrain.errors import PeftSetupError
+
 log = logging.getLogger("fttrain")
-
-
-class PeftSetupError(ValueError):
-    """The chosen method does not fit this model; raised before training starts."""
 
 
 # Attention projections by architecture family; the first family whose names

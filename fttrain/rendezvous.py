@@ -26,6 +26,9 @@ import uuid
 from contextlib import contextmanager
 from typing import Iterable
 
+from fttrain.env import is_main_process
+from fttrain.errors import FttrainError
+
 log = logging.getLogger("fttrain")
 
 POLL_SECONDS = 1.0
@@ -79,15 +82,11 @@ def _wait_for(store, keys: Iterable[str], what: str, mine: str) -> None:
 
 
 def _user_error(message: str) -> Exception:
-    from fttrain.data.sources import DataError
-
-    return DataError(message)
+    return FttrainError(message)
 
 
 def _failure(e: BaseException) -> str:
-    from fttrain.__main__ import _user_errors
-
-    kind = "user" if isinstance(e, _user_errors()) else "error"
+    kind = "user" if isinstance(e, FttrainError) else "error"
     return f"{kind}:{type(e).__name__}: {e}" if kind == "error" else f"user:{e}"
 
 
@@ -131,7 +130,7 @@ def launch_token() -> str:
             _token["value"] = uuid.uuid4().hex[:12]
         else:
             store = _store()
-            if dist.get_rank() == 0:
+            if is_main_process():
                 store.set("fttrain/launch_token", uuid.uuid4().hex[:12])
             _token["value"] = store.get("fttrain/launch_token").decode()  # blocks until rank 0 has set it
     return _token["value"]

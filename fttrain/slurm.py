@@ -1,13 +1,13 @@
 """``python -m fttrain.slurm [--submit] [--array] OVERRIDES``: an sbatch script
 rendered from the same Hydra config the run will use.
 
-    compose     conf/ + OVERRIDES -> the run's config (slurm group: the cluster)
+    compose     fttrain/conf/ + OVERRIDES -> the run's config (slurm group: the cluster)
     check       the run's config checks, the plan on the job's topology (nodes x
                 processes), the cluster (sinfo: partition, node count, GPUs, CPUs;
                 squeue: no job of this run already queued), the run directory
                 (the same rules as python -m fttrain: a finished or unfinished
                 run is not restarted without resume_from / a new name)
-    write       <run_dir>/job/conf/        a copy of conf/: the job composes from it
+    write       <run_dir>/job/conf/        a copy of fttrain/conf/: the job composes from it
                 <run_dir>/job/config.yaml  the resolved config; the job refuses to
                                            train if its own differs
                 <run_dir>/job.sbatch       slurm/single_node or multi_node template
@@ -33,19 +33,19 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 from fttrain.env import PORT_BASE, PORT_SPAN
-from fttrain.paths import CONF_DIR, REPO_ROOT
+from fttrain.errors import FttrainError, report
+from fttrain.paths import CONF_DIR, SBATCH_DIR
 
-SLURM_DIR = REPO_ROOT / "slurm"
 # Overrides the renderer sets itself.
 OWN_KEYS = ("hydra.run.dir",)
 
 
-class SlurmError(RuntimeError):
+class SlurmError(FttrainError, RuntimeError):
     """The job cannot be rendered or submitted as asked; nothing was submitted."""
 
 
@@ -58,11 +58,11 @@ class Trial:
 
 
 # ------------------------------------------------------------------ compose
-def compose(overrides: List[str]) -> tuple:
-    """(run config, hydra run dir) as ``python -m fttrain OVERRIDES`` would compose them."""
+def compose(overrides: List[str], config_dirs: Sequence[str] = ()) -> tuple:
+    """(run config, hydra run dir) as ``python -m fttrain [--config-dir D ...] OVERRIDES`` would compose them."""
     from fttrain.config.compose import compose_config
 
-    full = compose_config(overrides, return_hydra_config=True)
+    full = compose_config(overrides, return_hydra_config=True, config_dirs=config_dirs)
     run_dir = Path(str(full.hydra.run.dir))
     cfg = OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])
     return cfg, run_dir.resolve()
@@ -84,7 +84,7 @@ def split_sweeps(overrides: List[str]):
 
 def dirname_of(overrides: List[str]) -> str:
     """Hydra's job.override_dirname for these overrides, with the keys
-    conf/config.yaml excludes from it (the same names as a local -m sweep)."""
+    fttrain/conf/config.yaml excludes from it (the same names as a local -m sweep)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     exclude = OmegaConf.load(CONF_DIR / "config.yaml").hydra.job.config.override_dirname.exclude_keys
@@ -93,14 +93,14 @@ def dirname_of(overrides: List[str]) -> str:
     return ",".join(sorted(lines))
 
 
-def expand_trials(overrides: List[str]) -> List[Trial]:
+def expand_trials(overrides: List[str], config_dirs: Sequence[str] = ()) -> List[Trial]:
     fixed, sweeps = split_sweeps(overrides)
     if not sweeps:
         raise SlurmError("--array needs at least one sweep override, e.g. peft.r=8,16")
     trials = []
     for combo in itertools.product(*(values for _, values in sweeps)):
         trial_overrides = fixed + list(combo)
-        cfg, _ = compose(trial_overrides)
+        cfg, _ = compose(trial_overrides, config_dirs)
         sweep_dir = (Path(cfg.output_root) / "multirun" / cfg.name).resolve()
         trials.append(Trial(trial_overrides, cfg, sweep_dir / dirname_of(trial_overrides), ",".join(combo)))
     return trials
@@ -118,7 +118,7 @@ def topology_problems(cfg: DictConfig) -> List[str]:
 
     s, problems = cfg.slurm, []
     if not s.partition:
-        problems.append("slurm.partition is not set (sinfo lists the partitions; conf/slurm/local.yaml sets debug)")
+        problems.append("slurm.partition is not set (sinfo lists the partitions; fttrain/conf/slurm/local.yaml sets debug)")
     if s.nodes < 1:
         problems.append(f"slurm.nodes={s.nodes} must be >= 1")
     ppn = processes_per_node(s)
@@ -219,7 +219,7 @@ def check(cfg: DictConfig, run_dir: Path, against_cluster: bool) -> None:
 def template_env():
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(SLURM_DIR)), undefined=jinja2.StrictUndefined,
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(SBATCH_DIR)), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=False)
     env.filters["shquote"] = lambda v: shlex.quote(str(v))
     return env
@@ -233,11 +233,20 @@ def job_args(overrides: List[str], run_dir: Path) -> List[str]:
     return [*kept, f"hydra.run.dir='{quoted}'"]
 
 
-def snapshot_conf(job_dir: Path) -> Path:
+def snapshot_conf(job_dir: Path, config_dirs: Sequence[str] = ()) -> Path:
+    """fttrain's config folder and the user's (--config-dir) copied into one: the job
+    composes from it alone. A user file named like a shipped one is not copied, as
+    Hydra's search path would not read it either (the shipped folder comes first)."""
     dest = job_dir / "conf"
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(CONF_DIR, dest)
+    for folder in config_dirs:
+        for path in sorted(Path(folder).rglob("*.yaml")):
+            target = dest / path.relative_to(folder)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
     return dest
 
 
@@ -264,11 +273,11 @@ def common_context(cfg: DictConfig) -> Dict:
     }
 
 
-def render_run(overrides: List[str], cfg: DictConfig, run_dir: Path) -> Path:
+def render_run(overrides: List[str], cfg: DictConfig, run_dir: Path, config_dirs: Sequence[str] = ()) -> Path:
     """Write job/ and job.sbatch into the run directory; returns the script's path."""
     job_dir = run_dir / "job"
     job_dir.mkdir(parents=True, exist_ok=True)
-    conf = snapshot_conf(job_dir)
+    conf = snapshot_conf(job_dir, config_dirs)
     args = job_args(overrides, run_dir)
     expected = expected_config(cfg, job_dir / "config.yaml")
     script = run_dir / "job.sbatch"
@@ -281,12 +290,13 @@ def render_run(overrides: List[str], cfg: DictConfig, run_dir: Path) -> Path:
     return script
 
 
-def render_array(overrides: List[str], trials: List[Trial], max_parallel: Optional[int]) -> Path:
+def render_array(overrides: List[str], trials: List[Trial], max_parallel: Optional[int],
+                 config_dirs: Sequence[str] = ()) -> Path:
     cfg = trials[0].cfg
     sweep_dir = trials[0].run_dir.parent
     job_dir = sweep_dir / "job"
     job_dir.mkdir(parents=True, exist_ok=True)
-    conf = snapshot_conf(job_dir)
+    conf = snapshot_conf(job_dir, config_dirs)
     for i, t in enumerate(trials):
         args = job_args(t.overrides, t.run_dir)
         (sweep_dir / f"trial_{i}.args").write_text("".join(a + "\n" for a in args))
@@ -316,29 +326,29 @@ def have_slurm() -> bool:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fttrain.slurm",
-        description="Render (and with --submit, submit) the sbatch script for a run composed from conf/.")
+        description="Render (and with --submit, submit) the sbatch script for a run composed from fttrain/conf/.")
     parser.add_argument("--submit", action="store_true", help="call sbatch and print the job id")
     parser.add_argument("--array", action="store_true", help="sweep overrides (key=a,b) become a job array")
     parser.add_argument("--max-parallel", type=int, default=None, help="array: at most this many trials at once")
     parser.add_argument("--quiet", action="store_true", help="do not print the script")
+    parser.add_argument("--config-dir", "-cd", action="append", default=[],
+                        help="your config folder (exp/, data/, ...), copied into the job with fttrain's")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m fttrain")
-    args = parser.parse_args(argv)
-    from fttrain.__main__ import _user_errors
-
+    args = parser.parse_intermixed_args(argv)  # options may come after the overrides
     try:
         against_cluster = args.submit or have_slurm()
         if args.array:
-            trials = expand_trials(args.overrides)
+            trials = expand_trials(args.overrides, args.config_dir)
             for t in trials:
                 check(t.cfg, t.run_dir, against_cluster)
-            script = render_array(args.overrides, trials, args.max_parallel)
+            script = render_array(args.overrides, trials, args.max_parallel, args.config_dir)
         else:
             if split_sweeps(args.overrides)[1]:
                 raise SlurmError("sweep values (key=a,b) need --array (a job array) or python -m fttrain -m "
                                  "hydra/launcher=slurm (one job per trial)")
-            cfg, run_dir = compose(args.overrides)
+            cfg, run_dir = compose(args.overrides, args.config_dir)
             check(cfg, run_dir, against_cluster)
-            script = render_run(args.overrides, cfg, run_dir)
+            script = render_run(args.overrides, cfg, run_dir, args.config_dir)
         if not args.quiet:
             print(script.read_text())
         print(f"fttrain.slurm: wrote {script}" + ("" if against_cluster else " (not checked against a cluster: "
@@ -348,17 +358,15 @@ def main(argv=None) -> int:
             print(f"fttrain.slurm: submitted job {job}", file=sys.stderr)
             print(job)
         return 0
-    except (SlurmError, *_user_errors()) as e:
-        print(f"fttrain.slurm: error: {e}", file=sys.stderr)
-        return 2
+    except FttrainError as e:
+        return report("fttrain.slurm", e)
     except Exception as e:  # composing: unknown keys, wrong types, missing options
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
 
         if not isinstance(e, (HydraException, OmegaConfBaseException)):
             raise
-        print(f"fttrain.slurm: error: {e}", file=sys.stderr)
-        return 2
+        return report("fttrain.slurm", e)
 
 
 if __name__ == "__main__":

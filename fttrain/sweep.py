@@ -2,7 +2,7 @@
 
 ``python -m fttrain -m +exp=NAME peft.r=8,16 trainer.learning_rate=1e-4,2e-4``
 runs every combination, each trial in ``<output_root>/multirun/<name>/<overrides>``
-(hydra.sweep in conf/config.yaml). A trial that fails is recorded (FAILED in
+(hydra.sweep in fttrain/conf/config.yaml). A trial that fails is recorded (FAILED in
 its directory, with the error) and the sweep goes on. At the end
 ``SweepSummary`` (a Hydra callback) writes ``summary.csv`` in the sweep
 directory and prints the table; ``python -m fttrain.sweep DIR`` does the same
@@ -87,7 +87,7 @@ def write_summary(sweep_dir: Path, out=sys.stdout) -> List[Dict]:
 
 
 class SweepSummary(Callback):
-    """Hydra callback (conf/config.yaml): the summary table after a multirun.
+    """Hydra callback (fttrain/conf/config.yaml): the summary table after a multirun.
     Exits non-zero after printing it when a trial failed."""
 
     def on_multirun_end(self, config, **kwargs) -> None:

@@ -29,9 +29,11 @@ from transformers import Trainer, TrainerCallback
 
 from fttrain.checkpoints import AtomicCheckpoints
 from fttrain.data.tokenize import IGNORE
+from fttrain.env import is_main_process
+from fttrain.errors import FttrainError
 
 
-class ZeroTrainedTokensError(RuntimeError):
+class ZeroTrainedTokensError(FttrainError, RuntimeError):
     pass
 
 
@@ -208,7 +210,7 @@ class JsonlLogCallback(TrainerCallback):
         self.resume_step = None  # set by the recipe when resuming from a checkpoint
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
+        if not is_main_process():
             return
         kept = []
         if self.resume_step is not None and self.path.exists():
@@ -225,7 +227,7 @@ class JsonlLogCallback(TrainerCallback):
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
+        if is_main_process() and logs:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 

@@ -1,12 +1,15 @@
 """Shared fixtures: an isolated cache (tiny model, generated data), no hub access,
 helpers to compose configs and to run fttrain as a user would."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from fttrain.paths import CONF_DIR as CONF  # noqa: E402  the shipped config groups
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,6 +54,20 @@ def config_error(overrides) -> str:
     with pytest.raises(ConfigCheckError) as err:
         check_config(compose(overrides))
     return str(err.value)
+
+
+def read_jsonl(path) -> list:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def train_log(run_dir) -> list:
+    """Every row of a run's train_log.jsonl (training steps and evaluations)."""
+    return read_jsonl(Path(run_dir) / "train_log.jsonl")
+
+
+def step_losses(run_dir) -> list:
+    """[(step, training loss)] as the run logged them."""
+    return [(r["step"], r["loss"]) for r in train_log(run_dir) if "loss" in r]
 
 
 def run_cli(args, cwd, timeout=600, launcher=None, env=None):

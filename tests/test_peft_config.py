@@ -6,16 +6,25 @@ architecture, bottleneck adapters start as the identity, LISA's draws."""
 import pytest
 import torch
 
-from conftest import REPO, compose, config_error
+from conftest import CONF, compose, config_error
 
-PEFT_OPTIONS = sorted(p.stem for p in (REPO / "conf" / "peft").glob("*.yaml"))
+PEFT_OPTIONS = sorted(p.stem for p in (CONF / "peft").glob("*.yaml"))
 
 
 def test_every_option_has_a_schema_and_a_command_line():
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
     assert len(PEFT_OPTIONS) >= 22
     for name in PEFT_OPTIONS:
-        first = (REPO / "conf" / "peft" / f"{name}.yaml").read_text().splitlines()[0]
+        first = (CONF / "peft" / f"{name}.yaml").read_text().splitlines()[0]
         assert first.startswith("# ") and "fttrain" in first, f"{name}.yaml must start with the command that uses it"
+        # Typed by a schema class: its keys and their types are checked while composing.
+        peft = compose(["+exp=tiny_sft", f"peft={name}"]).peft
+        schema = OmegaConf.get_type(peft)
+        assert dataclasses.is_dataclass(schema) and schema.__module__ == "fttrain.config.schema", (name, schema)
+        assert OmegaConf.is_readonly(peft) is not True and peft._get_flag("struct"), f"{name}: new keys are not refused"
 
 
 @pytest.mark.parametrize("option", PEFT_OPTIONS)

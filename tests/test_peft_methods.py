@@ -264,4 +264,4 @@ def test_generate_cli_streams_writes_jsonl_and_chats(tmp_path):
     proc = run(str(run_dir), "--chat", "--max-new-tokens", "4", "--top-k", "5", input="hello\n/reset\nhi again\n")
     assert proc.returncode == 0 and proc.stdout.count("model> ") == 2
     proc = run(str(run_dir), "--prompts", str(tmp_path / "missing.jsonl"))
-    assert proc.returncode != 0
+    assert proc.returncode == 2 and "missing.jsonl: no such file" in proc.stderr

@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
+from hydra.errors import ConfigCompositionException
 
-from conftest import REPO, compose, run_cli
+from conftest import CONF, REPO, compose, run_cli
 from fttrain.distributed import (
     PlanError,
     Topology,
@@ -20,7 +21,7 @@ from fttrain.distributed import (
 )
 
 GOLDEN = Path(__file__).parent / "golden" / "plans"
-DIST_OPTIONS = sorted(p.stem for p in (REPO / "conf" / "dist").glob("*.yaml"))
+DIST_OPTIONS = sorted(p.stem for p in (CONF / "dist").glob("*.yaml"))
 # The trainer numbers every golden file is generated from.
 TRAINER = ["trainer.micro_batch_size=2", "trainer.global_batch_size=32", "trainer.max_grad_norm=0.5",
            "trainer.learning_rate=1e-4", "trainer.weight_decay=0.01"]
@@ -96,7 +97,7 @@ def test_sharded_save_only_shards_full_weights():
 
 
 def test_zero_knobs_do_not_compose_on_an_fsdp_plan():
-    with pytest.raises(Exception, match="stage"):
+    with pytest.raises(ConfigCompositionException, match="stage"):
         compose(["+exp=tiny_sft", "dist=fsdp", "dist.stage=3"])
 
 

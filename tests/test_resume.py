@@ -8,7 +8,6 @@ saved adapter must be identical (same data order, RNG and optimizer state;
 CPU fp32 is deterministic). Two ranks, with the signal reaching rank 0 only,
 are tested through Slurm (test_slurm.py)."""
 
-import json
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ import time
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, step_losses
 
 
 # ------------------------------------------------------------------ unit: the checkpoint folder
@@ -75,11 +74,6 @@ def test_signal_config_problems(overrides, message):
 
 
 # ------------------------------------------------------------------ signal, stop, resume (processes)
-def losses(run_dir):
-    rows = [json.loads(l) for l in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
-
-
 def adapter(run_dir):
     from safetensors.torch import load_file
 
@@ -130,7 +124,7 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
     ref = run_cli([*RUN, "name=uninterrupted"], cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr[-3000:]
     ref_dir = tmp_path / "outputs" / "uninterrupted"
-    assert losses(run_dir) == losses(ref_dir) and len(losses(run_dir)) == 40
+    assert step_losses(run_dir) == step_losses(ref_dir) and len(step_losses(run_dir)) == 40
     a, b = adapter(run_dir), adapter(ref_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

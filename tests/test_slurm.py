@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, step_losses
 
 GOLDEN = Path(__file__).parent / "golden" / "slurm"
 
@@ -182,11 +182,6 @@ def submit(tmp_path, overrides, array=False):
     return done.stdout.strip()
 
 
-def losses(run_dir):
-    rows = [json.loads(l) for l in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
-
-
 def adapter(run_dir):
     from safetensors.torch import load_file
 
@@ -267,7 +262,7 @@ def test_signalled_job_checkpoints_requeues_and_matches_an_uninterrupted_run(uni
 
     # The same job uninterrupted (two gloo ranks as well): same per-step losses, same weights.
     _, _, ref_dir = uninterrupted_job
-    assert losses(run_dir) == losses(ref_dir) and len(losses(run_dir)) == 40
+    assert step_losses(run_dir) == step_losses(ref_dir) and len(step_losses(run_dir)) == 40
     a, b = adapter(run_dir), adapter(ref_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import compose, config_error, run_cli
+from conftest import compose, config_error, run_cli, train_log
 
 
 # ------------------------------------------------------------------ pt layout
@@ -159,7 +159,7 @@ def run_task(tmp_path, exp, *overrides):
 
 
 def log_rows(run_dir):
-    return [json.loads(l) for l in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return train_log(run_dir)
 
 
 @pytest.mark.slow

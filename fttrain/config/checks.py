@@ -13,12 +13,13 @@ from typing import List
 from omegaconf import DictConfig
 
 from fttrain.config.schema import value_of
+from fttrain.errors import FttrainError
 
 
 CHAT_FORMATS = {"alpaca", "sharegpt", "messages"}  # formats rendered through a chat template
 
 
-class ConfigCheckError(ValueError):
+class ConfigCheckError(FttrainError, ValueError):
     def __init__(self, problems: List[str]):
         self.problems = problems
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -80,7 +81,7 @@ def task_problems(cfg: DictConfig) -> List[str]:
     if task.name == "kto" and task.loss_type not in ("kto", "apo_zero_unpaired"):
         problems.append(f"task.loss_type={task.loss_type!r}: KTO takes kto or apo_zero_unpaired")
     if task.name == "dpo":
-        from fttrain.recipes.preference import DPO_LOSSES
+        from fttrain.config.schema import DPO_LOSSES
 
         bad = [x for x in task.loss_type if x not in DPO_LOSSES]
         if bad:

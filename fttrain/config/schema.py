@@ -1,6 +1,6 @@
 """The typed schema of an fttrain run.
 
-Every YAML file under ``conf/`` is merged onto these dataclasses while Hydra
+Every YAML file under ``fttrain/conf/`` is merged onto these dataclasses while Hydra
 composes the run, so an unknown key, a misspelled key or a wrong type fails at
 compose time with the full key path (``peft.rr``, ``data.max_length``), before
 any model or dataset is touched.
@@ -98,7 +98,7 @@ class ModelConfig:
 
 
 # -------------------------------------------------------------------- peft
-# One class per method (conf/peft/<option>.yaml). Where a method takes target
+# One class per method (fttrain/conf/peft/<option>.yaml). Where a method takes target
 # modules, the presets "attention" and "all_linear" are resolved per
 # architecture (fttrain.peft_setup); anything else is a module name.
 @dataclass
@@ -330,6 +330,11 @@ class PretrainTaskConfig(TaskConfig):
     # with position restarts (no cross-document attention; data.packing).
     concatenate: bool = True
     generation_eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
+
+
+# TRL 1.16's DPO losses (DPOConfig.loss_type): what task.loss_type may list.
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 
 
 @dataclass
@@ -669,7 +674,7 @@ def register_configs() -> None:
 
     from omegaconf import OmegaConf
 
-    # ${fttrain_python:} -> this interpreter (conf/slurm/local.yaml: jobs use the Python that rendered them).
+    # ${fttrain_python:} -> this interpreter (fttrain/conf/slurm/local.yaml: jobs use the Python that rendered them).
     OmegaConf.register_new_resolver("fttrain_python", lambda: sys.executable, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="fttrain_schema", node=FTConfig)

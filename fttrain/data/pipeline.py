@@ -35,7 +35,8 @@ from fttrain.data.formats import Chat, Example, Formatter, RowError, placeholder
 from fttrain.data.packing import best_fit_decreasing
 from fttrain.data.rows import load_splits
 from fttrain.data.sources import DataError, RowSource
-from fttrain.data.store import ChunkWriter, PreparedRows, remove_tree, sync_folder, write_split
+from fttrain.atomic import remove_tree, sync_folder
+from fttrain.data.store import ChunkWriter, PreparedRows, write_split
 from fttrain.data.templates import TemplateError
 from fttrain.data.tokenize import Tokenizer, apply_overlength, count_trained
 
@@ -361,17 +362,6 @@ def streams(data_cfg) -> bool:
     return bool(getattr(data_cfg, "streaming", False))
 
 
-def open_stream(data_cfg, tokenizer, chat_template: Optional[str], assistant_only_loss: bool, blocks: bool = False,
-                policy: MaskPolicy = MaskPolicy()):
-    """data.streaming=true: the training split as a RowStream (``fttrain.data.streaming``)."""
-    from fttrain.data.streaming import RowStream
-
-    formatter, tok = _encoders(data_cfg, tokenizer, chat_template, assistant_only_loss, policy)
-    train_split, _ = load_splits(data_cfg)
-    job = EncodeJob.for_split(data_cfg.train, train_split.rows, formatter, tok, data_cfg, blocks)
-    return RowStream(job, train_split.ids, data_cfg.stream_window, layout_of(data_cfg, blocks))
-
-
 def packs(data_cfg) -> bool:
     """This pipeline serves the packing tasks (sft, pt): data.packing=null means on."""
     return data_cfg.packing is not False
@@ -391,7 +381,7 @@ def prepare_data(data_cfg, tokenizer, chat_template: Optional[str], assistant_on
                  blocks: bool = False, policy: MaskPolicy = MaskPolicy(), folder: Optional[Path] = None) -> PreparedData:
     """Load, encode and lay out both splits into ``folder`` (default: a temporary
     folder removed with the returned object) and open them memory-mapped."""
-    formatter, tok = _encoders(data_cfg, tokenizer, chat_template, assistant_only_loss, policy)
+    formatter, tok = encoders(data_cfg, tokenizer, chat_template, assistant_only_loss, policy)
     temporary = folder is None
     folder = Path(tempfile.mkdtemp(prefix="fttrain-prepared-")) if temporary else Path(folder)
     try:
@@ -405,7 +395,8 @@ def prepare_data(data_cfg, tokenizer, chat_template: Optional[str], assistant_on
     return data
 
 
-def _encoders(data_cfg, tokenizer, chat_template, assistant_only_loss, policy):
+def encoders(data_cfg, tokenizer, chat_template, assistant_only_loss, policy):
+    """(row -> example, example -> samples) for this data config."""
     fmt = data_cfg.format.value if hasattr(data_cfg.format, "value") else str(data_cfg.format)
     formatter = Formatter(fmt, dict(data_cfg.columns), dict(data_cfg.role_map), data_cfg.system_prompt)
     return formatter, Tokenizer(tokenizer, chat_template, assistant_only_loss, policy)
@@ -498,7 +489,7 @@ def prepare_data_cached(data_cfg, tokenizer, chat_template, assistant_only_loss,
         if data_cfg.cache:
             log.info("data: reusing prepared data %s", path)
         return PreparedData.open(path)
-    formatter, tok = _encoders(data_cfg, tokenizer, chat_template, assistant_only_loss, policy)
+    formatter, tok = encoders(data_cfg, tokenizer, chat_template, assistant_only_loss, policy)
     # Unique across the nodes that may share this cache (their local rank 0s can have the same pid).
     tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     remove_tree(tmp)

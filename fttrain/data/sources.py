@@ -21,11 +21,12 @@ from typing import Dict, Iterator, List, Sequence
 import numpy as np
 
 from fttrain.data.synthetic import resolve_builtin
+from fttrain.errors import FttrainError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
-class DataError(ValueError):
+class DataError(FttrainError, ValueError):
     """A problem with the user's data; the message names the file, row and field."""
 
 

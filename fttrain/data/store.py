@@ -25,7 +25,6 @@ Rows come out as the collators expect them (lists of ints), identical to
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from array import array
 from pathlib import Path
@@ -206,21 +205,3 @@ class PreparedRows:
             return {}
         with open(path, "rb") as f:
             return pickle.load(f)
-
-
-def remove_tree(path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def sync_folder(folder: Path) -> None:
-    """fsync every file of a folder, before it is renamed into place (a crash before the
-    rename leaves a temporary folder, which is never used)."""
-    for p in Path(folder).rglob("*"):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)

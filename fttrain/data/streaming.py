@@ -29,8 +29,11 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from fttrain.data.chat import MaskPolicy
 from fttrain.data.formats import Chat
 from fttrain.data.packing import as_rows, concat_blocks, pack
+from fttrain.data.pipeline import (EncodeJob, RowCounts, check_end_of_turn, encode_rows, encoders, layout_of,
+                                   load_splits)
 from fttrain.data.sources import DataError
 
 log = logging.getLogger("fttrain")
@@ -51,7 +54,6 @@ class RowStream(torch.utils.data.IterableDataset):
     """The training rows of one split, encoded a window at a time as they are read."""
 
     def __init__(self, job, ids: List[int], window: int, layout: str):
-        from fttrain.data.pipeline import RowCounts
 
         self.job, self.ids, self.window, self.layout = job, list(ids), max(1, int(window)), layout
         self.rows_per_window: List[int] = []  # rows each window produced so far, in order
@@ -64,7 +66,6 @@ class RowStream(torch.utils.data.IterableDataset):
         return -(-len(self.ids) // self.window)
 
     def window_rows(self, w: int) -> List[Dict]:
-        from fttrain.data.pipeline import RowCounts, check_end_of_turn, encode_rows
 
         samples: List[Dict] = []
         counts = RowCounts() if w < len(self.rows_per_window) else self.counts  # a window counts once
@@ -136,7 +137,6 @@ class RowStream(torch.utils.data.IterableDataset):
 
     def first_sample(self) -> Optional[Dict]:
         """The first trained sample of the stream (for the start-up log), encoded on its own."""
-        from fttrain.data.pipeline import RowCounts, encode_rows
 
         found: List[Dict] = []
 
@@ -154,3 +154,12 @@ class RowStream(torch.utils.data.IterableDataset):
 def load_state(checkpoint: Path) -> Optional[Dict]:
     path = Path(checkpoint) / STATE_FILE
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def open_stream(data_cfg, tokenizer, chat_template: Optional[str], assistant_only_loss: bool, blocks: bool = False,
+                policy: MaskPolicy = MaskPolicy()):
+    """data.streaming=true: the training split as a RowStream."""
+    formatter, tok = encoders(data_cfg, tokenizer, chat_template, assistant_only_loss, policy)
+    train_split, _ = load_splits(data_cfg)
+    job = EncodeJob.for_split(data_cfg.train, train_split.rows, formatter, tok, data_cfg, blocks)
+    return RowStream(job, train_split.ids, data_cfg.stream_window, layout_of(data_cfg, blocks))

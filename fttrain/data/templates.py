@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from fttrain.errors import FttrainError
+
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 TOKENIZER = "tokenizer"
 
@@ -40,7 +42,7 @@ EMPTY_THINK_RE = re.compile(r"\s*<think>\s*</think>\s*")
 _PROBE = ("fttrain probe question", "fttrain probe answer", "fttrain probe system")
 
 
-class TemplateError(ValueError):
+class TemplateError(FttrainError, ValueError):
     """The chat template cannot be used as configured; the message says what to change."""
 
 

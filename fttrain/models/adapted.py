@@ -9,6 +9,7 @@ was loaded for training, e.g. 4-bit for QLoRA) or a model/adapter folder.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -16,13 +17,14 @@ from typing import Dict, List, Optional
 import torch
 
 from fttrain.bottleneck import is_bottleneck_folder, load_bottleneck, read_spec
+from fttrain.errors import FttrainError
 from fttrain.models.load import DTYPES, load_causal_lm
 
 # peft's peft_type names that differ from fttrain's peft options.
 PEFT_TYPE_TO_METHOD = {"adaption_prompt": "llama_adapter"}
 
 
-class LoadError(ValueError):
+class LoadError(FttrainError, ValueError):
     pass
 
 
@@ -78,6 +80,12 @@ def adapter_base(folder: Path, base: Optional[str]) -> str:
         found = read_spec(folder).base_model_name_or_path
     if not found:
         raise LoadError(f"{folder}: the adapter does not name its base model; pass --base")
+    if not os.path.isabs(found) and not os.path.exists(found):
+        # A relative folder (adapters saved by older runs): relative to where that run started,
+        # i.e. above the run directory; tried from the adapter's folder upwards.
+        for parent in Path(folder).resolve().parents:
+            if (parent / found).is_dir():
+                return str(parent / found)
     return found
 
 

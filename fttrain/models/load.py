@@ -7,6 +7,7 @@ The same code loads a hub id, a local folder, or the offline tiny model
 from __future__ import annotations
 
 import logging
+import os
 from typing import Tuple
 
 import torch
@@ -35,6 +36,8 @@ def resolve_model_path(model_cfg) -> str:
         except ImportError:
             raise ValueError(f"model.name_or_path={name!r}: package {module!r} is not installed "
                              f"(pip install {module.replace('_', '-')})") from None
+    if os.path.isdir(name):  # a local folder, absolute: the saved adapter names it, read from anywhere
+        return os.path.abspath(name)
     return name
 
 

@@ -23,7 +23,7 @@ from typing import Dict, List
 import torch
 from omegaconf import DictConfig
 
-from fttrain import outputs
+from fttrain import atomic, outputs
 from fttrain.distributed import (
     PlanCheck,
     Topology,
@@ -39,7 +39,7 @@ from fttrain.distributed import (
     trainer_args,
 )
 from fttrain.checkpoints import checkpoint_step, latest_checkpoint
-from fttrain.env import check_world_size, detect_runtime, peak_memory_bytes
+from fttrain.env import check_world_size, detect_runtime, is_main_process, peak_memory_bytes
 from fttrain.models.load import load_tokenizer, param_counts, resolve_model_path, set_dropout
 from fttrain.rendezvous import launch_token, local_main_first
 from fttrain.preemption import StopOnSignal, remove_pid_file, requeue_job, signal_name, write_pid_file
@@ -84,7 +84,7 @@ class Recipe:
         if self.is_main:
             log.info("data: %s", self.data_report)
             if not self.cfg.preflight:
-                outputs.write_json(self.run_dir / "data_report.json", self.data_report)
+                atomic.write_json(self.run_dir / "data_report.json", self.data_report)
         if self.cfg.preflight:
             return
         self.setup_model()
@@ -107,7 +107,7 @@ class Recipe:
         self.args = self.training_args()  # initialises the process group
         check_world_size(self.args.world_size, self.topology.world_size, cfg.dist)
         after_process_group(cfg.dist, self.runtime.use_cpu)
-        self.is_main = self.args.process_index == 0
+        self.is_main = is_main_process()
         self.launch_token = launch_token()  # shared by this launch's ranks: names its unshared data folder
         # Handlers first, so a signal during model loading still ends in a clean stop.
         self.stop_on_signal = StopOnSignal(cfg.trainer.stop_signals, cfg.trainer.requeue_signals)
@@ -258,7 +258,7 @@ class Recipe:
             "global_batch_unit": self.batch_unit,
             "max_tokens_per_step": self.global_batch * max_len,
         }
-        if self.args.process_index == 0:
+        if self.is_main:
             log.info(
                 "global batch = %d micro x %d accumulation x %d rank(s) = %d %s per step; <= %d x %d = %d tokens per step",
                 t.micro_batch_size, accum, world, self.global_batch, self.batch_unit, self.global_batch, max_len,
@@ -299,7 +299,7 @@ class Recipe:
         record = {"plan": plan_label(self.cfg.dist), "realised": realised,
                   "deepspeed_config": deepspeed_config_in_use(self.trainer)}
         log.info("plan %s verified: %s", record["plan"], realised)
-        outputs.write_json(self.run_dir / "plan.json", record)
+        atomic.write_json(self.run_dir / "plan.json", record)
 
     def on_main(self, what: str, fn):
         """Run fn on rank 0 while the others wait; a failure there stops every
@@ -406,7 +406,7 @@ class Recipe:
         self.tokenizer.save_pretrained(tmp)
         self.save_extra_files(tmp)
         outputs.check_weights_written(tmp, self.model_format)
-        outputs.publish_dir(tmp, run_dir / "model")
+        atomic.publish_dir(tmp, run_dir / "model")
 
         step_s = self.step_timer.seconds
         metrics = {
@@ -434,7 +434,7 @@ class Recipe:
         metrics.update(self.task_metrics())
         log_rows = [{"step": r.get("step"), **r} for r in trainer.state.log_history]
         outputs.plot_loss_curve(log_rows, run_dir / "loss_curve.png")
-        outputs.write_json(run_dir / "metrics.json", metrics)
+        atomic.write_json(run_dir / "metrics.json", metrics)
         outputs.mark_complete(run_dir)
         log.info("metrics: %s", {k: metrics.get(k) for k in outputs.METRIC_KEYS})
         self.log_task_summary(metrics)
@@ -492,7 +492,7 @@ def write_run_info(cfg: DictConfig, run_dir: Path, recipe: Recipe) -> None:
         "pad_token_strategy": recipe.pad_strategy,
         "versions": versions,
     }
-    outputs.write_json(run_dir / "run_info.json", info)
+    atomic.write_json(run_dir / "run_info.json", info)
 
 
 def run_recipe(recipe: Recipe) -> dict:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from transformers import Trainer
 
-from fttrain import outputs
+from fttrain import atomic
 from fttrain.config.checks import ConfigCheckError
 from fttrain.data.encoder import (
     MODEL_INPUTS,
@@ -443,7 +443,7 @@ class EncoderRecipe(Recipe):
             info["multi_label"] = bool(task.multi_label)
             if task.multi_label:
                 info["thresholds"] = {n: float(task.thresholds.get(n, task.threshold)) for n in self.label_names}
-        outputs.write_json(folder / "labels.json", info)
+        atomic.write_json(folder / "labels.json", info)
 
     def task_metrics(self) -> dict:
         """eval_<metric> (after training), eval_<metric>_before and _after;
@@ -455,7 +455,7 @@ class EncoderRecipe(Recipe):
         for when, values in (("before", self.before), ("after", after)):
             for k, v in (values or {}).items():
                 metrics[f"eval_{k}_{when}"] = v
-        outputs.write_jsonl(self.run_dir / "predictions.jsonl", self.predictions[:PREDICTION_ROWS])
+        atomic.write_jsonl(self.run_dir / "predictions.jsonl", self.predictions[:PREDICTION_ROWS])
         return metrics
 
     def log_task_summary(self, metrics: dict) -> None:

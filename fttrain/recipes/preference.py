@@ -27,11 +27,6 @@ from fttrain.recipes.base import Recipe, eval_metrics_with_prefix
 
 log = logging.getLogger("fttrain")
 
-# TRL 1.16's DPO losses (DPOConfig.loss_type); checked at config time.
-DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-
-
 def trl_classes(task: str):
     """(trainer class, config class) for a preference task."""
     if task == "dpo":

@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import time
 
-from fttrain import outputs
+from fttrain import atomic
 from fttrain.config.checks import packing_on
 from fttrain.config.schema import value_of
 from fttrain.data.packing import PackedCollator, PaddingCollator
-from fttrain.data.pipeline import MAX_PATTERN_SAMPLES, mask_policy, open_stream, prepare_data_cached, streams
+from fttrain.data.pipeline import MAX_PATTERN_SAMPLES, mask_policy, prepare_data_cached, streams
+from fttrain.data.streaming import open_stream
 from fttrain.data.tokenize import IGNORE
 from fttrain.distributed import shards_weights
 from fttrain.env import rss_bytes
@@ -201,7 +202,7 @@ class SFTRecipe(Recipe):
         metrics = {}
         if self.stream is not None:  # the stream's counts, now that it has been read
             self.data_report["train"] = self.stream.report()
-            outputs.write_json(self.run_dir / "data_report.json", self.data_report)
+            atomic.write_json(self.run_dir / "data_report.json", self.data_report)
         if "eval_perplexity" in self.eval_metrics:  # exp of the token-weighted eval loss
             metrics["eval_perplexity"] = self.eval_metrics["eval_perplexity"]
         for when, res in (("before", self.before), ("after", self.after)):
@@ -209,7 +210,7 @@ class SFTRecipe(Recipe):
                 metrics[f"eval_exact_match_{when}"] = res["exact_match"]
         if self.after:
             n = max(1, self.cfg.task.generation_eval.num_samples)
-            outputs.write_jsonl(self.run_dir / "samples.jsonl", self.after["results"][:n])
+            atomic.write_jsonl(self.run_dir / "samples.jsonl", self.after["results"][:n])
         return metrics
 
     def log_task_summary(self, metrics: dict) -> None:
