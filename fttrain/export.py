@@ -42,6 +42,7 @@ import torch
 
 from fttrain import errors
 from fttrain.errors import FttrainError
+from fttrain.methods import METHODS
 from fttrain.models.adapted import adapter_method, load_for_inference, model_folder
 from fttrain.models.load import DTYPES, load_causal_lm
 from fttrain.atomic import publish_dir
@@ -50,13 +51,6 @@ log = logging.getLogger("fttrain.export")
 # Largest |logit difference| accepted per dtype: merging changes the order of
 # floating-point operations (W x + B A x versus (W + B A) x), nothing more.
 DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "bf16": 1.5e-1}
-UNMERGEABLE = {
-    "prompt_tuning": "a soft prompt is an input, not a weight change",
-    "prefix_tuning": "prefixes are extra keys and values, not a weight change",
-    "p_tuning": "virtual tokens are inputs, not a weight change",
-    "llama_adapter": "adaption prompts add attention over learned tokens, not a weight change",
-    "adapter": "bottleneck adapters are nonlinear (d -> r -> d with an activation)",
-}
 
 
 class ExportError(FttrainError, RuntimeError):
@@ -179,10 +173,11 @@ def export_merged(path, out, base: Optional[str] = None, dtype: str = "fp32", ql
     out = Path(out)
     _check_out(out, overwrite)
     method = adapter_method(folder)
-    if method in UNMERGEABLE:
+    declared = METHODS.get(method)
+    if declared is not None and declared.merge_note:
         if not keep_unmerged:
             raise ExportError(
-                f"peft={method} cannot be merged into the base weights: {UNMERGEABLE[method]}. Use the adapter with "
+                f"peft={method} cannot be merged into the base weights: {declared.merge_note}. Use the adapter with "
                 f"its base (python -m fttrain.generate {path}), or pass --keep-unmerged to export the adapter as is"
             )
         tmp = out.with_name(out.name + ".tmp")
@@ -198,7 +193,7 @@ def export_merged(path, out, base: Optional[str] = None, dtype: str = "fp32", ql
 
     tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
     torch_dtype = DTYPES[dtype]
-    original = method == "qlora" and qlora_base == "original"
+    original = declared is not None and declared.quantized_base and qlora_base == "original"
     loaded = load_for_inference(folder, base=base, dtype=dtype, quantized=False if original else None)
     inputs = gate_inputs(loaded.tokenizer, folder, n_inputs)
     ref = logits_of(loaded.model, inputs)
@@ -216,7 +211,7 @@ def export_merged(path, out, base: Optional[str] = None, dtype: str = "fp32", ql
         # quantises activations, so 8-bit is never matched exactly).
         trained, ref = ref, logits_of(model, inputs)
         report["quantized_forward_gap"] = compare(trained, ref)["max_abs_logit_diff"]
-    elif method == "qlora":
+    elif original:
         report["merged_into"] = "original 16-bit base (differs from the trained 4-bit base by its quantisation error)"
     merged = merge_adapter(model)
     return _publish(merged, loaded.tokenizer, out, ref, inputs, tolerance, report, torch_dtype)

@@ -137,7 +137,7 @@ def mark_complete(run_dir: Path) -> None:
 
 WEIGHT_FILES = {
     "hf": ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"),
-    "bottleneck": ("adapter_model.safetensors",),  # fttrain's bottleneck adapters (fttrain.bottleneck)
+    "bottleneck": ("adapter_model.safetensors",),  # fttrain's bottleneck adapters (fttrain.methods.bottleneck)
     "zero_sharded": ("latest",),
     "fsdp_sharded": ("pytorch_model_fsdp_0",),
 }

@@ -114,7 +114,8 @@ def processes_per_node(s) -> int:
 def topology_problems(cfg: DictConfig) -> List[str]:
     """The slurm settings against each other and against the run's plan."""
     from fttrain.config.schema import value_of
-    from fttrain.distributed import PlanError, Topology, check_plan
+    from fttrain.plan import PlanError, Topology
+    from fttrain.plan.check import check_plan
 
     s, problems = cfg.slurm, []
     if not s.partition:

@@ -240,7 +240,7 @@ def write_rank_record(trainer: FTTrainer, run_dir: Path) -> None:
         return
     import hashlib
 
-    from fttrain.distributed import full_trainable_weights
+    from fttrain.plan.save import full_trainable_weights
 
     rank = trainer.args.process_index
     h = hashlib.sha256()

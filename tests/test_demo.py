@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, train_log
 
 pytestmark = pytest.mark.slow
 
@@ -13,7 +13,10 @@ def test_two_stage_demo_learns_the_task(tmp_path):
     stage1 = run_cli(["+exp=demo_pretrain"], cwd=tmp_path, timeout=900)
     assert stage1.returncode == 0, stage1.stderr[-4000:]
     pre = json.loads((tmp_path / "outputs" / "demo_pretrain" / "metrics.json").read_text())
-    assert pre["eval_loss"] < pre["train_loss"]
+    # Pretraining learned the text: held-out loss far below where training started (~5.5 nats at
+    # step 10, ln(384) = 5.95 for a uniform guess); measured 0.94 with the first logged loss 5.50.
+    first = train_log(tmp_path / "outputs" / "demo_pretrain")[0]["loss"]
+    assert pre["eval_loss"] < 0.3 * first, (pre["eval_loss"], first)
 
     stage2 = run_cli(["+exp=demo"], cwd=tmp_path, timeout=900)
     assert stage2.returncode == 0, stage2.stderr[-4000:]

@@ -16,14 +16,16 @@ def test_every_option_has_a_schema_and_a_command_line():
 
     from omegaconf import OmegaConf
 
+    from fttrain.methods import METHODS
+
     assert len(PEFT_OPTIONS) >= 22
     for name in PEFT_OPTIONS:
         first = (CONF / "peft" / f"{name}.yaml").read_text().splitlines()[0]
         assert first.startswith("# ") and "fttrain" in first, f"{name}.yaml must start with the command that uses it"
-        # Typed by a schema class: its keys and their types are checked while composing.
+        # Typed by its method's declared config class: keys and types are checked while composing.
         peft = compose(["+exp=tiny_sft", f"peft={name}"]).peft
         schema = OmegaConf.get_type(peft)
-        assert dataclasses.is_dataclass(schema) and schema.__module__ == "fttrain.config.schema", (name, schema)
+        assert dataclasses.is_dataclass(schema) and schema is METHODS[peft.method].config, (name, schema)
         assert OmegaConf.is_readonly(peft) is not True and peft._get_flag("struct"), f"{name}: new keys are not refused"
 
 
@@ -78,7 +80,8 @@ def test_a_knob_of_another_method_fails_at_compose():
     ("loha", "zero3", "peft=loha with dist=zero3"),
 ])
 def test_methods_a_plan_cannot_carry_are_refused_before_launch(method, dist, needle):
-    from fttrain.distributed import PlanError, Topology, check_plan
+    from fttrain.plan import PlanError, Topology
+    from fttrain.plan.check import check_plan
 
     cfg = compose(["+exp=tiny_sft", f"peft={method}", f"dist={dist}", "data.packing=false"])
     with pytest.raises(PlanError) as err:
@@ -87,7 +90,8 @@ def test_methods_a_plan_cannot_carry_are_refused_before_launch(method, dist, nee
 
 
 def test_galore_layerwise_is_one_process_only_and_loftq_needs_a_gpu():
-    from fttrain.distributed import PlanError, Topology, check_plan
+    from fttrain.plan import PlanError, Topology
+    from fttrain.plan.check import check_plan
 
     cfg = compose(["+exp=tiny_full", "peft=galore", "peft.layerwise=true", "dist=ddp"])
     with pytest.raises(PlanError, match="runs on one process only"):
@@ -98,7 +102,7 @@ def test_galore_layerwise_is_one_process_only_and_loftq_needs_a_gpu():
 
 
 def test_qlora_compute_dtype_auto_follows_precision():
-    from fttrain.peft_setup import quantization_config
+    from fttrain.methods import quantization_config
 
     cfg = compose(["+exp=tiny_sft", "peft=qlora"])
     assert quantization_config(cfg.peft, "fp32").bnb_4bit_compute_dtype == torch.float32
@@ -107,7 +111,7 @@ def test_qlora_compute_dtype_auto_follows_precision():
 
 
 def test_paged_optimizers_run_unpaged_on_cpu_with_a_warning(caplog):
-    from fttrain.peft_setup import optimizer_for_device
+    from fttrain.methods import optimizer_for_device
 
     with caplog.at_level("WARNING", logger="fttrain"):
         assert optimizer_for_device("paged_adamw_8bit", use_cpu=True) == "adamw_bnb_8bit"
@@ -134,7 +138,7 @@ def tiny_bert():
 
 
 def test_target_presets_resolve_per_architecture(tiny_model):
-    from fttrain.peft_setup import resolve_target_modules
+    from fttrain.methods.targets import resolve_target_modules
 
     llama = tiny_model()
     assert resolve_target_modules(llama, ["attention"]) == ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -145,14 +149,14 @@ def test_target_presets_resolve_per_architecture(tiny_model):
     assert resolve_target_modules(bert, ["query_value"]) == ["query", "value"]
     assert resolve_target_modules(llama, ["query_value"]) == ["q_proj", "v_proj"]
     assert "classifier" not in resolve_target_modules(bert, ["all_linear"])
-    from fttrain.peft_setup import PeftSetupError
+    from fttrain.errors import PeftSetupError
 
     with pytest.raises(PeftSetupError, match="has no module named 'qkv'"):
         resolve_target_modules(llama, ["qkv"])
 
 
 def test_qlora_on_a_model_without_linear_layers_is_refused():
-    from fttrain.peft_setup import PeftSetupError, apply_peft
+    from fttrain.methods import PeftSetupError, apply_peft
 
     class NoLinear(torch.nn.Module):
         def __init__(self):
@@ -167,7 +171,7 @@ def test_qlora_on_a_model_without_linear_layers_is_refused():
 
 @pytest.mark.parametrize("placement", ["serial", "parallel"])
 def test_bottleneck_adapter_is_the_identity_at_init_and_learns(tiny_model, placement):
-    from fttrain.bottleneck import BottleneckSpec, add_bottleneck_adapters
+    from fttrain.methods.bottleneck import BottleneckSpec, add_bottleneck_adapters
 
     base, model = tiny_model(), tiny_model()
     names = add_bottleneck_adapters(model, BottleneckSpec(r=8, placement=placement, scale=2.0))
@@ -191,7 +195,7 @@ def test_bottleneck_adapter_is_the_identity_at_init_and_learns(tiny_model, place
 
 
 def test_bottleneck_adapter_saves_and_reloads_to_identical_outputs(tiny_model, tiny_dir, tmp_path):
-    from fttrain.bottleneck import BottleneckSpec, add_bottleneck_adapters, adapter_state_dict, load_bottleneck, save_bottleneck
+    from fttrain.methods.bottleneck import BottleneckSpec, add_bottleneck_adapters, adapter_state_dict, load_bottleneck, save_bottleneck
 
     model = tiny_model()
     spec = BottleneckSpec(r=4, base_model_name_or_path=str(tiny_dir))
@@ -208,7 +212,7 @@ def test_bottleneck_adapter_saves_and_reloads_to_identical_outputs(tiny_model, t
     with torch.no_grad():
         assert torch.equal(model(input_ids=x).logits, reloaded(input_ids=x).logits)
     # A folder from another base shape is refused with the mismatch named.
-    from fttrain.peft_setup import PeftSetupError
+    from fttrain.errors import PeftSetupError
 
     bad = {k: v for k, v in list(weights.items())[1:]}
     save_bottleneck(bad, spec, tmp_path / "bad")
@@ -218,8 +222,8 @@ def test_bottleneck_adapter_saves_and_reloads_to_identical_outputs(tiny_model, t
 
 
 def test_parallel_adapters_are_refused_on_post_norm_encoders():
-    from fttrain.bottleneck import BottleneckSpec, add_bottleneck_adapters
-    from fttrain.peft_setup import PeftSetupError
+    from fttrain.methods.bottleneck import BottleneckSpec, add_bottleneck_adapters
+    from fttrain.errors import PeftSetupError
 
     names = add_bottleneck_adapters(tiny_bert(), BottleneckSpec(r=4))  # serial fits BERT (Houlsby's placement)
     assert any(n.endswith("attention.output.dense.bottleneck_adapter") for n in names)
@@ -228,7 +232,7 @@ def test_parallel_adapters_are_refused_on_post_norm_encoders():
 
 
 def test_lisa_draws_are_reproducible_and_change_between_periods():
-    from fttrain.lisa import draw_layers
+    from fttrain.methods.lisa import draw_layers
 
     draws = [draw_layers(42, period, 8, 2) for period in range(6)]
     assert draws == [draw_layers(42, period, 8, 2) for period in range(6)]  # resume redraws the same
@@ -237,7 +241,7 @@ def test_lisa_draws_are_reproducible_and_change_between_periods():
 
 
 def test_freeze_trains_exactly_the_chosen_layers(tiny_model):
-    from fttrain.peft_setup import PeftSetupError, apply_peft
+    from fttrain.methods import PeftSetupError, apply_peft
 
     cfg = compose(["+exp=tiny_full", "peft=freeze", "peft.trainable_layers=-1", "peft.train_head=true",
                    "peft.trainable_patterns=[norm.weight$]"])
@@ -254,7 +258,8 @@ def test_freeze_trains_exactly_the_chosen_layers(tiny_model):
 
 
 def test_loraplus_gives_b_matrices_the_larger_rate(tiny_model):
-    from fttrain.peft_setup import apply_peft, loraplus_param_groups
+    from fttrain.methods import apply_peft
+    from fttrain.methods.lora import loraplus_param_groups
 
     cfg = compose(["+exp=tiny_sft", "peft=loraplus", "peft.loraplus_lr_ratio=16"])
     model = apply_peft(tiny_model(), cfg.peft, gradient_checkpointing=False)

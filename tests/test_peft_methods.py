@@ -32,6 +32,7 @@ METHODS = {
     "prefix_tuning": ("tiny_sft", ["data.packing=false", "trainer.learning_rate=1e-2"], r"prompt_encoder"),
     "p_tuning": ("tiny_sft", ["data.packing=false", "trainer.learning_rate=1e-2"], r"prompt_encoder"),
     "llama_adapter": ("tiny_sft", ["trainer.learning_rate=5e-2"], r"adaption_(prompt|gate)"),
+    "fourierft": ("tiny_sft", ["trainer.learning_rate=5e-2"], r"fourierft_spectrum"),
     "adapter": ("tiny_sft", ["peft.r=16"], r"bottleneck_adapter"),
     "adapter_parallel": ("tiny_sft", ["peft.r=16"], r"bottleneck_adapter"),
     "full": ("tiny_full", [], r"."),
@@ -40,7 +41,7 @@ METHODS = {
     "lisa": ("tiny_full", ["trainer.learning_rate=1e-3", "peft.active_layers=1", "peft.switch_every=3"], r"."),
 }
 MERGEABLE = {"lora", "rslora", "dora", "loraplus", "pissa", "qlora", "qlora8", "ia3", "vera", "loha", "lokr", "oft",
-             "adalora"}
+             "adalora", "fourierft"}
 
 
 def train(method, tmp_path, extra=()):
@@ -115,7 +116,7 @@ def test_method_learns_changes_only_its_parameters_and_reloads(method, tmp_path)
 
 
 def test_lisa_switches_the_trained_layers_every_k_steps(tmp_path):
-    from fttrain.lisa import draw_layers
+    from fttrain.methods.lisa import draw_layers
 
     # A seed whose first two draws differ (draws are uniform, so a repeat is legitimate).
     seed = next(s for s in range(1, 100) if draw_layers(s, 0, 4, 1) != draw_layers(s, 1, 4, 1))

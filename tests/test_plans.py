@@ -10,15 +10,10 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from conftest import CONF, REPO, compose, run_cli
-from fttrain.distributed import (
-    PlanError,
-    Topology,
-    check_plan,
-    gradient_accumulation,
-    plan_label,
-    trainer_args,
-    verify_plan,
-)
+from fttrain.plan import PlanError, Topology, gradient_accumulation, plan_label
+from fttrain.plan.check import check_plan
+from fttrain.plan.translate import trainer_args
+from fttrain.plan.verify import verify_plan
 
 GOLDEN = Path(__file__).parent / "golden" / "plans"
 DIST_OPTIONS = sorted(p.stem for p in (CONF / "dist").glob("*.yaml"))
@@ -90,7 +85,7 @@ def test_sharded_save_only_shards_full_weights():
     kwargs = trainer_args(cfg, "bf16", Topology(8, 8), 1, False, _checkpointing)
     assert kwargs["fsdp_config"]["state_dict_type"] == "SHARDED_STATE_DICT"
     # ZeRO-1/2 ranks hold whole weights: there is nothing to shard, so the save is one HF folder.
-    from fttrain.distributed import sharded_save
+    from fttrain.plan.translate import sharded_save
 
     assert not sharded_save(compose(["+exp=tiny_full", "dist=zero2", "dist.save_format=sharded"]).dist, "full")
     assert sharded_save(compose(["+exp=tiny_full", "dist=zero3", "dist.save_format=sharded"]).dist, "full")

@@ -14,9 +14,9 @@ pytest.importorskip("bitsandbytes", reason="the qlora extra (bitsandbytes) is no
 
 
 def _load_4bit(tiny_dir):
-    from fttrain.config.schema import QLoraConfig
+    from fttrain.methods.lora import QLoraConfig
     from fttrain.models.load import load_causal_lm
-    from fttrain.peft_setup import quantization_config
+    from fttrain.methods import quantization_config
 
     return load_causal_lm(str(tiny_dir), torch.float32, quantization_config(QLoraConfig(), "fp32"))
 

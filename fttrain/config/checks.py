@@ -14,6 +14,8 @@ from omegaconf import DictConfig
 
 from fttrain.config.schema import value_of
 from fttrain.errors import FttrainError
+from fttrain.methods import method_of
+from fttrain.tasks import TASKS, task_of
 
 
 CHAT_FORMATS = {"alpaca", "sharegpt", "messages"}  # formats rendered through a chat template
@@ -51,72 +53,27 @@ def unknown_keys(node, path: str = "") -> List[str]:
     return found
 
 
-# The data formats each task reads (fttrain/config/schema.py DataFormat).
-TASK_FORMATS = {
-    "sft": ("alpaca", "sharegpt", "messages", "prompt_completion", "text"),
-    "pt": ("text",),
-    "dpo": ("preference",), "kto": ("preference", "unpaired"), "orpo": ("preference",), "rm": ("preference",),
-    "grpo": ("prompt",),
-    "cls": ("classification",), "ner": ("tokens_tags",), "qa": ("squad",),
-}
-ENCODER_TASKS = ("cls", "ner", "qa")
-PACKING_TASKS = ("sft", "pt")  # tasks whose samples fttrain packs into rows itself
-
-
 def packing_on(cfg: DictConfig) -> bool:
     """data.packing, with null meaning: on where the task packs."""
-    return cfg.data.packing if cfg.data.packing is not None else cfg.task.name in PACKING_TASKS
+    return cfg.data.packing if cfg.data.packing is not None else task_of(cfg.task).packs
 
-TRL_TASKS = ("dpo", "kto", "orpo", "rm", "grpo")
-# Methods built for decoder-only models: LLaMA-Adapter patches Llama attention.
-DECODER_ONLY_PEFT = ("llama_adapter",)
 
 
 def task_problems(cfg: DictConfig) -> List[str]:
     task, peft, data = cfg.task, cfg.peft, cfg.data
+    method = method_of(peft)
     problems = []
-    if task.name in ("dpo", "kto") and task.reference != "auto" and peft.method != "full":
-        problems.append(f"task.reference={task.reference!r} with peft={peft.method}: an adapter run uses its own base "
-                        "(adapter switched off) as the reference; set task.reference=auto")
-    if task.name == "kto" and task.loss_type not in ("kto", "apo_zero_unpaired"):
-        problems.append(f"task.loss_type={task.loss_type!r}: KTO takes kto or apo_zero_unpaired")
-    if task.name == "dpo":
-        from fttrain.config.schema import DPO_LOSSES
-
-        bad = [x for x in task.loss_type if x not in DPO_LOSSES]
-        if bad:
-            problems.append(f"task.loss_type: {bad} not among TRL's DPO losses {list(DPO_LOSSES)}")
-    if task.name == "dpo" and task.loss_weights is not None and len(task.loss_weights) != len(task.loss_type):
-        problems.append(f"task.loss_weights has {len(task.loss_weights)} entries for {len(task.loss_type)} loss types")
-    if task.name == "grpo":
-        from fttrain.rewards import reward_problems
-
-        problems += reward_problems(task.rewards)
-        if task.num_generations < 2:
-            problems.append("task.num_generations must be >= 2: GRPO compares completions within a group")
-    if task.name == "cls":
-        if task.class_weights is not None and task.labels is None:
-            problems.append("task.class_weights needs task.labels, so each weight has a known label")
-        if task.class_weights is not None and task.labels is not None and len(task.class_weights) != len(task.labels):
-            problems.append(f"task.class_weights has {len(task.class_weights)} entries for {len(task.labels)} labels")
-        if task.thresholds and not task.multi_label:
-            problems.append("task.thresholds applies to multi-label classification: set task.multi_label=true")
-        if task.thresholds and task.labels is not None and set(task.thresholds) - set(task.labels):
-            problems.append(f"task.thresholds names labels not in task.labels: {sorted(set(task.thresholds) - set(task.labels))}")
-    if task.name == "qa" and task.doc_stride >= data.max_length // 2:
-        problems.append(f"task.doc_stride={task.doc_stride} must be well below half of data.max_length={data.max_length} "
-                        "(the question and the overlap both take room in every window)")
-    if task.name in ENCODER_TASKS:
-        if peft.method in DECODER_ONLY_PEFT:
+    problems += task_of(task).check(cfg)
+    if task_of(task).encoder:
+        if method.decoder_only:
             problems.append(f"peft={peft.method} is built for decoder-only models; task={task.name} needs another method")
         if data.packing:
             problems.append(f"data.packing=true: task={task.name} classifies whole sequences or their tokens, "
                             "packing would mix them; set data.packing=false (or null)")
-    if task.name in TRL_TASKS and data.packing:
+    if task_of(task).trl and data.packing:
         problems.append(f"data.packing=true: task={task.name} pads each batch (TRL's trainer); set data.packing=false "
                         "(or null)")
-    if task.name in TRL_TASKS and peft.method in ("prompt_tuning", "prefix_tuning", "p_tuning",
-                                                                            "llama_adapter", "adapter", "lisa"):
+    if task_of(task).trl and not method.trl_tasks:
         problems.append(f"peft={peft.method} is not supported by task={task.name} (TRL's trainers take LoRA-family "
                         "adapters or full/freeze fine-tuning)")
     return problems
@@ -140,9 +97,9 @@ def check_config(cfg: DictConfig) -> None:
     if data.num_proc is not None and data.num_proc < 1:
         problems.append(f"data.num_proc={data.num_proc} must be >= 1 (or null: the CPUs this process may use)")
     if data.streaming:
-        if task.name not in PACKING_TASKS:
+        if not task_of(task).packs:
             problems.append(f"data.streaming=true: task={task.name} reads its rows in memory; streaming serves "
-                            f"{' and '.join(PACKING_TASKS)}")
+                            f"{' and '.join(t.name for t in TASKS.values() if t.packs)}")
         if trainer.max_steps <= 0:
             problems.append("data.streaming=true: a stream has no length, so set trainer.max_steps > 0")
         if trainer.dataloader_num_workers:
@@ -155,15 +112,6 @@ def check_config(cfg: DictConfig) -> None:
     problem = template_choice_problem(data.chat_template)
     if problem:
         problems.append(problem)
-    if task.name == "sft":
-        from fttrain.data.chat import HISTORY_REWRITE
-        from fttrain.data.formats import ROLES
-
-        if task.history_rewrite not in HISTORY_REWRITE:
-            problems.append(f"task.history_rewrite={task.history_rewrite!r} must be one of {list(HISTORY_REWRITE)}")
-        bad = [r for r in task.train_roles if r not in ROLES]
-        if bad or not task.train_roles:
-            problems.append(f"task.train_roles={list(task.train_roles)} must be a non-empty list of {list(ROLES)}")
     problems += inherited_data_problems(cfg)
     from fttrain.data.formats import ROLES, TOOL_CALL
 
@@ -171,15 +119,10 @@ def check_config(cfg: DictConfig) -> None:
         if role not in ROLES + (TOOL_CALL,):
             problems.append(f"data.role_map.{source}={role!r} must be one of {list(ROLES + (TOOL_CALL,))} "
                             f"({TOOL_CALL}: the turn's content is a function call, as LLaMA-Factory's function_call)")
-    allowed = TASK_FORMATS[task.name]
+    allowed = task_of(task).formats
     if value_of(data.format) not in allowed:
         problems.append(f"task={task.name} reads data.format {' or '.join(allowed)}, not {value_of(data.format)!r}")
     problems += task_problems(cfg)
-    if task.name == "sft" and value_of(data.format) == "text" and task.assistant_only_loss:
-        problems.append(
-            "data.format=text has no responses to isolate: set task.assistant_only_loss=false (every token trained) "
-            "or use task=pt"
-        )
 
     # --- model
     if model.name_or_path.startswith("pkg:") and not _importable(model.name_or_path[4:]):
@@ -252,7 +195,7 @@ def check_tokenizer_template(cfg: DictConfig, tokenizer, template) -> None:
 
     fmt = value_of(cfg.data.format)
     chat_data = fmt in CHAT_FORMATS or fmt in ("preference", "unpaired", "prompt", "prompt_completion")
-    if not chat_data or cfg.task.name not in TASK_FORMATS or cfg.task.name in ENCODER_TASKS:
+    if not chat_data or cfg.task.name not in TASKS or TASKS[cfg.task.name].encoder:
         return None
     if not template:
         if fmt in CHAT_FORMATS:
@@ -311,95 +254,38 @@ def inherited_data_settings(cfg: DictConfig, overrides) -> List[str]:
 
 def peft_problems(cfg: DictConfig) -> List[str]:
     """Values and combinations of the ``peft`` group (method x plan rules are
-    in fttrain.distributed.check_plan, which knows the launch)."""
+    in fttrain.plan.check.check_plan, which knows the launch)."""
     from omegaconf import OmegaConf
 
-    from fttrain.config.schema import GROUP_SCHEMAS
-    from fttrain.peft_setup import INIT, VIRTUAL_TOKEN
+    from fttrain.methods import METHODS
 
     peft, trainer = cfg.peft, cfg.trainer
     m, out = peft.method, []
     # `peft.method` is a plain field: `peft=qlora peft.method=full` must not slip through.
     schema = OmegaConf.get_type(peft)
     own = getattr(schema, "method", None) if schema is not None else None
+    if m not in METHODS:
+        return [f"peft.method={m!r} is not a method fttrain knows; one of {sorted(METHODS)}"]
     if isinstance(own, str) and own != m:
-        if own == "qlora" and m == "full":
-            out.append("peft=qlora with peft.method=full: 4-bit weights cannot be trained directly (QLoRA trains an "
-                       "adapter on a frozen quantised base); use peft=full without quantisation, or peft=qlora")
+        if METHODS.get(own) and METHODS[own].quantized_base and METHODS[m].whole_model:
+            out.append(f"peft={own} with peft.method={m}: 4-bit weights cannot be trained directly (QLoRA trains an "
+                       f"adapter on a frozen quantised base); use peft={m} without quantisation, or peft={own}")
         else:
             out.append(f"peft.method={m!r} contradicts the chosen peft option (a {schema.__name__}, method {own!r}); "
-                       f"pick the method with peft=<option>, one of {sorted(GROUP_SCHEMAS['peft'])}")
+                       f"pick the method with peft=<option>, one of {sorted(METHODS)}")
         return out
-    if m in ("lora", "qlora"):
-        if peft.r <= 0:
-            out.append(f"peft.r={peft.r} must be positive")
-        if peft.bias not in ("none", "all", "lora_only"):
-            out.append(f"peft.bias={peft.bias!r} must be none, all or lora_only")
-        if peft.init not in INIT:
-            out.append(f"peft.init={peft.init!r} must be one of {list(INIT)}")
-        if peft.init == "loftq" and m == "qlora":
-            out.append("peft.init=loftq initialises against a quantisation itself: use it with peft=lora, not qlora")
-        if peft.loraplus_lr_ratio is not None and peft.loraplus_lr_ratio <= 0:
-            out.append(f"peft.loraplus_lr_ratio={peft.loraplus_lr_ratio} must be positive (or null for plain LoRA)")
-    if m == "qlora":
-        if peft.bits not in (4, 8):
-            out.append(f"peft.bits={peft.bits} must be 4 or 8")
-        if peft.quant_type not in ("nf4", "fp4"):
-            out.append(f"peft.quant_type={peft.quant_type!r} must be nf4 or fp4")
-        for key in ("compute_dtype", "quant_storage"):
-            v = getattr(peft, key)
-            allowed = ("auto", "bfloat16", "float16", "float32") if key == "compute_dtype" else (None, "bfloat16", "float16", "float32", "uint8")
-            if v not in allowed:
-                out.append(f"peft.{key}={v!r} must be one of {list(allowed)}")
-    if m in VIRTUAL_TOKEN and packing_on(cfg):
+    method = METHODS[m]
+    out += method.check(cfg)
+    if not method.packs and packing_on(cfg):
         out.append(f"peft={m} prepends virtual tokens to each sequence, which packed rows (several samples per row) "
                    "cannot take: set data.packing=false")
-    if m == "adalora":
-        if trainer.max_steps <= 0:
-            out.append("peft=adalora lays its rank budget out over the whole run: set trainer.max_steps > 0")
-        if not 0 < peft.target_r <= peft.init_r:
-            out.append(f"peft.target_r={peft.target_r} must be in 1..peft.init_r ({peft.init_r})")
-    if m == "adapter":
-        from fttrain.bottleneck import ACTIVATIONS, SUBLAYERS
-
-        if peft.r <= 0:
-            out.append(f"peft.r={peft.r} must be positive")
-        if peft.activation not in ACTIVATIONS:
-            out.append(f"peft.activation={peft.activation!r} must be one of {sorted(ACTIVATIONS)}")
-        if peft.placement not in ("serial", "parallel"):
-            out.append(f"peft.placement={peft.placement!r} must be serial or parallel")
-        bad = [x for x in peft.sublayers if x not in SUBLAYERS]
-        if bad or not peft.sublayers:
-            out.append(f"peft.sublayers={list(peft.sublayers)} must be a non-empty subset of {sorted(SUBLAYERS)}")
-    if m == "galore":
-        if peft.optimizer not in ("adamw", "adamw_8bit", "adafactor"):
-            out.append(f"peft.optimizer={peft.optimizer!r} must be adamw, adamw_8bit or adafactor")
-        if peft.proj_type not in ("std", "reverse_std", "right", "left", "full"):
-            out.append(f"peft.proj_type={peft.proj_type!r} must be std, reverse_std, right, left or full")
-        if peft.rank <= 0 or peft.update_proj_gap <= 0:
-            out.append("peft.rank and peft.update_proj_gap must be positive")
-        if peft.layerwise and trainer.gradient_accumulation_steps != 1:
-            out.append("peft.layerwise=true steps each layer during backward: gradient accumulation is impossible")
-        if not _importable("galore_torch"):
-            out.append("peft=galore needs GaLore's optimizers: pip install 'fttrain[galore]'")
-    if m == "lisa":
-        if peft.active_layers <= 0 or peft.switch_every <= 0:
-            out.append("peft.active_layers and peft.switch_every must be positive")
-    if m == "freeze" and peft.trainable_layers == 0 and not peft.trainable_patterns \
-            and not peft.train_embeddings and not peft.train_head:
-        out.append("peft=freeze with trainable_layers=0 and nothing else chosen trains nothing")
-    needs_bnb = m == "qlora" or (m == "galore" and peft.optimizer == "adamw_8bit") or any(
-        k in trainer.optim for k in ("8bit", "bnb", "paged"))
-    if needs_bnb and not _importable("bitsandbytes"):
-        what = "peft=qlora" if m == "qlora" else f"trainer.optim={trainer.optim}"
-        out.append(f"{what} needs bitsandbytes: pip install 'fttrain[qlora]'")
+    if any(k in trainer.optim for k in ("8bit", "bnb", "paged")) and not _importable("bitsandbytes"):
+        out.append(f"trainer.optim={trainer.optim} needs bitsandbytes: pip install 'fttrain[qlora]'")
     from transformers.training_args import OptimizerNames
 
     if trainer.optim not in {o.value for o in OptimizerNames}:
         out.append(f"trainer.optim={trainer.optim!r} is not an optimizer transformers knows "
                    "(adamw_torch, adamw_bnb_8bit, paged_adamw_8bit, adafactor, ...)")
-    if m == "galore" and trainer.optim != "adamw_torch":
-        out.append("peft=galore chooses the optimizer itself (peft.optimizer); leave trainer.optim at adamw_torch")
     return out
 
 

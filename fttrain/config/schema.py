@@ -6,7 +6,8 @@ compose time with the full key path (``peft.rr``, ``data.max_length``), before
 any model or dataset is touched.
 
 Config groups whose options carry different knobs (``peft``, ``task``) use one
-dataclass per option, all subclasses of the group's base class. Each YAML of
+dataclass per option, all subclasses of the group's base class (a PEFT method's
+class is declared with the method, in ``fttrain.methods``). Each YAML of
 such a group starts its defaults list with ``/schema/<group>/<option>@_here_``,
 which types the node as that subclass.
 
@@ -22,6 +23,10 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from fttrain.methods import METHODS
+from fttrain.methods.base import PeftConfig
+from fttrain.tasks import TASKS, TaskConfig
 
 
 # --------------------------------------------------------------------- enums
@@ -98,349 +103,9 @@ class ModelConfig:
 
 
 # -------------------------------------------------------------------- peft
-# One class per method (fttrain/conf/peft/<option>.yaml). Where a method takes target
-# modules, the presets "attention" and "all_linear" are resolved per
-# architecture (fttrain.peft_setup); anything else is a module name.
-@dataclass
-class PeftConfig:
-    method: str = MISSING
-
-
-@dataclass
-class FullConfig(PeftConfig):
-    method: str = "full"
-
-
-@dataclass
-class FreezeConfig(PeftConfig):
-    """Full weights of a few layers; the rest frozen."""
-
-    method: str = "freeze"
-    trainable_layers: int = 2  # the last k decoder layers; negative: the first |k|; 0: none
-    # Regexes on parameter names trained in addition (e.g. ["mlp"], ["norm"]).
-    trainable_patterns: List[str] = field(default_factory=list)
-    train_embeddings: bool = False
-    train_head: bool = False
-
-
-@dataclass
-class LoraConfig(PeftConfig):
-    method: str = "lora"
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    bias: str = "none"  # none | all | lora_only
-    target_modules: List[str] = field(default_factory=lambda: ["all_linear"])
-    modules_to_save: List[str] = field(default_factory=list)
-    use_rslora: bool = False
-    use_dora: bool = False
-    init: str = "default"  # default | gaussian | pissa | loftq
-    loftq_bits: int = 4  # init=loftq: the bit width the base will be quantised to
-    # LoRA+: B matrices learn at learning_rate x this ratio (paper: 16). null: off.
-    loraplus_lr_ratio: Optional[float] = None
-
-
-@dataclass
-class QLoraConfig(LoraConfig):
-    method: str = "qlora"
-    bits: int = 4  # 4 (nf4/fp4) or 8
-    quant_type: str = "nf4"  # nf4 | fp4
-    double_quant: bool = True
-    compute_dtype: str = "auto"  # auto: follows precision (bf16 -> bfloat16, fp16 -> float16, else float32)
-    # Needed for ZeRO-3 / FSDP: must equal the compute dtype there.
-    quant_storage: Optional[str] = None
-
-
-@dataclass
-class IA3Config(PeftConfig):
-    method: str = "ia3"
-    # null: peft's per-architecture defaults (Llama: k_proj, v_proj, down_proj).
-    target_modules: Optional[List[str]] = None
-    feedforward_modules: Optional[List[str]] = None  # scaled on their input, not output
-
-
-@dataclass
-class VeraConfig(PeftConfig):
-    method: str = "vera"
-    r: int = 256  # shared random matrices are cheap: VeRA uses far higher ranks than LoRA
-    target_modules: List[str] = field(default_factory=lambda: ["attention"])
-    dropout: float = 0.0
-
-
-@dataclass
-class LycorisConfig(PeftConfig):
-    """LoHa and LoKr (the LyCORIS family) take the same knobs."""
-
-    r: int = 8
-    alpha: int = 8
-    dropout: float = 0.0  # module dropout: a whole adapted module is skipped with this probability
-    target_modules: List[str] = field(default_factory=lambda: ["attention"])
-
-
-@dataclass
-class LohaConfig(LycorisConfig):
-    method: str = "loha"
-
-
-@dataclass
-class LokrConfig(LycorisConfig):
-    method: str = "lokr"
-
-
-@dataclass
-class OftConfig(PeftConfig):
-    method: str = "oft"
-    block_size: int = 32  # orthogonal blocks of this size; must divide each target's input width
-    target_modules: List[str] = field(default_factory=lambda: ["attention"])
-    dropout: float = 0.0
-
-
-@dataclass
-class AdaLoraConfig(PeftConfig):
-    """LoRA whose rank budget is reallocated by importance during training."""
-
-    method: str = "adalora"
-    init_r: int = 12  # rank each module starts with
-    target_r: int = 8  # average rank left at the end
-    tinit: int = 0  # steps before pruning starts
-    tfinal: int = 0  # steps at the end with the final budget fixed
-    delta_t: int = 1  # steps between budget reallocations
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: List[str] = field(default_factory=lambda: ["attention"])
-
-
-@dataclass
-class PromptTuningConfig(PeftConfig):
-    method: str = "prompt_tuning"
-    num_virtual_tokens: int = 20
-    init_text: Optional[str] = None  # initialise the soft prompt from this text's embeddings
-
-
-@dataclass
-class PrefixTuningConfig(PeftConfig):
-    method: str = "prefix_tuning"
-    num_virtual_tokens: int = 20
-    projection: bool = True  # learn prefixes through an MLP: more stable, more parameters while training
-    encoder_hidden_size: int = 512  # width of that MLP
-
-
-@dataclass
-class PTuningConfig(PeftConfig):
-    method: str = "p_tuning"
-    num_virtual_tokens: int = 20
-    encoder_hidden_size: int = 512
-    encoder_type: str = "MLP"  # MLP | LSTM
-
-
-@dataclass
-class LlamaAdapterConfig(PeftConfig):
-    """Adaption prompts with zero-init gating (LLaMA-Adapter), Llama-family models only."""
-
-    method: str = "llama_adapter"
-    adapter_len: int = 10  # learned prompt tokens per adapted layer
-    adapter_layers: int = 2  # the top layers that get them
-
-
-@dataclass
-class BottleneckConfig(PeftConfig):
-    """Bottleneck adapters after attention and FFN (fttrain.bottleneck)."""
-
-    method: str = "adapter"
-    r: int = 64  # bottleneck width: d -> r -> d
-    activation: str = "gelu"  # gelu | relu | silu | tanh
-    # serial: h + up(act(down(h))) on the sublayer's output (Houlsby et al.).
-    # parallel: sublayer(x) + scale * up(act(down(x))) on its input (He et al.).
-    placement: str = "serial"
-    scale: float = 1.0  # multiplies the adapter's output (He et al. use 4 for parallel)
-    dropout: float = 0.0
-    sublayers: List[str] = field(default_factory=lambda: ["attention", "ffn"])
-
-
-@dataclass
-class GaloreConfig(PeftConfig):
-    """Full-parameter training with GaLore's low-rank optimizer state."""
-
-    method: str = "galore"
-    rank: int = 128  # projection rank: the optimizer state of a d x d weight becomes r x d
-    update_proj_gap: int = 200  # steps between SVD refreshes of the projection: fewer is slower, tracks better
-    scale: float = 0.25
-    proj_type: str = "std"  # std | reverse_std | right | left | full
-    target_modules: List[str] = field(default_factory=lambda: ["all_linear"])
-    optimizer: str = "adamw"  # adamw | adamw_8bit | adafactor
-    layerwise: bool = False  # per-layer optimizer steps: less memory; one process only, no grad clipping
-
-
-@dataclass
-class LisaConfig(PeftConfig):
-    """Layerwise importance sampling: a few random layers learn at a time."""
-
-    method: str = "lisa"
-    active_layers: int = 2  # decoder layers unfrozen at a time
-    switch_every: int = 20  # steps between re-draws
-    train_embeddings: bool = True
-    train_head: bool = True
-
-
-# -------------------------------------------------------------------- task
-@dataclass
-class GenerationEvalConfig:
-    """Greedy generation on held-out prompts before and after training."""
-
-    num_samples: int = 8  # prompts written to samples.jsonl
-    exact_match_samples: int = 0  # >0: score exact match on this many eval rows
-    max_new_tokens: int = 48
-    batch_size: int = 8  # prompts per generate call: more is faster, needs memory for the KV cache
-
-
-@dataclass
-class TaskConfig:
-    name: str = MISSING
-
-
-@dataclass
-class SFTTaskConfig(TaskConfig):
-    name: str = "sft"
-    # Train only the chosen turns (train_roles) and their end-of-turn token;
-    # found for any chat template (fttrain/data/chat.py). false: every token.
-    assistant_only_loss: bool = True
-    # Roles whose messages train: assistant (default); adding user or tool also trains those turns.
-    train_roles: List[str] = field(default_factory=lambda: ["assistant"])
-    last_turn_only: bool = False  # true: only the last trained turn of each chat (earlier ones are context)
-    # false: an empty <think></think> block the template writes before an answer
-    # (Qwen3 and other reasoning templates) is context, not trained, so the model
-    # keeps its own reasoning mode; true: train it (teaches "no thinking").
-    train_empty_think: bool = False
-    # When the template writes earlier turns differently once later turns follow
-    # (Qwen3 drops earlier <think> blocks; some fold the system prompt into the
-    # last user turn): split = one sample per trained turn (more tokens, every
-    # turn trained as served); last = train the last turn only; raise = stop.
-    history_rewrite: str = "split"
-    generation_eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
-
-
-@dataclass
-class PretrainTaskConfig(TaskConfig):
-    """Continued pretraining on raw text; every token trained."""
-
-    name: str = "pt"
-    # true: documents joined (EOS between them) and cut into data.max_length
-    # blocks, no padding, attention crosses documents inside a block (GPT-style).
-    # false: one document per sample, truncated to max_length, packed best-fit
-    # with position restarts (no cross-document attention; data.packing).
-    concatenate: bool = True
-    generation_eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
-
-
-# TRL 1.16's DPO losses (DPOConfig.loss_type): what task.loss_type may list.
-DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-
-
-@dataclass
-class DPOTaskConfig(TaskConfig):
-    """Direct preference optimisation on prompt / chosen / rejected (TRL's DPOTrainer)."""
-
-    name: str = "dpo"
-    beta: float = 0.1  # strength of the pull towards the reference: lower drifts further
-    # sigmoid (DPO), ipo, hinge, robust, bco_pair, sppo_hard, nca_pair, aot, aot_unpaired,
-    # apo_zero, apo_down, discopop, sft; several with loss_weights = a weighted sum.
-    loss_type: List[str] = field(default_factory=lambda: ["sigmoid"])
-    loss_weights: Optional[List[float]] = None
-    label_smoothing: float = 0.0  # > 0: conservative DPO for noisy preference labels
-    # auto: with an adapter, a frozen copy of the adapter as it started (TRL's
-    # "ref" adapter: a few MB, and the true start model even for PiSSA-style
-    # inits that change the base); with full fine-tuning, the start model
-    # loaded again, frozen. A path or hub id: that model as the reference.
-    reference: str = "auto"
-    # Reference log-probs computed once before training: no reference forward
-    # per step (faster, frees the reference), one extra pass over the data.
-    precompute_ref_log_probs: bool = False
-
-
-@dataclass
-class KTOTaskConfig(TaskConfig):
-    """Kahneman-Tversky optimisation: unpaired good/bad completions (pairs are split)."""
-
-    name: str = "kto"
-    beta: float = 0.1
-    loss_type: str = "kto"  # kto | apo_zero_unpaired
-    desirable_weight: float = 1.0  # raise when good examples are rarer than bad ones
-    undesirable_weight: float = 1.0
-    reference: str = "auto"  # as for dpo
-    precompute_ref_log_probs: bool = False
-
-
-@dataclass
-class ORPOTaskConfig(TaskConfig):
-    """Odds-ratio preference optimisation: SFT + preference in one loss, no reference model."""
-
-    name: str = "orpo"
-    beta: float = 0.1  # weight of the odds-ratio term (lambda in the paper)
-
-
-@dataclass
-class RewardTaskConfig(TaskConfig):
-    """A scalar-head reward model trained on chosen/rejected pairs (Bradley-Terry)."""
-
-    name: str = "rm"
-    # > 0 pulls rewards towards zero mean, so scores from different runs compare.
-    center_rewards_coefficient: Optional[float] = None
-
-
-@dataclass
-class GRPOTaskConfig(TaskConfig):
-    """Group relative policy optimisation with reward functions named by _target_."""
-
-    name: str = "grpo"
-    # Each entry: {_target_: module.function, weight: 1.0, <keyword arguments>}.
-    # A function gets (prompts, completions, **columns of the data row) and returns one float per completion.
-    rewards: List[Any] = field(default_factory=list)
-    num_generations: int = 4  # completions per prompt; the group whose rewards are compared
-    max_completion_length: int = 32
-    beta: float = 0.0  # KL penalty to the reference; 0 needs no reference model (less memory)
-    temperature: float = 1.0  # sampling temperature: diversity within a group is what gives signal
-    # grpo | dr_grpo | dapo | bnpo: how token losses are averaged (TRL's loss_type)
-    loss_type: str = "dapo"
-    scale_rewards: str = "group"  # group | batch | none: divide advantages by the reward std of ...
-    eval_samples: int = 32  # held-out prompts scored greedily before and after training
-
-
-@dataclass
-class ClassificationTaskConfig(TaskConfig):
-    """Sequence classification with an encoder (or decoder) and a linear head."""
-
-    name: str = "cls"
-    labels: Optional[List[str]] = None  # None: the sorted label names found in the training data
-    multi_label: bool = False  # labels: [...] per row, sigmoid + BCE, a threshold per label
-    threshold: float = 0.5  # multi-label decision threshold, for every label ...
-    thresholds: Dict[str, float] = field(default_factory=dict)  # ... unless set per label here
-    class_weights: Optional[List[float]] = None  # per label, in `labels` order; for imbalanced data
-
-
-@dataclass
-class NERTaskConfig(TaskConfig):
-    """Token classification on CoNLL-style tokens/tags; entity-level F1."""
-
-    name: str = "ner"
-    labels: Optional[List[str]] = None  # None: the tags found in the training data (O first)
-    # false: only a word's first sub-token is labelled (the usual CoNLL recipe);
-    # true: every sub-token is (B- continues as I-): more signal, same word-level scoring.
-    label_all_tokens: bool = False
-
-
-@dataclass
-class QATaskConfig(TaskConfig):
-    """Extractive question answering in SQuAD form; exact match and F1."""
-
-    name: str = "qa"
-    doc_stride: int = 128  # overlap between windows of a long context: answers near a cut stay whole
-    max_answer_length: int = 30  # in tokens
-    n_best: int = 20  # start and end candidates tried per window
-    # SQuAD 2.0: some questions have no answer; predict "" when the no-answer
-    # score beats the best span by more than the threshold.
-    version_2_with_negative: bool = False
-    null_score_diff_threshold: float = 0.0
+# One class per method, declared with the method in fttrain/methods/ (fttrain/conf/peft/<option>.yaml
+# sets its knobs). Where a method takes target modules, the presets "attention",
+# "query_value" and "all_linear" are resolved per architecture (fttrain.methods.targets).
 
 
 # -------------------------------------------------------------------- data
@@ -494,7 +159,7 @@ class DataConfig:
 class DistConfig:
     """How the run is spread over processes. One class per kind of plan, so a
     ZeRO knob given to an FSDP plan fails at compose time. The translation to
-    accelerate / DeepSpeed / FSDP settings lives in ``fttrain.distributed``."""
+    accelerate / DeepSpeed / FSDP settings lives in ``fttrain.plan``."""
 
     plan: DistPlan = DistPlan.single
     # Set it to make fttrain refuse a launch that did not start this many
@@ -648,18 +313,8 @@ class FTConfig:
 
 GROUP_SCHEMAS: Dict[str, Dict[str, Any]] = {
     "model": {"model": ModelConfig},
-    "peft": {
-        "full": FullConfig, "freeze": FreezeConfig, "lora": LoraConfig, "qlora": QLoraConfig, "ia3": IA3Config,
-        "vera": VeraConfig, "loha": LohaConfig, "lokr": LokrConfig, "oft": OftConfig, "adalora": AdaLoraConfig,
-        "prompt_tuning": PromptTuningConfig, "prefix_tuning": PrefixTuningConfig, "p_tuning": PTuningConfig,
-        "llama_adapter": LlamaAdapterConfig, "adapter": BottleneckConfig, "galore": GaloreConfig,
-        "lisa": LisaConfig,
-    },
-    "task": {
-        "sft": SFTTaskConfig, "pt": PretrainTaskConfig, "dpo": DPOTaskConfig, "kto": KTOTaskConfig,
-        "orpo": ORPOTaskConfig, "rm": RewardTaskConfig, "grpo": GRPOTaskConfig, "cls": ClassificationTaskConfig,
-        "ner": NERTaskConfig, "qa": QATaskConfig,
-    },
+    "peft": {name: method.config for name, method in METHODS.items()},
+    "task": {name: task.config for name, task in TASKS.items()},
     "data": {"data": DataConfig},
     "dist": {"single": DistConfig, "ddp": DdpDistConfig, "zero": ZeroDistConfig, "fsdp": FsdpDistConfig},
     "precision": {"precision": PrecisionConfig},

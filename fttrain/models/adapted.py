@@ -16,12 +16,10 @@ from typing import Dict, List, Optional
 
 import torch
 
-from fttrain.bottleneck import is_bottleneck_folder, load_bottleneck, read_spec
 from fttrain.errors import FttrainError
+from fttrain.methods import METHODS, method_by_peft_type, quantization_config
+from fttrain.methods.bottleneck import is_bottleneck_folder, load_bottleneck, read_spec
 from fttrain.models.load import DTYPES, load_causal_lm
-
-# peft's peft_type names that differ from fttrain's peft options.
-PEFT_TYPE_TO_METHOD = {"adaption_prompt": "llama_adapter"}
 
 
 class LoadError(FttrainError, ValueError):
@@ -96,19 +94,16 @@ def adapter_method(folder: Path) -> Optional[str]:
     if run_cfg is not None:
         return run_cfg.peft.method
     if (folder / "adapter_config.json").exists():
-        peft_type = json.loads((folder / "adapter_config.json").read_text()).get("peft_type", "").lower()
-        return PEFT_TYPE_TO_METHOD.get(peft_type, peft_type)
+        return method_by_peft_type(json.loads((folder / "adapter_config.json").read_text()).get("peft_type", ""))
     if is_bottleneck_folder(folder):
-        return "adapter"
+        return next(m.name for m in METHODS.values() if m.saves == "bottleneck")
     return None
 
 
 def training_quantization(run_cfg, folder: Path):
     """The BitsAndBytesConfig the run trained with (QLoRA), else None."""
-    if run_cfg is None or run_cfg.peft.method != "qlora":
+    if run_cfg is None or run_cfg.peft.method not in METHODS or not METHODS[run_cfg.peft.method].quantized_base:
         return None
-    from fttrain.peft_setup import quantization_config
-
     info = folder.parent / "run_info.json"
     precision = json.loads(info.read_text()).get("precision", "fp32") if info.exists() else "fp32"
     return quantization_config(run_cfg.peft, precision)

@@ -1,21 +1,13 @@
-"""One recipe per task family; ``task.name`` picks it (see each file's docstring)."""
-
-RECIPES = {
-    "sft": "sft:SFTRecipe", "pt": "sft:SFTRecipe",  # causal LM on formatted, masked, packed tokens
-    "dpo": "preference:PreferenceRecipe", "kto": "preference:PreferenceRecipe",  # TRL preference trainers
-    "orpo": "preference:PreferenceRecipe",
-    "rm": "reward:RewardRecipe",  # scalar-head reward model on pairs
-    "grpo": "grpo:GRPORecipe",  # RL from reward functions
-    "cls": "encoder:EncoderRecipe", "ner": "encoder:EncoderRecipe", "qa": "encoder:EncoderRecipe",  # encoder heads
-}
+"""One recipe per task family; ``task.name`` picks it (``fttrain.tasks``: each task's
+recipe; see each file's docstring)."""
 
 
 def recipe_class(task: str):
     import importlib
 
-    if task not in RECIPES:
-        raise ValueError(f"task.name={task!r} has no recipe; known: {sorted(RECIPES)}")
-    module, cls = RECIPES[task].split(":")
+    from fttrain.tasks import task_of
+
+    module, cls = task_of(task).recipe.split(":")
     return getattr(importlib.import_module(f"fttrain.recipes.{module}"), cls)
 
 

@@ -24,26 +24,19 @@ import torch
 from omegaconf import DictConfig
 
 from fttrain import atomic, outputs
-from fttrain.distributed import (
-    PlanCheck,
-    Topology,
-    after_process_group,
-    check_plan,
-    cpu_collective_timeout,
-    deepspeed_config_in_use,
-    fill_fsdp_wrap_classes,
-    gradient_accumulation,
-    plan_label,
-    save_model,
-    single_process_rendezvous,
-    trainer_args,
-)
+from fttrain.plan import Topology, gradient_accumulation, plan_label
+from fttrain.plan.check import check_plan
+from fttrain.plan.save import save_model
+from fttrain.plan.translate import (after_process_group, cpu_collective_timeout, fill_fsdp_wrap_classes,
+                                    single_process_rendezvous, trainer_args)
+from fttrain.plan.verify import PlanCheck, deepspeed_config_in_use
 from fttrain.checkpoints import checkpoint_step, latest_checkpoint
 from fttrain.env import check_world_size, detect_runtime, is_main_process, peak_memory_bytes
 from fttrain.models.load import load_tokenizer, param_counts, resolve_model_path, set_dropout
 from fttrain.rendezvous import launch_token, local_main_first
 from fttrain.preemption import StopOnSignal, remove_pid_file, requeue_job, signal_name, write_pid_file
-from fttrain.peft_setup import apply_peft, optimizer_args, quantization_config, trainer_hooks
+from fttrain.methods import apply_peft, method_of, optimizer_args, quantization_config, trainer_hooks
+from fttrain.tasks import task_of
 
 log = logging.getLogger("fttrain")
 
@@ -61,13 +54,12 @@ def checkpointing_args(on: bool) -> dict:
 
 
 class Recipe:
-    peft_task_type = "CAUSAL_LM"  # peft's task type: decides which head modules are saved with an adapter
     batch_unit = "samples"  # what one row of a micro-batch is, for the batch-arithmetic log line
-    renders_chats = True  # the task's rows may go through a chat template (encoder tasks: never)
 
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.task = task_of(cfg.task)  # the task's declaration (fttrain.tasks)
         self.eval_metrics: Dict = {}
 
     # ------------------------------------------------------------ setup
@@ -136,7 +128,7 @@ class Recipe:
         from fttrain.config.checks import check_tokenizer_template
         from fttrain.data.templates import TOKENIZER, describe_choice, resolve_chat_template
 
-        if not self.renders_chats:
+        if self.task.encoder:  # an encoder task's rows never go through a chat template
             return
         template = resolve_chat_template(self.cfg.data.chat_template, self.tokenizer)
         check_tokenizer_template(self.cfg, self.tokenizer, template)
@@ -167,25 +159,23 @@ class Recipe:
         # draw from the global RNG, and runs must start from the same weights.
         from transformers import set_seed
 
-        from fttrain.peft_setup import WHOLE_MODEL
-
         set_seed(cfg.trainer.seed)
         quant = quantization_config(cfg.peft, self.runtime.precision)
         # Frozen base weights may live in bf16; trained weights of the model
         # itself (full, freeze, LISA, GaLore) stay fp32 masters under autocast.
-        load_precision = "bf16" if self.runtime.precision == "bf16" and cfg.peft.method not in WHOLE_MODEL else "fp32"
+        load_precision = "bf16" if self.runtime.precision == "bf16" and not method_of(cfg.peft).whole_model else "fp32"
         model = self.load_model(load_precision, quant)
         if cfg.model.dropout is not None:
             n = set_dropout(model, cfg.model.dropout)
             log.info("model.dropout=%s set on %d dropout modules", cfg.model.dropout, n)
         model.config.use_cache = False  # packed batches and checkpointing both need it off
-        self.model = apply_peft(model, cfg.peft, cfg.trainer.gradient_checkpointing, task_type=self.peft_task_type,
+        self.model = apply_peft(model, cfg.peft, cfg.trainer.gradient_checkpointing, task_type=self.task.peft_task_type,
                                 max_steps=cfg.trainer.max_steps, base_path=self.model_path)
         # Callbacks (LISA's layer draws, AdaLoRA's budget) and LoRA+ parameter groups.
         self.hooks = trainer_hooks(self.model, cfg.peft, cfg.trainer)
         self.trainable, self.total = param_counts(self.model)
-        if cfg.peft.method == "lisa":  # every layer is trainable until the first draw
-            self.trainable = self.hooks.callbacks[0].active_count()
+        if self.hooks.trainable is not None:
+            self.trainable = self.hooks.trainable()
         if self.is_main:
             log.info("parameters (peft=%s): %d trainable of %d (%.4f%%)",
                      cfg.peft.method, self.trainable, self.total, 100 * self.trainable / self.total)

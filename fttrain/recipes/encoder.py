@@ -64,7 +64,6 @@ from fttrain.trainer import MethodParamGroups, TokenCounting
 log = logging.getLogger("fttrain")
 
 # peft's task type decides which head it trains and saves in full next to the adapter.
-PEFT_TASK_TYPES = {"cls": "SEQ_CLS", "ner": "TOKEN_CLS", "qa": "QUESTION_ANS"}
 TARGETS = ("labels", "start_positions", "end_positions")
 PREDICTION_ROWS = 16  # eval rows written to predictions.jsonl
 
@@ -201,12 +200,6 @@ class EncoderRecipe(Recipe):
 
     before = None  # eval metrics at train begin
     predictions: List[Dict] = []  # per eval row, from the latest evaluation
-    renders_chats = False
-
-    @property
-    def peft_task_type(self):
-        return PEFT_TASK_TYPES[self.cfg.task.name]
-
     @property
     def batch_unit(self):
         return "context windows" if self.cfg.task.name == "qa" else "samples"

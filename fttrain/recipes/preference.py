@@ -22,7 +22,7 @@ from fttrain.data.preference import PreferenceRows, UnpairedRows
 from fttrain.data.rows import convert_rows, load_splits
 from fttrain.data.sources import DataError
 from fttrain.models.load import load_model
-from fttrain.peft_setup import WHOLE_MODEL
+from fttrain.methods import method_of
 from fttrain.recipes.base import Recipe, eval_metrics_with_prefix
 
 log = logging.getLogger("fttrain")
@@ -130,7 +130,7 @@ class PreferenceRecipe(Recipe):
         """None with an adapter: TRL adds a frozen copy of the starting adapter.
         Otherwise a frozen model: task.reference, or the start model loaded again."""
         t = self.cfg.task
-        if t.name == "orpo" or (t.reference == "auto" and self.cfg.peft.method not in WHOLE_MODEL):
+        if t.name == "orpo" or (t.reference == "auto" and not method_of(self.cfg.peft).whole_model):
             return None
         precision = "bf16" if self.runtime.precision == "bf16" else "fp32"
         if t.reference == "auto":

@@ -22,7 +22,6 @@ log = logging.getLogger("fttrain")
 
 
 class RewardRecipe(PreferenceRecipe):
-    peft_task_type = "SEQ_CLS"  # peft then saves the score head with the adapter
     batch_unit = "pairs"
     before = after = None  # pairwise accuracy on the eval pairs
 

@@ -19,7 +19,7 @@ from fttrain.data.packing import PackedCollator, PaddingCollator
 from fttrain.data.pipeline import MAX_PATTERN_SAMPLES, mask_policy, prepare_data_cached, streams
 from fttrain.data.streaming import open_stream
 from fttrain.data.tokenize import IGNORE
-from fttrain.distributed import shards_weights
+from fttrain.plan import shards_weights
 from fttrain.env import rss_bytes
 from fttrain.generation_eval import exact_match, generate_answers
 from fttrain.models.load import load_model

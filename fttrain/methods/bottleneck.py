@@ -26,8 +26,9 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from fttrain.models.layers import transformer_layers
 from fttrain.errors import PeftSetupError
+from fttrain.methods.base import Method, PeftConfig
+from fttrain.models.layers import transformer_layers
 
 CONFIG_NAME = "bottleneck_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -41,6 +42,21 @@ SUBLAYERS = {
     "attention": [("self_attn", "pre_norm"), ("attention.output.dense", "post_norm"), ("attn", "pre_norm")],
     "ffn": [("mlp", "pre_norm"), ("output.dense", "post_norm"), ("feed_forward", "pre_norm")],
 }
+
+
+@dataclass
+class BottleneckConfig(PeftConfig):
+    """Bottleneck adapters after attention and FFN."""
+
+    method: str = "adapter"
+    r: int = 64  # bottleneck width: d -> r -> d
+    activation: str = "gelu"  # gelu | relu | silu | tanh
+    # serial: h + up(act(down(h))) on the sublayer's output (Houlsby et al.).
+    # parallel: sublayer(x) + scale * up(act(down(x))) on its input (He et al.).
+    placement: str = "serial"
+    scale: float = 1.0  # multiplies the adapter's output (He et al. use 4 for parallel)
+    dropout: float = 0.0
+    sublayers: List[str] = field(default_factory=lambda: ["attention", "ffn"])
 
 
 @dataclass
@@ -175,3 +191,42 @@ def load_bottleneck(model, folder):
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def apply_bottleneck(model, peft_cfg, ctx):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    add_bottleneck_adapters(model, BottleneckSpec.from_cfg(peft_cfg, ctx.base_path))
+    return model
+
+
+def save_trained(trainer, out_dir, trainable_weights) -> None:
+    """The final folder: the adapter's weights only, its spec, and the base's config."""
+    from fttrain.env import is_main_process
+
+    weights = adapter_state_dict(trainable_weights)
+    if is_main_process():
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        save_bottleneck(weights, model._fttrain_bottleneck, out_dir)
+        model.config.save_pretrained(out_dir)
+
+
+def bottleneck_problems(cfg) -> List[str]:
+    peft, out = cfg.peft, []
+    if peft.r <= 0:
+        out.append(f"peft.r={peft.r} must be positive")
+    if peft.activation not in ACTIVATIONS:
+        out.append(f"peft.activation={peft.activation!r} must be one of {sorted(ACTIVATIONS)}")
+    if peft.placement not in ("serial", "parallel"):
+        out.append(f"peft.placement={peft.placement!r} must be serial or parallel")
+    bad = [x for x in peft.sublayers if x not in SUBLAYERS]
+    if bad or not peft.sublayers:
+        out.append(f"peft.sublayers={list(peft.sublayers)} must be a non-empty subset of {sorted(SUBLAYERS)}")
+    return out
+
+
+METHODS = (
+    Method("adapter", BottleneckConfig, apply_bottleneck, saves="bottleneck", save=save_trained, trl_tasks=False,
+           sharded_ok=False,
+           merge_note="bottleneck adapters are nonlinear (d -> r -> d with an activation)", check=bottleneck_problems),
+)

@@ -1,35 +1,17 @@
-"""LISA: layerwise importance sampling (Pan et al. 2024).
-
-Every ``switch_every`` optimizer steps, ``active_layers`` transformer layers
-are drawn at random; only they (plus embeddings and head, if chosen) have
-``requires_grad``. The optimizer is built over every layer once (see
-``fttrain.peft_setup.apply_lisa``), so no rebuild is needed; at each switch
-the optimizer state of the layers that stop training is dropped, which is
-where LISA's memory saving comes from, and the newly active layers start with
-fresh Adam moments (as they would in a freshly built optimizer). Frozen
-parameters get no gradient, and AdamW skips parameters without one, so an
-inactive layer is not touched (not even by weight decay).
-
-The draw for period k depends only on (seed, k), so a resumed run activates
-the same layers as an uninterrupted one.
-"""
+"""Trainer callbacks of the methods that act during training (LISA's layer draws,
+AdaLoRA's rank budget). Apart from their declarations, so that reading the
+declarations (composing a config) does not import transformers' trainer."""
 
 from __future__ import annotations
 
 import logging
-import random
-from typing import List
 
 from transformers import TrainerCallback
 
+from fttrain.methods.lisa import draw_layers
 from fttrain.models.layers import embedding_param_names, head_param_names, layer_param_names
 
 log = logging.getLogger("fttrain")
-
-
-def draw_layers(seed: int, period: int, num_layers: int, k: int) -> List[int]:
-    rng = random.Random(seed * 1_000_003 + period)
-    return sorted(rng.sample(range(num_layers), k))
 
 
 class LisaCallback(TrainerCallback):
@@ -85,3 +67,15 @@ class LisaCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs and self.history:
             logs["lisa_layers"] = list(self.history[-1][1])
+
+
+class AdaLoraBudget(TrainerCallback):
+    """AdaLoRA reallocates ranks from gradient-based importance after each
+    optimizer step; the Trainer does not call it, so this callback does."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # Gradients are still there (zeroed after this event); this is step global_step + 1.
+        self.model.base_model.update_and_allocate(state.global_step + 1)

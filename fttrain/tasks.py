@@ -1,0 +1,297 @@
+"""The tasks, each declared once: its config class, the data formats it reads,
+its recipe, how its samples are batched (packed by fttrain, or padded by TRL's
+trainers), its model head and peft's task type. Checks, the recipe registry and
+the schema's ``task`` group read ``TASKS``; a recipe branches only on the tasks
+of its own family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from omegaconf import MISSING
+
+
+# ------------------------------------------------------------ config classes
+@dataclass
+class GenerationEvalConfig:
+    """Greedy generation on held-out prompts before and after training."""
+
+    num_samples: int = 8  # prompts written to samples.jsonl
+    exact_match_samples: int = 0  # >0: score exact match on this many eval rows
+    max_new_tokens: int = 48
+    batch_size: int = 8  # prompts per generate call: more is faster, needs memory for the KV cache
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+
+
+@dataclass
+class SFTTaskConfig(TaskConfig):
+    name: str = "sft"
+    # Train only the chosen turns (train_roles) and their end-of-turn token;
+    # found for any chat template (fttrain/data/chat.py). false: every token.
+    assistant_only_loss: bool = True
+    # Roles whose messages train: assistant (default); adding user or tool also trains those turns.
+    train_roles: List[str] = field(default_factory=lambda: ["assistant"])
+    last_turn_only: bool = False  # true: only the last trained turn of each chat (earlier ones are context)
+    # false: an empty <think></think> block the template writes before an answer
+    # (Qwen3 and other reasoning templates) is context, not trained, so the model
+    # keeps its own reasoning mode; true: train it (teaches "no thinking").
+    train_empty_think: bool = False
+    # When the template writes earlier turns differently once later turns follow
+    # (Qwen3 drops earlier <think> blocks; some fold the system prompt into the
+    # last user turn): split = one sample per trained turn (more tokens, every
+    # turn trained as served); last = train the last turn only; raise = stop.
+    history_rewrite: str = "split"
+    generation_eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
+
+
+@dataclass
+class PretrainTaskConfig(TaskConfig):
+    """Continued pretraining on raw text; every token trained."""
+
+    name: str = "pt"
+    # true: documents joined (EOS between them) and cut into data.max_length
+    # blocks, no padding, attention crosses documents inside a block (GPT-style).
+    # false: one document per sample, truncated to max_length, packed best-fit
+    # with position restarts (no cross-document attention; data.packing).
+    concatenate: bool = True
+    generation_eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
+
+
+# TRL 1.16's DPO losses (DPOConfig.loss_type): what task.loss_type may list.
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
+@dataclass
+class DPOTaskConfig(TaskConfig):
+    """Direct preference optimisation on prompt / chosen / rejected (TRL's DPOTrainer)."""
+
+    name: str = "dpo"
+    beta: float = 0.1  # strength of the pull towards the reference: lower drifts further
+    # sigmoid (DPO), ipo, hinge, robust, bco_pair, sppo_hard, nca_pair, aot, aot_unpaired,
+    # apo_zero, apo_down, discopop, sft; several with loss_weights = a weighted sum.
+    loss_type: List[str] = field(default_factory=lambda: ["sigmoid"])
+    loss_weights: Optional[List[float]] = None
+    label_smoothing: float = 0.0  # > 0: conservative DPO for noisy preference labels
+    # auto: with an adapter, a frozen copy of the adapter as it started (TRL's
+    # "ref" adapter: a few MB, and the true start model even for PiSSA-style
+    # inits that change the base); with full fine-tuning, the start model
+    # loaded again, frozen. A path or hub id: that model as the reference.
+    reference: str = "auto"
+    # Reference log-probs computed once before training: no reference forward
+    # per step (faster, frees the reference), one extra pass over the data.
+    precompute_ref_log_probs: bool = False
+
+
+@dataclass
+class KTOTaskConfig(TaskConfig):
+    """Kahneman-Tversky optimisation: unpaired good/bad completions (pairs are split)."""
+
+    name: str = "kto"
+    beta: float = 0.1
+    loss_type: str = "kto"  # kto | apo_zero_unpaired
+    desirable_weight: float = 1.0  # raise when good examples are rarer than bad ones
+    undesirable_weight: float = 1.0
+    reference: str = "auto"  # as for dpo
+    precompute_ref_log_probs: bool = False
+
+
+@dataclass
+class ORPOTaskConfig(TaskConfig):
+    """Odds-ratio preference optimisation: SFT + preference in one loss, no reference model."""
+
+    name: str = "orpo"
+    beta: float = 0.1  # weight of the odds-ratio term (lambda in the paper)
+
+
+@dataclass
+class RewardTaskConfig(TaskConfig):
+    """A scalar-head reward model trained on chosen/rejected pairs (Bradley-Terry)."""
+
+    name: str = "rm"
+    # > 0 pulls rewards towards zero mean, so scores from different runs compare.
+    center_rewards_coefficient: Optional[float] = None
+
+
+@dataclass
+class GRPOTaskConfig(TaskConfig):
+    """Group relative policy optimisation with reward functions named by _target_."""
+
+    name: str = "grpo"
+    # Each entry: {_target_: module.function, weight: 1.0, <keyword arguments>}.
+    # A function gets (prompts, completions, **columns of the data row) and returns one float per completion.
+    rewards: List[Any] = field(default_factory=list)
+    num_generations: int = 4  # completions per prompt; the group whose rewards are compared
+    max_completion_length: int = 32
+    beta: float = 0.0  # KL penalty to the reference; 0 needs no reference model (less memory)
+    temperature: float = 1.0  # sampling temperature: diversity within a group is what gives signal
+    # grpo | dr_grpo | dapo | bnpo: how token losses are averaged (TRL's loss_type)
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"  # group | batch | none: divide advantages by the reward std of ...
+    eval_samples: int = 32  # held-out prompts scored greedily before and after training
+
+
+@dataclass
+class ClassificationTaskConfig(TaskConfig):
+    """Sequence classification with an encoder (or decoder) and a linear head."""
+
+    name: str = "cls"
+    labels: Optional[List[str]] = None  # None: the sorted label names found in the training data
+    multi_label: bool = False  # labels: [...] per row, sigmoid + BCE, a threshold per label
+    threshold: float = 0.5  # multi-label decision threshold, for every label ...
+    thresholds: Dict[str, float] = field(default_factory=dict)  # ... unless set per label here
+    class_weights: Optional[List[float]] = None  # per label, in `labels` order; for imbalanced data
+
+
+@dataclass
+class NERTaskConfig(TaskConfig):
+    """Token classification on CoNLL-style tokens/tags; entity-level F1."""
+
+    name: str = "ner"
+    labels: Optional[List[str]] = None  # None: the tags found in the training data (O first)
+    # false: only a word's first sub-token is labelled (the usual CoNLL recipe);
+    # true: every sub-token is (B- continues as I-): more signal, same word-level scoring.
+    label_all_tokens: bool = False
+
+
+@dataclass
+class QATaskConfig(TaskConfig):
+    """Extractive question answering in SQuAD form; exact match and F1."""
+
+    name: str = "qa"
+    doc_stride: int = 128  # overlap between windows of a long context: answers near a cut stay whole
+    max_answer_length: int = 30  # in tokens
+    n_best: int = 20  # start and end candidates tried per window
+    # SQuAD 2.0: some questions have no answer; predict "" when the no-answer
+    # score beats the best span by more than the threshold.
+    version_2_with_negative: bool = False
+    null_score_diff_threshold: float = 0.0
+
+
+# ------------------------------------------------------------ checks
+def reference_problems(cfg) -> List[str]:
+    from fttrain.methods import method_of
+
+    task, peft = cfg.task, cfg.peft
+    if task.reference != "auto" and not method_of(peft).whole_model:
+        return [f"task.reference={task.reference!r} with peft={peft.method}: an adapter run uses its own base "
+                "(adapter switched off) as the reference; set task.reference=auto"]
+    return []
+
+
+def dpo_problems(cfg) -> List[str]:
+    task, out = cfg.task, reference_problems(cfg)
+    bad = [x for x in task.loss_type if x not in DPO_LOSSES]
+    if bad:
+        out.append(f"task.loss_type: {bad} not among TRL's DPO losses {list(DPO_LOSSES)}")
+    if task.loss_weights is not None and len(task.loss_weights) != len(task.loss_type):
+        out.append(f"task.loss_weights has {len(task.loss_weights)} entries for {len(task.loss_type)} loss types")
+    return out
+
+
+def kto_problems(cfg) -> List[str]:
+    out = reference_problems(cfg)
+    if cfg.task.loss_type not in ("kto", "apo_zero_unpaired"):
+        out.append(f"task.loss_type={cfg.task.loss_type!r}: KTO takes kto or apo_zero_unpaired")
+    return out
+
+
+def grpo_problems(cfg) -> List[str]:
+    from fttrain.rewards import reward_problems
+
+    out = reward_problems(cfg.task.rewards)
+    if cfg.task.num_generations < 2:
+        out.append("task.num_generations must be >= 2: GRPO compares completions within a group")
+    return out
+
+
+def cls_problems(cfg) -> List[str]:
+    task, out = cfg.task, []
+    if task.class_weights is not None and task.labels is None:
+        out.append("task.class_weights needs task.labels, so each weight has a known label")
+    if task.class_weights is not None and task.labels is not None and len(task.class_weights) != len(task.labels):
+        out.append(f"task.class_weights has {len(task.class_weights)} entries for {len(task.labels)} labels")
+    if task.thresholds and not task.multi_label:
+        out.append("task.thresholds applies to multi-label classification: set task.multi_label=true")
+    if task.thresholds and task.labels is not None and set(task.thresholds) - set(task.labels):
+        out.append(f"task.thresholds names labels not in task.labels: {sorted(set(task.thresholds) - set(task.labels))}")
+    return out
+
+
+def qa_problems(cfg) -> List[str]:
+    task, data = cfg.task, cfg.data
+    if task.doc_stride >= data.max_length // 2:
+        return [f"task.doc_stride={task.doc_stride} must be well below half of data.max_length={data.max_length} "
+                "(the question and the overlap both take room in every window)"]
+    return []
+
+
+def sft_problems(cfg) -> List[str]:
+    from fttrain.data.chat import HISTORY_REWRITE
+    from fttrain.data.formats import ROLES
+
+    task, out = cfg.task, []
+    if task.history_rewrite not in HISTORY_REWRITE:
+        out.append(f"task.history_rewrite={task.history_rewrite!r} must be one of {list(HISTORY_REWRITE)}")
+    bad = [r for r in task.train_roles if r not in ROLES]
+    if bad or not task.train_roles:
+        out.append(f"task.train_roles={list(task.train_roles)} must be a non-empty list of {list(ROLES)}")
+    fmt = getattr(cfg.data.format, "value", cfg.data.format)
+    if fmt == "text" and task.assistant_only_loss:
+        out.append("data.format=text has no responses to isolate: set task.assistant_only_loss=false (every token "
+                   "trained) or use task=pt")
+    return out
+
+
+def no_problems(cfg) -> List[str]:
+    return []
+
+
+# ------------------------------------------------------------ declarations
+@dataclass(frozen=True)
+class Task:
+    name: str  # task.name and the schema option (schema/task/<name>)
+    config: type  # its TaskConfig subclass
+    formats: Tuple[str, ...]  # the data.format values it reads (fttrain.config.schema.DataFormat)
+    recipe: str  # "module:Class" in fttrain.recipes
+    packs: bool = False  # fttrain packs its samples into rows (data.packing=null means on)
+    trl: bool = False  # trained by one of TRL's trainers, which pad each batch themselves
+    encoder: bool = False  # a head on an encoder (classification, tokens, spans) rather than a causal LM
+    peft_task_type: str = "CAUSAL_LM"  # peft's task type: which head modules are saved with an adapter
+    check: Callable = no_problems  # (cfg) -> problems with its knobs and their combinations
+
+
+TASKS: Dict[str, Task] = {t.name: t for t in (
+    # causal LM on formatted, masked, packed tokens
+    Task("sft", SFTTaskConfig, ("alpaca", "sharegpt", "messages", "prompt_completion", "text"), "sft:SFTRecipe",
+         packs=True, check=sft_problems),
+    Task("pt", PretrainTaskConfig, ("text",), "sft:SFTRecipe", packs=True),
+    # TRL's preference trainers
+    Task("dpo", DPOTaskConfig, ("preference",), "preference:PreferenceRecipe", trl=True, check=dpo_problems),
+    Task("kto", KTOTaskConfig, ("preference", "unpaired"), "preference:PreferenceRecipe", trl=True,
+         check=kto_problems),
+    Task("orpo", ORPOTaskConfig, ("preference",), "preference:PreferenceRecipe", trl=True),
+    # a scalar-head reward model on pairs (peft then saves the score head with the adapter)
+    Task("rm", RewardTaskConfig, ("preference",), "reward:RewardRecipe", trl=True, peft_task_type="SEQ_CLS"),
+    # RL from reward functions
+    Task("grpo", GRPOTaskConfig, ("prompt",), "grpo:GRPORecipe", trl=True, check=grpo_problems),
+    # encoder heads
+    Task("cls", ClassificationTaskConfig, ("classification",), "encoder:EncoderRecipe", encoder=True,
+         peft_task_type="SEQ_CLS", check=cls_problems),
+    Task("ner", NERTaskConfig, ("tokens_tags",), "encoder:EncoderRecipe", encoder=True, peft_task_type="TOKEN_CLS"),
+    Task("qa", QATaskConfig, ("squad",), "encoder:EncoderRecipe", encoder=True, peft_task_type="QUESTION_ANS",
+         check=qa_problems),
+)}
+
+
+def task_of(task_cfg_or_name) -> Task:
+    name = task_cfg_or_name if isinstance(task_cfg_or_name, str) else task_cfg_or_name.name
+    if name not in TASKS:
+        raise ValueError(f"task.name={name!r} is not a task fttrain knows; one of {sorted(TASKS)}")
+    return TASKS[name]
