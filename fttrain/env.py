@@ -12,9 +12,8 @@ Two traps this module exists for (seen with accelerate 1.15 / torch 2.13):
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
-
-import torch
 
 from fttrain.errors import FttrainError
 
@@ -30,10 +29,11 @@ class LaunchError(FttrainError, RuntimeError):
 def is_main_process() -> bool:
     """Global rank 0, the process that writes the run's shared files: torch.distributed's
     rank once a process group exists, else the launcher's RANK (one process: True)."""
-    import torch.distributed as dist
+    if "torch" in sys.modules:  # no process group can exist before torch is imported
+        import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank() == 0
     return int(os.environ.get("RANK", "0")) == 0
 
 
@@ -44,6 +44,8 @@ class Runtime:
 
 
 def resolve_precision(requested: str, on_gpu: bool) -> str:
+    import torch
+
     if requested == "auto":
         return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
     if requested == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
@@ -56,6 +58,8 @@ def resolve_precision(requested: str, on_gpu: bool) -> str:
 
 
 def detect_runtime(precision_cfg) -> Runtime:
+    import torch
+
     on_gpu = torch.cuda.is_available()
     requested = precision_cfg.dtype.value if hasattr(precision_cfg.dtype, "value") else str(precision_cfg.dtype)
     return Runtime(
@@ -66,7 +70,9 @@ def detect_runtime(precision_cfg) -> Runtime:
 
 def check_world_size(realised: int, launcher_world_size: int, dist_cfg) -> None:
     """The world size we train with must be what the launcher started
-    (``launcher_world_size``: its WORLD_SIZE, see ``distributed.Topology``)."""
+    (``launcher_world_size``: its WORLD_SIZE, see ``fttrain.plan.Topology``)."""
+    import torch
+
     if realised != launcher_world_size:
         raise LaunchError(
             f"training world size is {realised} but the launcher started WORLD_SIZE={launcher_world_size} "
@@ -88,6 +94,8 @@ def check_world_size(realised: int, launcher_world_size: int, dist_cfg) -> None:
 
 def peak_memory_bytes(use_cpu: bool) -> int:
     """Peak GPU memory allocated by torch, or on CPU the process's peak RSS."""
+    import torch
+
     if not use_cpu and torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
     import resource

@@ -23,11 +23,11 @@ slow = pytest.mark.slow
 
 
 def train(tmp_path, name, overrides):
-    from fttrain.__main__ import run_in_dir
+    from fttrain.run import run
 
     cfg = compose([*overrides, f"name={name}", f"output_root={tmp_path}", "dist=single", "logger.progress_bar=false"])
     run_dir = tmp_path / name
-    metrics = run_in_dir(cfg, run_dir)
+    metrics = run(cfg, run_dir)
     return run_dir, metrics, cfg
 
 
@@ -207,7 +207,7 @@ def test_qa_lora_learns_and_the_adapter_reloads(tmp_path):
 def test_qa_lora_passes_token_types_to_the_model(tmp_path):
     # peft 0.21's PeftModelForQuestionAnswering drops token_type_ids; the recipe
     # passes them on, so the untrained adapter computes exactly what the base does.
-    from fttrain.__main__ import prepare_run_dir
+    from fttrain.run import prepare_run_dir
     from fttrain.recipes.encoder import EncoderRecipe
     from transformers import AutoModelForQuestionAnswering, set_seed
 

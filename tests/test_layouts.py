@@ -75,13 +75,13 @@ def test_each_layout_reads_every_row(example, task, overrides, tokenizer):
 @pytest.mark.slow
 @pytest.mark.parametrize("example,task,overrides", LAYOUTS)
 def test_each_layout_trains(example, task, overrides, tmp_path):
-    from fttrain.__main__ import run_in_dir
+    from fttrain.run import run
 
     cfg = compose([f"+exp={EXPERIMENT[task]}", "data=jsonl", f"data.train={REPO / example}", "data.eval=null",
                    "data.eval_fraction=0.25", "data.max_samples=null", "data.max_length=512", "trainer.max_steps=2",
                    "trainer.micro_batch_size=2", f"output_root={tmp_path}", "name=layout", "dist=single",
                    *overrides])
-    metrics = run_in_dir(cfg, tmp_path / "layout")
+    metrics = run(cfg, tmp_path / "layout")
     assert metrics["steps"] == 2 and metrics["train_loss"] > 0
     report = json.loads((tmp_path / "layout" / "data_report.json").read_text())
     assert report["train"]["dropped"] == {}

@@ -56,11 +56,11 @@ def test_preflight_names_the_template_and_shows_each_role_pattern(instruct_dir, 
                                {"from": "gpt", "value": "b"}]}] * 4
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from fttrain.__main__ import run_in_dir
+    from fttrain.run import run
 
     cfg = compose(user_overrides(instruct_dir, path, tmp_path, "preflight=true", "data.eval_fraction=0"))
     with caplog.at_level("INFO", logger="fttrain"):
-        assert run_in_dir(cfg, tmp_path / "mine") == {}
+        assert run(cfg, tmp_path / "mine") == {}
     text = caplog.text
     assert "chat template: the model's own" in text
     # One sample per role pattern, trained tokens marked; the template's default system prompt is context.
@@ -72,10 +72,10 @@ def test_preflight_names_the_template_and_shows_each_role_pattern(instruct_dir, 
 
 @pytest.mark.slow
 def test_the_saved_model_carries_the_template_it_trained_with(instruct_dir, tmp_path):
-    from fttrain.__main__ import run_in_dir
+    from fttrain.run import run
 
     data = chats_file(tmp_path / "chats.jsonl")
-    run_in_dir(compose(user_overrides(instruct_dir, data, tmp_path)), tmp_path / "mine")
+    run(compose(user_overrides(instruct_dir, data, tmp_path)), tmp_path / "mine")
     saved = (tmp_path / "mine" / "model" / "chat_template.jinja").read_text()
     assert saved == (TEMPLATES / "qwen25.jinja").read_text()
     report = json.loads((tmp_path / "mine" / "data_report.json").read_text())["train"]
@@ -102,17 +102,17 @@ def test_another_familys_template_is_refused_before_the_model_loads(instruct_dir
 
 
 def test_max_length_beyond_the_models_positions_is_refused(instruct_dir, tmp_path):
-    from fttrain.__main__ import run_in_dir
+    from fttrain.run import run
     from fttrain.config.checks import ConfigCheckError
 
     data = chats_file(tmp_path / "chats.jsonl", 4)
     with pytest.raises(ConfigCheckError, match=r"data.max_length=4096 is longer than the model's 512 positions"):
-        run_in_dir(compose(user_overrides(instruct_dir, data, tmp_path, "data.max_length=4096", "preflight=true")),
+        run(compose(user_overrides(instruct_dir, data, tmp_path, "data.max_length=4096", "preflight=true")),
                    tmp_path / "mine")
 
 
 def test_your_data_on_a_demo_experiment_says_what_it_inherits(tmp_path, caplog):
-    from fttrain.__main__ import warn_inherited_data_settings
+    from fttrain.run import warn_inherited_data_settings
     from conftest import config_error
 
     data = chats_file(tmp_path / "chats.jsonl", 4)

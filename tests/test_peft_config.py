@@ -171,7 +171,8 @@ def test_qlora_on_a_model_without_linear_layers_is_refused():
 
 @pytest.mark.parametrize("placement", ["serial", "parallel"])
 def test_bottleneck_adapter_is_the_identity_at_init_and_learns(tiny_model, placement):
-    from fttrain.methods.bottleneck import BottleneckSpec, add_bottleneck_adapters
+    from fttrain.methods.bottleneck import BottleneckSpec
+    from fttrain.methods.bottleneck_layers import add_bottleneck_adapters
 
     base, model = tiny_model(), tiny_model()
     names = add_bottleneck_adapters(model, BottleneckSpec(r=8, placement=placement, scale=2.0))
@@ -195,7 +196,8 @@ def test_bottleneck_adapter_is_the_identity_at_init_and_learns(tiny_model, place
 
 
 def test_bottleneck_adapter_saves_and_reloads_to_identical_outputs(tiny_model, tiny_dir, tmp_path):
-    from fttrain.methods.bottleneck import BottleneckSpec, add_bottleneck_adapters, adapter_state_dict, load_bottleneck, save_bottleneck
+    from fttrain.methods.bottleneck import BottleneckSpec
+    from fttrain.methods.bottleneck_layers import add_bottleneck_adapters, adapter_state_dict, load_bottleneck, save_bottleneck
 
     model = tiny_model()
     spec = BottleneckSpec(r=4, base_model_name_or_path=str(tiny_dir))
@@ -222,7 +224,8 @@ def test_bottleneck_adapter_saves_and_reloads_to_identical_outputs(tiny_model, t
 
 
 def test_parallel_adapters_are_refused_on_post_norm_encoders():
-    from fttrain.methods.bottleneck import BottleneckSpec, add_bottleneck_adapters
+    from fttrain.methods.bottleneck import BottleneckSpec
+    from fttrain.methods.bottleneck_layers import add_bottleneck_adapters
     from fttrain.errors import PeftSetupError
 
     names = add_bottleneck_adapters(tiny_bert(), BottleneckSpec(r=4))  # serial fits BERT (Houlsby's placement)

@@ -45,8 +45,8 @@ MERGEABLE = {"lora", "rslora", "dora", "loraplus", "pissa", "qlora", "qlora8", "
 
 
 def train(method, tmp_path, extra=()):
-    from fttrain.__main__ import prepare_run_dir
-    from fttrain.recipes.base import write_run_info
+    from fttrain.run import prepare_run_dir
+    from fttrain.run import write_run_info
     from fttrain.recipes.sft import SFTRecipe
 
     exp, overrides, _ = METHODS[method]

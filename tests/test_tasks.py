@@ -151,11 +151,11 @@ def test_grpo_batch_must_split_into_groups(tmp_path):
 # ------------------------------------------------------- training (slow)
 def run_task(tmp_path, exp, *overrides):
     """Train in-process; returns (metrics, run dir)."""
-    from fttrain.__main__ import run_in_dir
+    from fttrain.run import run
 
     cfg = compose([f"+exp={exp}", f"output_root={tmp_path}", "dist=single", *overrides])
     run_dir = tmp_path / cfg.name
-    return run_in_dir(cfg, run_dir), run_dir
+    return run(cfg, run_dir), run_dir
 
 
 def log_rows(run_dir):
@@ -166,7 +166,7 @@ def log_rows(run_dir):
 @pytest.mark.parametrize("task,exp", [("dpo", "tiny_dpo"), ("kto", "tiny_dpo"), ("orpo", "tiny_dpo"),
                                       ("rm", "tiny_rm"), ("grpo", "tiny_grpo")])
 def test_trl_tasks_give_loraplus_b_matrices_the_larger_rate(tmp_path, task, exp):
-    from fttrain.__main__ import prepare_run_dir
+    from fttrain.run import prepare_run_dir
     from fttrain.recipes import recipe_class
 
     cfg = compose([f"+exp={exp}", f"task={task}", "peft=loraplus", "peft.loraplus_lr_ratio=16",
@@ -184,7 +184,7 @@ def test_trl_tasks_give_loraplus_b_matrices_the_larger_rate(tmp_path, task, exp)
 
 @pytest.mark.slow
 def test_pt_reports_perplexity_and_learns(tmp_path):
-    from fttrain.__main__ import prepare_run_dir
+    from fttrain.run import prepare_run_dir
     from fttrain.recipes.sft import SFTRecipe
 
     cfg = compose(["+exp=tiny_pretrain", f"output_root={tmp_path}", "dist=single", "trainer.max_steps=12"])

@@ -20,7 +20,7 @@ from fttrain.methods.base import ApplyContext, Method, TrainerHooks
 log = logging.getLogger("fttrain")
 
 # Modules of this package that declare no method.
-_NOT_FAMILIES = {"base", "targets", "callbacks"}
+_NOT_FAMILIES = {"base", "targets", "callbacks", "bottleneck_layers"}
 
 
 def _collect() -> Dict[str, Method]:

@@ -23,7 +23,6 @@ from typing import List
 
 from fttrain.errors import PeftSetupError
 from fttrain.methods.base import Method, PeftConfig, TrainerHooks
-from fttrain.models.layers import embedding_param_names, head_param_names, layer_param_names
 
 log = logging.getLogger("fttrain")
 
@@ -42,6 +41,8 @@ class LisaConfig(PeftConfig):
 def apply_lisa(model, peft_cfg, ctx=None):
     """Every layer starts trainable, so the optimizer is built over all of
     them; LisaCallback freezes all but the drawn ones before the first step."""
+    from fttrain.models.layers import embedding_param_names, head_param_names, layer_param_names
+
     n_layers = len(layer_param_names(model))
     if not 0 < peft_cfg.active_layers <= n_layers:
         raise PeftSetupError(f"peft.active_layers={peft_cfg.active_layers} must be in 1..{n_layers} (the model's layers)")

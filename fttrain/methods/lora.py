@@ -7,8 +7,6 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-import torch
-
 from fttrain.errors import PeftSetupError
 from fttrain.methods.base import LaunchFacts, Method, PeftConfig, TrainerHooks
 from fttrain.methods.targets import linear_leaf_names, resolve_target_modules
@@ -90,6 +88,7 @@ def resolved_compute_dtype(peft_cfg, precision: str) -> str:
 
 def quantization_config(peft_cfg, precision: str = "fp32"):
     """BitsAndBytes settings for the QLoRA base."""
+    import torch
     from transformers import BitsAndBytesConfig
 
     if peft_cfg.bits == 8:

@@ -18,7 +18,8 @@ import torch
 
 from fttrain.errors import FttrainError
 from fttrain.methods import METHODS, method_by_peft_type, quantization_config
-from fttrain.methods.bottleneck import is_bottleneck_folder, load_bottleneck, read_spec
+from fttrain.methods.bottleneck import is_bottleneck_folder, read_spec
+from fttrain.methods.bottleneck_layers import load_bottleneck
 from fttrain.models.load import DTYPES, load_causal_lm
 
 

@@ -9,9 +9,3 @@ def recipe_class(task: str):
 
     module, cls = task_of(task).recipe.split(":")
     return getattr(importlib.import_module(f"fttrain.recipes.{module}"), cls)
-
-
-def run_task(cfg, run_dir):
-    from fttrain.recipes.base import run_recipe
-
-    return run_recipe(recipe_class(cfg.task.name)(cfg, run_dir))
