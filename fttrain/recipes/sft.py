@@ -49,8 +49,13 @@ class SFTRecipe(Recipe):
     """Tasks ``sft`` (chats, instructions, prompt/completion) and ``pt`` (raw text)."""
 
     @property
+    def concatenates(self) -> bool:
+        """Documents concatenated into max_length blocks (task=pt's knob; sft has none)."""
+        return bool(getattr(self.cfg.task, "concatenate", False))
+
+    @property
     def batch_unit(self):
-        if self.cfg.task.name == "pt" and self.cfg.task.concatenate:
+        if self.concatenates:
             return f"{self.cfg.data.max_length}-token blocks"
         return "packed rows" if packing_on(self.cfg) else "samples"
 
@@ -58,7 +63,7 @@ class SFTRecipe(Recipe):
     def setup_data(self) -> None:
         cfg = self.cfg
         assistant_only = bool(getattr(cfg.task, "assistant_only_loss", False))
-        blocks = cfg.task.name == "pt" and cfg.task.concatenate
+        blocks = self.concatenates
         rss, start = rss_bytes(), time.perf_counter()
         # Prepared once per node into the cache (with streaming: the eval split only).
         self.data = prepare_data_cached(cfg.data, self.tokenizer, self.chat_template, assistant_only, cache_dir(),
