@@ -77,7 +77,7 @@ class DPOTaskConfig(TaskConfig):
     # sigmoid (DPO), ipo, hinge, robust, bco_pair, sppo_hard, nca_pair, aot, aot_unpaired,
     # apo_zero, apo_down, discopop, sft; several with loss_weights = a weighted sum.
     loss_type: List[str] = field(default_factory=lambda: ["sigmoid"])
-    loss_weights: Optional[List[float]] = None
+    loss_weights: Optional[List[float]] = None  # with several loss types: their weights in the sum
     label_smoothing: float = 0.0  # > 0: conservative DPO for noisy preference labels
     # auto: with an adapter, a frozen copy of the adapter as it started (TRL's
     # "ref" adapter: a few MB, and the true start model even for PiSSA-style
@@ -171,7 +171,7 @@ class QATaskConfig(TaskConfig):
     # SQuAD 2.0: some questions have no answer; predict "" when the no-answer
     # score beats the best span by more than the threshold.
     version_2_with_negative: bool = False
-    null_score_diff_threshold: float = 0.0
+    null_score_diff_threshold: float = 0.0  # higher: answers "no answer" less often
 
 
 # ------------------------------------------------------------ checks

@@ -136,3 +136,31 @@ def test_cli_reports_cross_field_problem_without_training(tmp_path):
     assert proc.returncode == 2
     assert "task=pt reads data.format text" in proc.stderr + proc.stdout
     assert not (tmp_path / "outputs" / "tiny_sft" / "model").exists()
+
+
+def test_option_files_set_only_what_differs_from_the_schema():
+    """One source of truth: a knob's default and its comment live in its config class;
+    an option file sets only the knobs it changes (required ones, ???, excepted)."""
+    import dataclasses
+    from enum import Enum
+
+    import yaml
+
+    from fttrain.config.schema import GROUP_SCHEMAS
+
+    restated = []
+    for group, options in GROUP_SCHEMAS.items():
+        for path in sorted((CONF / group).glob("*.yaml")) if (CONF / group).is_dir() else []:
+            raw = yaml.safe_load(path.read_text()) or {}
+            schema = [d.split("/")[3].split("@")[0] for d in raw.pop("defaults", [])
+                      if isinstance(d, str) and d.startswith("/schema/")]
+            if not schema:
+                continue  # built on another option: its values are that option's differences
+            for f in dataclasses.fields(options[schema[0]]):
+                if f.name not in raw or f.default == "???":
+                    continue
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                default = default.value if isinstance(default, Enum) else default
+                if raw[f.name] == default:
+                    restated.append(f"{group}/{path.name}: {f.name}")
+    assert restated == []

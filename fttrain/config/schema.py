@@ -94,6 +94,7 @@ class ModelConfig:
     revision: Optional[str] = None
     tokenizer: Optional[str] = None  # defaults to name_or_path
     trust_remote_code: bool = False
+    # flash_attention_2 if installed: faster, and varlen packing without masks
     attn_implementation: AttnImpl = AttnImpl.sdpa
     # Dropout of the base model's own modules (BERT: 0.1). null keeps the
     # checkpoint's; 0.0 makes training deterministic across rank layouts
@@ -119,6 +120,7 @@ class DataConfig:
     split_seed: int = 1234
     train_split: str = "train"  # for `datasets` sources
     eval_split: str = "validation"  # for `datasets` sources given as data.eval
+    # alpaca | sharegpt | messages | prompt_completion | text | preference | unpaired | prompt
     format: DataFormat = DataFormat.messages
     # Column names that differ from the format's defaults, e.g. {messages: conversation}.
     columns: Dict[str, str] = field(default_factory=dict)
@@ -175,7 +177,7 @@ class DistConfig:
 @dataclass
 class DdpDistConfig(DistConfig):
     plan: DistPlan = DistPlan.ddp
-    find_unused_parameters: bool = False
+    find_unused_parameters: bool = False  # true only for models with unused branches: slower
 
 
 @dataclass
@@ -217,12 +219,12 @@ class PrecisionConfig:
 @dataclass
 class TrainerConfig:
     micro_batch_size: int = 4  # per device; packed rows hold several samples each
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = 1  # more: larger global batch at the same memory, fewer steps/s
     # If set, accumulation is derived: global = micro x accumulation x world size.
     global_batch_size: Optional[int] = None
     max_steps: int = -1  # >0 overrides num_epochs
     num_epochs: float = 1.0
-    learning_rate: float = 2e-4
+    learning_rate: float = 2e-4  # LoRA likes ~1e-4..3e-4; full fine-tuning ~1e-5
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0

@@ -21,6 +21,7 @@ class IA3Config(PeftConfig):
 class VeraConfig(PeftConfig):
     method: str = "vera"
     r: int = 256  # shared random matrices are cheap: VeRA uses far higher ranks than LoRA
+    # targets must share one shape per kind (q/v on GQA models differ: name them)
     target_modules: List[str] = field(default_factory=lambda: ["attention"])
     dropout: float = 0.0
 

@@ -51,7 +51,7 @@ class BottleneckConfig(PeftConfig):
     placement: str = "serial"
     scale: float = 1.0  # multiplies the adapter's output (He et al. use 4 for parallel)
     dropout: float = 0.0
-    sublayers: List[str] = field(default_factory=lambda: ["attention", "ffn"])
+    sublayers: List[str] = field(default_factory=lambda: ["attention", "ffn"])  # drop one to adapt only the other
 
 
 @dataclass

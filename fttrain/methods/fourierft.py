@@ -18,6 +18,7 @@ class FourierFTConfig(PeftConfig):
     n_frequency: int = 1000  # learned coefficients per adapted matrix (at most in x out of the smallest)
     scaling: float = 150.0  # scale of the update, like LoRA's alpha: tune it with the learning rate
     random_loc_seed: int = 777  # which frequencies; saved with the adapter
+    # or [all_linear], [query_value], or module names
     target_modules: List[str] = field(default_factory=lambda: ["attention"])
 
 

@@ -23,6 +23,7 @@ class GaloreConfig(PeftConfig):
     update_proj_gap: int = 200  # steps between SVD refreshes of the projection: fewer is slower, tracks better
     scale: float = 0.25
     proj_type: str = "std"  # std | reverse_std | right | left | full
+    # projected matrices; the rest use plain AdamW
     target_modules: List[str] = field(default_factory=lambda: ["all_linear"])
     optimizer: str = "adamw"  # adamw | adamw_8bit | adafactor
     layerwise: bool = False  # per-layer optimizer steps: less memory; one process only, no grad clipping

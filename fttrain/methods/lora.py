@@ -17,14 +17,16 @@ INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "loftq": "lof
 @dataclass
 class LoraConfig(PeftConfig):
     method: str = "lora"
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    r: int = 16  # rank: higher learns more, costs memory and adapter size
+    alpha: int = 32  # scale = alpha / r
+    dropout: float = 0.0  # 0: deterministic and fastest; 0.05-0.1 can help on small data sets
     bias: str = "none"  # none | all | lora_only
+    # or [attention], [query_value], or module names like [q_proj, v_proj]
     target_modules: List[str] = field(default_factory=lambda: ["all_linear"])
+    # whole modules trained and saved next to the adapter (e.g. [lm_head])
     modules_to_save: List[str] = field(default_factory=list)
-    use_rslora: bool = False
-    use_dora: bool = False
+    use_rslora: bool = False  # scale alpha/sqrt(r): keeps high ranks stable
+    use_dora: bool = False  # magnitude/direction split: often better, ~2x slower steps
     init: str = "default"  # default | gaussian | pissa | loftq
     loftq_bits: int = 4  # init=loftq: the bit width the base will be quantised to
     # LoRA+: B matrices learn at learning_rate x this ratio (paper: 16). null: off.
@@ -36,7 +38,7 @@ class QLoraConfig(LoraConfig):
     method: str = "qlora"
     bits: int = 4  # 4 (nf4/fp4) or 8
     quant_type: str = "nf4"  # nf4 | fp4
-    double_quant: bool = True
+    double_quant: bool = True  # quantise the quantisation constants: ~0.4 bit/param saved
     compute_dtype: str = "auto"  # auto: follows precision (bf16 -> bfloat16, fp16 -> float16, else float32)
     # Needed for ZeRO-3 / FSDP: must equal the compute dtype there.
     quant_storage: Optional[str] = None

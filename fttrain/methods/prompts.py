@@ -14,7 +14,7 @@ from fttrain.methods.targets import apply_peft_library
 @dataclass
 class PromptTuningConfig(PeftConfig):
     method: str = "prompt_tuning"
-    num_virtual_tokens: int = 20
+    num_virtual_tokens: int = 20  # more: more capacity, longer sequences
     init_text: Optional[str] = None  # initialise the soft prompt from this text's embeddings
 
 
