@@ -105,6 +105,17 @@ class FTTrainer(AtomicCheckpoints, MethodParamGroups, TokenCounting, Trainer):
                 "could not be normalised by the trained tokens of the whole batch (it would average micro-batch means)"
             )
         self.setup_accounting(rank_records)
+        # data.streaming=true: the furthest stream position this rank trained on, and (at a
+        # checkpoint) the furthest any rank did, which is where a resumed stream goes on.
+        self.tracks_stream = False
+        self.stream_pos = -1
+        self.stream_consumed = -1
+
+    def _save_checkpoint(self, model, trial):
+        if self.tracks_stream:  # every rank saves: the one collective that finds the stream's position
+            pos = torch.tensor([self.stream_pos], dtype=torch.long, device=self.args.device)
+            self.stream_consumed = int(self.accelerator.gather(pos).max())
+        super()._save_checkpoint(model, trial)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -117,7 +128,10 @@ class FTTrainer(AtomicCheckpoints, MethodParamGroups, TokenCounting, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sample_ids = inputs.pop("sample_ids", None)
         n_real = inputs.pop("num_real_tokens", None)
+        stream_pos = inputs.pop("stream_pos", None)
         if model.training:
+            if stream_pos is not None:
+                self.stream_pos = max(self.stream_pos, stream_pos)
             self.slot_tokens += inputs["input_ids"].numel()
             self.real_tokens += int(n_real) if n_real is not None else inputs["input_ids"].numel()
             if self.rank_records and sample_ids is not None:
@@ -146,6 +160,7 @@ class FTTrainer(AtomicCheckpoints, MethodParamGroups, TokenCounting, Trainer):
             inputs = self._prepare_inputs(self.data_collator(chunk or rows[:1]))
             inputs.pop("sample_ids", None)
             inputs.pop("num_real_tokens", None)
+            inputs.pop("stream_pos", None)
             n = (inputs["labels"][..., 1:] != IGNORE).sum()
             # num_items_in_batch=1 turns the model's mean into a sum over tokens.
             with self.compute_loss_context_manager():

@@ -16,7 +16,7 @@ import fttrain.data.pipeline as pipeline
 from fttrain.data.formats import Formatter
 from fttrain.data.packing import as_rows, concat_blocks, pack
 from fttrain.data.sources import DataError, JsonlSource, open_rows
-from fttrain.data.streaming import open_stream
+from fttrain.data.streaming import PASS_STRIDE, open_stream
 from fttrain.data.tokenize import Tokenizer, apply_overlength
 from conftest import compose, step_losses
 
@@ -257,9 +257,13 @@ def test_a_stream_with_one_window_gives_the_prepared_rows(tmp_path, tokenizer):
     cfg = cfg_for(path, eval_fraction=0, max_length=256, stream_window=1000)
     prepared = pipeline.prepare_data(cfg, tokenizer, tokenizer.chat_template, True)
     stream = open_stream(cfg, tokenizer, tokenizer.chat_template, True)
-    assert list(stream) == list(prepared.train.rows)
+    streamed = list(stream)
+    # Each row carries its place in the stream (pass 0: its index), for an exact resume.
+    assert [r.pop("stream_pos") for r in streamed] == list(range(len(streamed)))
+    assert streamed == list(prepared.train.rows)
     assert stream.report()["trained_turns"] == prepared.train.report["trained_turns"]
     assert stream.epoch_rows == len(prepared.train.rows)
+    assert [r["stream_pos"] for r in stream][:2] == [PASS_STRIDE, PASS_STRIDE + 1]  # the next pass
 
 
 def test_a_stream_packs_window_by_window_and_resumes_mid_window(tmp_path, tokenizer):
@@ -319,6 +323,31 @@ def test_a_resumed_stream_continues_the_uninterrupted_run(tmp_path):
 
     a, b = losses("full"), losses("resumed")
     assert sorted(b) == [5, 6, 7, 8]
+    assert [b[s] for s in b] == pytest.approx([a[s] for s in b], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_stream_resumed_in_its_second_pass_continues_the_uninterrupted_run(tmp_path):
+    """13 rows a pass, 2 a step: the pass ends with a 1-row step (step 7), so steps x rows
+    a step (18 after step 9) is one row past where the stream really is (13 + 4). The
+    resumed run must start at row 4 of the second pass and repeat steps 10-12 exactly."""
+    from conftest import run_cli
+
+    path = write_jsonl(tmp_path / "c.jsonl", chats(13))
+    common = ["+exp=tiny_sft", f"data.train={path}", "data.eval=null", "data.eval_fraction=0", "data.max_samples=null",
+              "data.max_length=128", "data.packing=false", "data.streaming=true", "data.stream_window=5",
+              "trainer.max_steps=12", "trainer.save_steps=3", "trainer.logging_steps=1",
+              "task.generation_eval.num_samples=0"]
+    full = run_cli(common + ["hydra.run.dir=full"], cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    checkpoint = tmp_path / "full" / "checkpoints" / "checkpoint-9"
+    state = json.loads((checkpoint / "stream_state.json").read_text())
+    assert state["epoch_rows"] == 13 and state["consumed"] == PASS_STRIDE + 3  # row 3 of pass 1 was the last
+    resumed = run_cli(common + ["hydra.run.dir=resumed", f"resume_from={checkpoint}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "pass 1, window 0, row 4 in it" in (tmp_path / "resumed" / "train_rank0.log").read_text()
+    a, b = dict(step_losses(tmp_path / "full")), dict(step_losses(tmp_path / "resumed"))
+    assert sorted(b) == [10, 11, 12]
     assert [b[s] for s in b] == pytest.approx([a[s] for s in b], rel=1e-6)
 
 

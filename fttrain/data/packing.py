@@ -109,6 +109,14 @@ def as_rows(samples: List[Dict]) -> List[Dict]:
     ]
 
 
+def stream_position(rows: List[Dict]) -> Dict[str, int]:
+    """A streamed micro-batch's furthest row in the stream (``fttrain.data.streaming``),
+    as a plain int: the trainer records it without a device round trip."""
+    if rows and "stream_pos" in rows[0]:
+        return {"stream_pos": max(r["stream_pos"] for r in rows)}
+    return {}
+
+
 class PackedCollator:
     """Packed rows of a micro-batch.
 
@@ -126,6 +134,7 @@ class PackedCollator:
         self.flatten = flatten
 
     def __call__(self, rows: List[Dict]) -> Dict[str, torch.Tensor]:
+        rows_in = rows
         n_real = sum(len(r["input_ids"]) for r in rows)
         sample_ids = [x for r in rows for x in r["sample_ids"]]
         if self.flatten:
@@ -143,6 +152,7 @@ class PackedCollator:
             "position_ids": torch.tensor(pos, dtype=torch.long),
             "num_real_tokens": torch.tensor(n_real),
             "sample_ids": torch.tensor(sample_ids, dtype=torch.long),
+            **stream_position(rows_in),
         }
 
 
@@ -168,4 +178,5 @@ class PaddingCollator:
             "attention_mask": mask,
             "num_real_tokens": mask.sum(),
             "sample_ids": torch.tensor([x for r in rows for x in r["sample_ids"]], dtype=torch.long),
+            **stream_position(rows),
         }

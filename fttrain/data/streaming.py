@@ -13,11 +13,13 @@ Every rank reads the whole stream and keeps its share of each global batch
 one-process run at the same global batch; the cost is that each rank encodes
 every row. The prepared path (the default) encodes once per node.
 
-Resume: rank 0 records how many rows each window produced. A checkpoint
-saves that table (``stream_state.json``); a resumed run turns the rows the
-finished steps consumed (steps x micro batch x accumulation x ranks) into a
-window and an offset in it, re-encodes only that window, and goes on from
-there, instead of re-encoding everything before it.
+Resume: every row carries its position in the stream (``stream_pos`` = pass x
+2^40 + its index in the pass); the trainer keeps the furthest position it
+trained on, and a checkpoint saves the furthest over all ranks with how many
+rows each window produced (``stream_state.json``). A resumed run turns that
+position into a pass, a window and an offset in it, re-encodes only that
+window, and goes on from the next row, in any pass: the short (one process)
+or padded (several) last batch of a pass moves nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from fttrain.data.sources import DataError
 log = logging.getLogger("fttrain")
 
 STATE_FILE = "stream_state.json"
+PASS_STRIDE = 2 ** 40  # stream_pos = pass x PASS_STRIDE + the row's index in its pass
 
 
 def lay_out(samples: List[Dict], layout: str, max_length: int) -> List[Dict]:
@@ -60,6 +63,7 @@ class RowStream(torch.utils.data.IterableDataset):
         self.epoch_rows: Optional[int] = None  # rows of a whole pass, once one finished
         self.counts = RowCounts()
         self._start: Tuple[int, int] = (0, 0)
+        self.pass_index = 0  # the pass __iter__ reads next
 
     @property
     def num_windows(self) -> int:
@@ -81,6 +85,8 @@ class RowStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         start_window, skip = self._start
         self._start = (0, 0)  # a later pass (the next epoch) starts from the beginning
+        base = self.pass_index * PASS_STRIDE + sum(self.rows_per_window[:start_window])
+        self.pass_index += 1
         produced = 0
         if torch.utils.data.get_worker_info() is not None:
             raise RuntimeError("a RowStream is read in the training process (trainer.dataloader_num_workers=0)")
@@ -89,8 +95,9 @@ class RowStream(torch.utils.data.IterableDataset):
             if w == len(self.rows_per_window):
                 self.rows_per_window.append(len(rows))
             produced += len(rows)
-            for row in rows[skip:]:
-                yield row
+            for k in range(skip, len(rows)):
+                yield {**rows[k], "stream_pos": base + k}
+            base += len(rows)
             skip = 0
         if start_window == 0 and produced == 0:
             raise DataError(f"{self.job.source}: no usable rows out of {len(self.ids)} "
@@ -99,9 +106,21 @@ class RowStream(torch.utils.data.IterableDataset):
             self.epoch_rows = sum(self.rows_per_window)
 
     # ------------------------------------------------------------ resume
-    def state(self) -> Dict:
+    def state(self, consumed: int = -1) -> Dict:
+        """``consumed``: the furthest stream_pos trained on (-1: none yet)."""
         return {"window": self.window, "rows": len(self.ids), "rows_per_window": self.rows_per_window,
-                "epoch_rows": self.epoch_rows}
+                "epoch_rows": self.epoch_rows, "consumed": consumed}
+
+    def resume_after(self, state: Dict) -> Tuple[int, int, int]:
+        """Start at the row after the checkpoint's furthest trained position;
+        returns (pass, window, offset in it)."""
+        pos = state["consumed"]
+        pass_index, index = (pos + 1) // PASS_STRIDE, (pos + 1) % PASS_STRIDE
+        window, offset = self.resume(state, index)
+        if (window, offset) == (0, 0) and index > 0:  # that row was the last of its pass
+            pass_index += 1
+        self.pass_index = pass_index
+        return pass_index, window, offset
 
     def resume(self, state: Dict, consumed_rows: int) -> Tuple[int, int]:
         """Start after ``consumed_rows`` rows of the stream; returns (window, offset in it)."""
@@ -125,8 +144,8 @@ class RowStream(torch.utils.data.IterableDataset):
         self._start = (0, 0)
         return self._start
 
-    def save_state(self, folder: Path) -> None:
-        (Path(folder) / STATE_FILE).write_text(json.dumps(self.state()))
+    def save_state(self, folder: Path, consumed: int = -1) -> None:
+        (Path(folder) / STATE_FILE).write_text(json.dumps(self.state(consumed)))
 
     def report(self) -> Dict:
         out = {"source": self.job.source, "rows": len(self.ids), "streaming": True,

@@ -128,6 +128,12 @@ class SFTRecipe(Recipe):
         if state is None:
             raise DataError(f"{checkpoint} has no {STATE_FILE}: it was not written by a streaming run, so the "
                             "stream's position is unknown. Resume with data.streaming=false, or start a new run.")
+        if state.get("consumed", -1) >= 0:  # the furthest row any rank trained on
+            pass_index, window, offset = self.stream.resume_after(state)
+            log.info("stream resumes after stream position %d: pass %d, window %d, row %d in it",
+                     state["consumed"], pass_index, window, offset)
+            return
+        # A checkpoint from before positions were recorded: steps x rows a step (exact in the first pass).
         consumed = step * self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps \
             * self.args.world_size
         window, offset = self.stream.resume(state, consumed)
@@ -161,7 +167,8 @@ class SFTRecipe(Recipe):
             param_groups=self.hooks.param_groups,
         )
         if self.stream is not None:
-            trainer.checkpoint_extras = (self.stream.save_state,)
+            trainer.tracks_stream = True
+            trainer.checkpoint_extras = (lambda folder: self.stream.save_state(folder, trainer.stream_consumed),)
         return trainer
 
     # ------------------------------------------------------------ train
