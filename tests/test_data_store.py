@@ -436,3 +436,18 @@ def test_a_unicode_whitespace_line_is_blank(tmp_path):
     path = tmp_path / "u.jsonl"
     path.write_text('{"a": 1}\n\u00a0\u2003\n{"a": 2}\r\n', encoding="utf-8")
     assert list(open_rows(str(path))) == [{"a": 1}, {"a": 2}]
+
+
+def test_a_csv_file_stays_columnar_until_rows_are_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from fttrain.data.sources import ArrowTableSource
+
+    rows = [{"instruction": f"say {i}", "output": f"word{i}", "n": i} for i in range(500)]
+    pacsv.write_csv(pa.Table.from_pylist(rows), tmp_path / "d.csv")
+    source = open_rows(str(tmp_path / "d.csv"))
+    assert isinstance(source, ArrowTableSource) and len(source) == 500
+    assert source.read(range(10, 13)) == rows[10:13]  # a contiguous run: one slice
+    assert source.read([7, 3, 499]) == [rows[7], rows[3], rows[499]]
+    assert source[-1] == rows[-1] and list(source) == rows

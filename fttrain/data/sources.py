@@ -174,6 +174,28 @@ class ParquetSource(RowSource):
         return state
 
 
+class ArrowTableSource(RowSource):
+    """A CSV file read once into an Arrow table (columnar: about the file's size in
+    memory, not a Python object per field); rows become dicts only when read."""
+
+    def __init__(self, name: str, table):
+        self.name, self.table = name, table
+
+    def __len__(self):
+        return self.table.num_rows
+
+    def __getitem__(self, i):
+        if i < 0:
+            i += len(self)
+        return self.table.slice(int(i), 1).to_pylist()[0]
+
+    def read(self, ids: Sequence[int]) -> List[Dict]:
+        ids = [int(i) for i in ids]
+        if ids and ids[-1] - ids[0] == len(ids) - 1 and ids == sorted(ids):  # one slice for a contiguous run
+            return self.table.slice(ids[0], len(ids)).to_pylist()
+        return [self[i] for i in ids]
+
+
 class DatasetsSource(RowSource):
     """A `datasets` set: memory-mapped Arrow, rows converted on read."""
 
@@ -207,7 +229,11 @@ def open_rows(source: str, split: str = "train") -> RowSource:
             return JsonlSource(source)
         if source.endswith(".parquet"):
             return ParquetSource(source)
-        return ListSource(source, _load_file(source))
+        if source.endswith(".json"):
+            return ListSource(source, _load_json(source))
+        import pyarrow.csv as pacsv  # .csv (and any other file): typed columns, no pandas index surprises
+
+        return ArrowTableSource(source, pacsv.read_csv(source))
     return _load_datasets(name, split)
 
 
@@ -216,25 +242,22 @@ def load_rows(source: str, split: str = "train") -> List[Dict]:
     return list(open_rows(source, split))
 
 
-def _load_file(path: str) -> List[Dict]:
-    if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
-            lists = [v for v in data.values() if isinstance(v, list)]
-            if len(lists) != 1:
-                raise DataError(f"{path}: expected a list of rows, or an object holding exactly one list")
-            data = lists[0]
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a list of rows")
-        return data
-    # csv through pyarrow: typed columns, no pandas index surprises
-    import pyarrow.csv as pacsv
-
-    return pacsv.read_csv(path).to_pylist()
+def _load_json(path: str) -> List[Dict]:
+    """A JSON array of rows (or an object holding one), parsed whole: JSON has no
+    row boundaries to read between; JSON Lines (.jsonl) is read lazily."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a list of rows, or an object holding exactly one list")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of rows")
+    return data
 
 
 def _load_datasets(name: str, split: str) -> RowSource:
