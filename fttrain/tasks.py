@@ -253,6 +253,51 @@ def no_problems(cfg) -> List[str]:
     return []
 
 
+# ------------------------------------------------------------ TRL's preference trainers
+def dpo_args(task) -> Dict:
+    args = {"loss_type": list(task.loss_type), "label_smoothing": task.label_smoothing,
+            "precompute_ref_log_probs": task.precompute_ref_log_probs}
+    if task.loss_weights is not None:
+        args["loss_weights"] = list(task.loss_weights)
+    return args
+
+
+def kto_args(task) -> Dict:
+    return {"loss_type": task.loss_type, "desirable_weight": task.desirable_weight,
+            "undesirable_weight": task.undesirable_weight, "precompute_ref_log_probs": task.precompute_ref_log_probs}
+
+
+def no_args(task) -> Dict:
+    return {}
+
+
+@dataclass(frozen=True)
+class TrlTrainer:
+    """How a task runs on one of TRL's trainers."""
+
+    trainer: str  # "module:Class"
+    config: str  # "module:Class", a TrainingArguments subclass
+    args: Callable = no_args  # (task config) -> the task's own keywords for the config class
+    reference: bool = False  # takes a reference model (ref_model)
+    unpaired: bool = False  # trains on examples that each judge one completion (KTO): pairs are split in two
+    # the batch's masks that together cover each sequence once (prompt + completion), for token counting
+    count_keys: Tuple[str, ...] = ("attention_mask",)
+
+    def classes(self):
+        """(trainer class, config class), imported now (TRL is imported only by runs that use it)."""
+        return load_object(self.trainer), load_object(self.config)
+
+
+def load_object(spec: str):
+    import importlib
+    import os
+
+    module, name = spec.split(":")
+    if module.startswith("trl.experimental"):
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # e.g. ORPO, in trl.experimental in TRL 1.x
+    return getattr(importlib.import_module(module), name)
+
+
 # ------------------------------------------------------------ declarations
 @dataclass(frozen=True)
 class Task:
@@ -265,6 +310,7 @@ class Task:
     encoder: bool = False  # a head on an encoder (classification, tokens, spans) rather than a causal LM
     peft_task_type: str = "CAUSAL_LM"  # peft's task type: which head modules are saved with an adapter
     check: Callable = no_problems  # (cfg) -> problems with its knobs and their combinations
+    trl_trainer: Optional[TrlTrainer] = None  # the preference tasks: which TRL trainer, and how
 
 
 TASKS: Dict[str, Task] = {t.name: t for t in (
@@ -273,10 +319,14 @@ TASKS: Dict[str, Task] = {t.name: t for t in (
          packs=True, check=sft_problems),
     Task("pt", PretrainTaskConfig, ("text",), "sft:SFTRecipe", packs=True),
     # TRL's preference trainers
-    Task("dpo", DPOTaskConfig, ("preference",), "preference:PreferenceRecipe", trl=True, check=dpo_problems),
+    Task("dpo", DPOTaskConfig, ("preference",), "preference:PreferenceRecipe", trl=True, check=dpo_problems,
+         trl_trainer=TrlTrainer("trl:DPOTrainer", "trl:DPOConfig", dpo_args, reference=True)),
     Task("kto", KTOTaskConfig, ("preference", "unpaired"), "preference:PreferenceRecipe", trl=True,
-         check=kto_problems),
-    Task("orpo", ORPOTaskConfig, ("preference",), "preference:PreferenceRecipe", trl=True),
+         check=kto_problems,
+         trl_trainer=TrlTrainer("trl:KTOTrainer", "trl:KTOConfig", kto_args, reference=True, unpaired=True)),
+    Task("orpo", ORPOTaskConfig, ("preference",), "preference:PreferenceRecipe", trl=True,
+         trl_trainer=TrlTrainer("trl.experimental.orpo:ORPOTrainer", "trl.experimental.orpo:ORPOConfig",
+                                count_keys=("chosen_attention_mask", "rejected_attention_mask"))),
     # a scalar-head reward model on pairs (peft then saves the score head with the adapter)
     Task("rm", RewardTaskConfig, ("preference",), "reward:RewardRecipe", trl=True, peft_task_type="SEQ_CLS"),
     # RL from reward functions

@@ -27,24 +27,6 @@ from fttrain.recipes.base import Recipe, eval_metrics_with_prefix
 
 log = logging.getLogger("fttrain")
 
-def trl_classes(task: str):
-    """(trainer class, config class) for a preference task."""
-    if task == "dpo":
-        from trl import DPOConfig, DPOTrainer
-
-        return DPOTrainer, DPOConfig
-    if task == "kto":
-        from trl import KTOConfig, KTOTrainer
-
-        return KTOTrainer, KTOConfig
-    import os
-
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # ORPO lives in trl.experimental in TRL 1.x
-    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-
-    return ORPOTrainer, ORPOConfig
-
-
 def unpair(rows, seed: int):
     """KTO's unpaired form: (prompt, chosen) desirable, (prompt, rejected)
     undesirable, shuffled with the run's seed. (Given pairs, TRL unpairs them
@@ -63,7 +45,7 @@ def unpair(rows, seed: int):
 class PreferenceRecipe(Recipe):
     @property
     def batch_unit(self):
-        return "examples (each pair split in two)" if self.cfg.task.name == "kto" else "pairs"
+        return "examples (each pair split in two)" if self.task.trl_trainer.unpaired else "pairs"
 
     # ------------------------------------------------------------ data
     def setup_data(self) -> None:
@@ -78,10 +60,10 @@ class PreferenceRecipe(Recipe):
         if eval_split is not None:
             self.eval_rows, _, eval_report = convert_rows(eval_split, rows, data.strict)
             self.data_report["eval"] = {**eval_report, **self._length_report(self.eval_rows)}
-        if self.cfg.task.name == "kto" and not unpaired:
+        if self.task.trl_trainer.unpaired and not unpaired:
             self.train_rows = unpair(self.train_rows, self.cfg.trainer.seed)
             self.eval_rows = unpair(self.eval_rows, self.cfg.trainer.seed) if self.eval_rows else None
-        if self.cfg.task.name == "kto":
+        if self.task.trl_trainer.unpaired:
             desirable = sum(r["label"] for r in self.train_rows)
             self.data_report["train"].update(kto_examples=len(self.train_rows), desirable=desirable,
                                              undesirable=len(self.train_rows) - desirable)
@@ -109,28 +91,20 @@ class PreferenceRecipe(Recipe):
         return load_model(self.cfg.model, self.model_path, precision, quantization_config=quantization_config)
 
     def training_args_class(self):
-        return trl_classes(self.cfg.task.name)[1]
+        return self.task.trl_trainer.classes()[1]
 
     def task_training_args(self) -> dict:
         t = self.cfg.task
         args = {"beta": t.beta, "max_length": self.cfg.data.max_length,
                 # The Trainer's own checkpointing knob is set by fttrain (trainer.gradient_checkpointing).
                 "disable_dropout": True}
-        if t.name == "dpo":
-            args.update(loss_type=list(t.loss_type), label_smoothing=t.label_smoothing,
-                        precompute_ref_log_probs=t.precompute_ref_log_probs)
-            if t.loss_weights is not None:
-                args["loss_weights"] = list(t.loss_weights)
-        if t.name == "kto":
-            args.update(loss_type=t.loss_type, desirable_weight=t.desirable_weight,
-                        undesirable_weight=t.undesirable_weight, precompute_ref_log_probs=t.precompute_ref_log_probs)
-        return args
+        return {**args, **self.task.trl_trainer.args(t)}
 
     def reference_model(self):
         """None with an adapter: TRL adds a frozen copy of the starting adapter.
         Otherwise a frozen model: task.reference, or the start model loaded again."""
         t = self.cfg.task
-        if t.name == "orpo" or (t.reference == "auto" and not method_of(self.cfg.peft).whole_model):
+        if not self.task.trl_trainer.reference or (t.reference == "auto" and not method_of(self.cfg.peft).whole_model):
             return None
         precision = "bf16" if self.runtime.precision == "bf16" else "fp32"
         if t.reference == "auto":
@@ -145,22 +119,19 @@ class PreferenceRecipe(Recipe):
     def build_trainer(self):
         from datasets import Dataset
 
-        trainer_cls, _ = trl_classes(self.cfg.task.name)
+        trainer_cls, _ = self.task.trl_trainer.classes()
         kwargs = {}
-        if self.cfg.task.name != "orpo":
+        if self.task.trl_trainer.reference:
             kwargs["ref_model"] = self.reference_model()
         return self.trl_trainer(
             trainer_cls,
-            self._count_keys(),  # the batch's masks that cover each sequence once (prompt + completion)
+            self.task.trl_trainer.count_keys,  # the batch's masks that cover each sequence once
             train_dataset=Dataset.from_list(self.train_rows),
             eval_dataset=Dataset.from_list(self.eval_rows) if self.eval_rows else None,
             callbacks=self.callbacks(),
             **kwargs,
         )
 
-    def _count_keys(self):
-        return {"dpo": ("attention_mask",), "kto": ("attention_mask",),
-                "orpo": ("chosen_attention_mask", "rejected_attention_mask")}[self.cfg.task.name]
 
     # ------------------------------------------------------------- save
     def save_extra_files(self, folder) -> None:
