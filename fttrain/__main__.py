@@ -23,19 +23,33 @@ register_configs()
 log = logging.getLogger("fttrain")
 
 
-_composed = False  # set once Hydra hands over a config: an exit before that is a compose error
+_composed = False  # set once Hydra hands over a config in this process
 
 
 def cli() -> None:
     """``python -m fttrain`` / ``fttrain train``. Hydra reports an override it cannot
-    compose (a typo, a wrong type, an unknown option) in one message and exits 1;
-    that is the user's to fix, so it exits 2 like every other user error."""
+    compose (a typo, a wrong type, an unknown option) in one message and exits 1
+    (with HYDRA_FULL_ERROR=1 it raises instead); that is the user's to fix, so it
+    exits 2 like every other user error. Only a Hydra or OmegaConf error raised
+    before any config reached fttrain counts: a sweep's failed trials, a Slurm
+    launcher's failure or a bug keep exit 1."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    compose_errors = (HydraException, OmegaConfBaseException)
     try:
         main()
     except SystemExit as e:
-        if e.code == 1 and not _composed:
+        if e.code == 1 and not _composed and isinstance(e.__context__, compose_errors):
             raise SystemExit(2) from None
         raise
+    except compose_errors:
+        if _composed:
+            raise
+        import traceback
+
+        traceback.print_exc()  # HYDRA_FULL_ERROR=1 asked for it
+        raise SystemExit(2) from None
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")

@@ -30,11 +30,10 @@ from transformers import Trainer, TrainerCallback
 from fttrain.checkpoints import AtomicCheckpoints
 from fttrain.data.tokenize import IGNORE
 from fttrain.env import is_main_process
-from fttrain.errors import FttrainError
 
 
-class ZeroTrainedTokensError(FttrainError, RuntimeError):
-    pass
+class ZeroTrainedTokensError(RuntimeError):
+    """A bug: the data layer should have dropped rows without trained tokens."""
 
 
 class TokenCounting:

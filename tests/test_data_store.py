@@ -451,3 +451,14 @@ def test_a_csv_file_stays_columnar_until_rows_are_read(tmp_path):
     assert source.read(range(10, 13)) == rows[10:13]  # a contiguous run: one slice
     assert source.read([7, 3, 499]) == [rows[7], rows[3], rows[499]]
     assert source[-1] == rows[-1] and list(source) == rows
+
+
+def test_a_resume_after_the_last_row_of_a_pass_starts_the_next_pass(tmp_path, tokenizer):
+    """Also when the first window produced no rows (all dropped): the next pass, its first row."""
+    path = write_jsonl(tmp_path / "c.jsonl", chats(15))
+    stream = open_stream(cfg_for(path, eval_fraction=0, max_length=256, stream_window=5), tokenizer,
+                         tokenizer.chat_template, True)
+    state = {"window": 5, "rows": 15, "rows_per_window": [0, 5, 3], "epoch_rows": 8}
+    assert stream.resume_after({**state, "consumed": 7}) == (1, 1, 0)  # row 7 was the last of pass 0
+    assert stream.resume_after({**state, "consumed": PASS_STRIDE + 5}) == (1, 2, 1)  # pass 1, row 6: window 2
+    assert stream.resume_after({**state, "consumed": 2 * PASS_STRIDE + 7}) == (3, 1, 0)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +15,7 @@ from conftest import CONF, REPO, run_cli
 def test_the_config_groups_ship_inside_the_package():
     import fttrain
 
-    assert CONF.parent == __import__("pathlib").Path(fttrain.__file__).resolve().parent
+    assert CONF.parent == Path(fttrain.__file__).resolve().parent
     assert (CONF / "config.yaml").exists() and (CONF / "exp" / "tiny_sft.yaml").exists()
     assert not (REPO / "conf").exists()
 
@@ -95,14 +96,28 @@ def test_a_wheel_in_a_fresh_venv_trains_from_another_directory(tmp_path):
     """pip install of the built wheel (not the source tree) runs `fttrain train` from
     an unrelated directory, with the user's own config folder, and the adapter it saves
     is usable from yet another directory (its base model is named by an absolute path)."""
+    import shutil
+
     wheels, venv, work, elsewhere = (tmp_path / d for d in ("wheels", "venv", "work", "elsewhere"))
     for d in (work, elsewhere):
         d.mkdir()
+    # Built from a copy of the tree without build outputs: a stale build/lib would ship removed modules.
+    source = tmp_path / "source"
+    def build_outputs(folder, names):
+        top = {".git", "build", "dist", "outputs"} if Path(folder) == REPO else set()
+        return [n for n in names if n in top or n.endswith(".egg-info") or n in ("__pycache__", ".pytest_cache")]
+
+    shutil.copytree(REPO, source, ignore=build_outputs)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(wheels), str(REPO)], check=True, capture_output=True, timeout=300)
+                    str(wheels), str(source)], check=True, capture_output=True, timeout=300)
     # The venv sees this interpreter's packages (torch, transformers, ...), not this checkout.
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
     wheel = next(wheels.glob("fttrain-*.whl"))
+    import zipfile
+
+    shipped = zipfile.ZipFile(wheel).namelist()
+    assert "fttrain/conf/hydra/launcher/slurm.yaml" in shipped and "fttrain/sbatch/single_node.sbatch.j2" in shipped
+    assert not any(n.endswith(("peft_setup.py", "fttrain/distributed.py")) for n in shipped)
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
                    check=True, capture_output=True, timeout=300)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -150,3 +165,32 @@ def test_a_relative_base_model_is_saved_absolute_and_read_from_anywhere(tmp_path
     monkeypatch.chdir(adapter)
     assert adapter_base(adapter, None) == str(tmp_path / "models" / "base")
     assert adapter_base(adapter, "other/base") == "other/base"
+
+
+def test_config_folders_with_unusual_names_compose(tmp_path):
+    from fttrain.config.compose import compose_config
+
+    folder = tmp_path / "my, conf (é) = 'x'"
+    user_config(folder, tmp_path / "chats.jsonl")
+    cfg = compose_config(["+exp=mine"], config_dirs=[str(folder)])
+    assert cfg.name == "mine" and cfg.data.train == str(tmp_path / "chats.jsonl")
+
+
+def test_only_compose_errors_exit_2(tmp_path):
+    """A typo exits 2 with or without HYDRA_FULL_ERROR; a failure after composing does not."""
+    proc = run_cli(["+exp=tiny_sft", "trainer.max_stepz=3"], cwd=tmp_path, timeout=120, env={"HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode == 2 and "max_stepz" in proc.stderr
+    from fttrain import __main__ as entry
+
+    def fails_after_composing():
+        entry._composed = True
+        raise SystemExit(1)  # as Hydra exits after a task function's exception, or a sweep with failed trials
+
+    old = entry.main
+    entry.main = fails_after_composing
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            entry.cli()
+        assert exit_.value.code == 1
+    finally:
+        entry.main, entry._composed = old, False

@@ -27,4 +27,6 @@ def searchpath_override(config_dirs: Sequence[str]) -> list:
 
     if not config_dirs:
         return []
-    return ["hydra.searchpath=[" + ",".join(f"file://{Path(d).resolve()}" for d in config_dirs) + "]"]
+    # Quoted: a path may hold ',', '=', brackets, quotes or non-ASCII letters, which the override grammar splits on.
+    quoted = [str(Path(d).resolve()).replace("\\", "\\\\").replace("'", "\\'") for d in config_dirs]
+    return ["hydra.searchpath=[" + ",".join(f"'file://{q}'" for q in quoted) + "]"]

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from fttrain.data.formats import Chat, RowError
-from fttrain.data.templates import EMPTY_THINK_RE, TemplateInfo, has_generation_markers, render
+from fttrain.data.templates import EMPTY_THINK_RE, TemplateError, TemplateInfo, has_generation_markers, render
 
 IGNORE = -100
 _start, _end = itemgetter(0), itemgetter(1)
@@ -64,9 +64,10 @@ def token_offsets(tokenizer, texts: Sequence[str]) -> List[Tuple[List[int], List
             and backend.padding is None:
         return [(enc.ids, enc.offsets) for enc in backend.encode_batch(list(texts), add_special_tokens=False)]
     out = []
+    fast = bool(getattr(tokenizer, "is_fast", False))  # a Python tokenizer has no character offsets (None)
     for text in texts:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        out.append((list(enc["input_ids"]), enc["offset_mapping"]))
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast)
+        out.append((list(enc["input_ids"]), enc.get("offset_mapping")))
     return out
 
 
@@ -289,6 +290,10 @@ class ChatEncoder:
         ids, spans = list(ids), planned.spans
         if spans is None:
             return ids, list(ids)
+        if offsets is None:
+            raise TemplateError("task.assistant_only_loss=true finds the trained tokens by their character offsets, "
+                                "which this (Python, not fast) tokenizer does not give; use the model's fast "
+                                "tokenizer (tokenizer.json), or task.assistant_only_loss=false")
         for prompt in planned.prompts:
             if prompt:
                 self._check_token_prefix(prompt, ids, tokens(prompt)[0])

@@ -114,11 +114,10 @@ class RowStream(torch.utils.data.IterableDataset):
     def resume_after(self, state: Dict) -> Tuple[int, int, int]:
         """Start at the row after the checkpoint's furthest trained position;
         returns (pass, window, offset in it)."""
-        pos = state["consumed"]
-        pass_index, index = (pos + 1) // PASS_STRIDE, (pos + 1) % PASS_STRIDE
+        pass_index, index = divmod(state["consumed"] + 1, PASS_STRIDE)
+        if state.get("epoch_rows") and index >= state["epoch_rows"]:  # that row was the last of its pass
+            pass_index, index = pass_index + 1, 0
         window, offset = self.resume(state, index)
-        if (window, offset) == (0, 0) and index > 0:  # that row was the last of its pass
-            pass_index += 1
         self.pass_index = pass_index
         return pass_index, window, offset
 
