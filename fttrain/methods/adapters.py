@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from fttrain.methods.base import Method, PeftConfig, TrainerHooks
-from fttrain.methods.targets import apply_peft_library, resolve_target_modules, targets
+from fttrain.methods.base import Method, PeftConfig, TrainerHooks, apply_peft_library
+from fttrain.methods.targets import resolve_target_modules, targets
 
 
 @dataclass

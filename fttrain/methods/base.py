@@ -57,6 +57,25 @@ class LaunchFacts:
     precision: str
 
 
+def apply_peft_library(config_of):
+    """``Method.apply`` for a method the peft library implements: ``config_of(model,
+    peft_cfg, ctx)`` builds peft's config; the model gets wrapped by get_peft_model."""
+
+    def apply(model, peft_cfg, ctx):
+        from peft import get_peft_model
+
+        return get_peft_model(model, config_of(model, peft_cfg, ctx))
+
+    return apply
+
+
+def importable(module: str) -> bool:
+    """Whether an optional package is installed, without importing it."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def no_problems(*_) -> List[str]:
     return []
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
-from fttrain.methods.base import Method, PeftConfig
-from fttrain.methods.targets import apply_peft_library, targets
+from fttrain.methods.base import Method, PeftConfig, apply_peft_library
+from fttrain.methods.targets import targets
 
 
 @dataclass

@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from typing import List
 
-from fttrain.methods.base import LaunchFacts, Method, PeftConfig
+from fttrain.methods.base import LaunchFacts, Method, PeftConfig, importable
 from fttrain.methods.whole import train_everything
 
 OPTIMIZERS = {"adamw": "galore_adamw", "adamw_8bit": "galore_adamw_8bit", "adafactor": "galore_adafactor"}
@@ -53,9 +52,9 @@ def galore_problems(cfg) -> List[str]:
         out.append("peft.rank and peft.update_proj_gap must be positive")
     if peft.layerwise and trainer.gradient_accumulation_steps != 1:
         out.append("peft.layerwise=true steps each layer during backward: gradient accumulation is impossible")
-    if importlib.util.find_spec("galore_torch") is None:
+    if not importable("galore_torch"):
         out.append("peft=galore needs GaLore's optimizers: pip install 'fttrain[galore]'")
-    if peft.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+    if peft.optimizer == "adamw_8bit" and not importable("bitsandbytes"):
         out.append("peft.optimizer=adamw_8bit needs bitsandbytes: pip install 'fttrain[qlora]'")
     if trainer.optim != "adamw_torch":
         out.append("peft=galore chooses the optimizer itself (peft.optimizer); leave trainer.optim at adamw_torch")

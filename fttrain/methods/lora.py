@@ -3,12 +3,11 @@ LoftQ initialisation, LoRA+ learning rates; QLoRA on a 4/8-bit base."""
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from fttrain.errors import PeftSetupError
-from fttrain.methods.base import LaunchFacts, Method, PeftConfig, TrainerHooks
+from fttrain.methods.base import LaunchFacts, Method, PeftConfig, TrainerHooks, apply_peft_library, importable
 from fttrain.methods.targets import linear_leaf_names, resolve_target_modules
 
 INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "loftq": "loftq"}
@@ -44,7 +43,7 @@ class QLoraConfig(LoraConfig):
     quant_storage: Optional[str] = None
 
 
-def lora_config(model, peft_cfg, task_type: str = "CAUSAL_LM"):
+def lora_config(model, peft_cfg, ctx):
     from peft import LoftQConfig, LoraConfig
 
     extra = {}
@@ -60,15 +59,12 @@ def lora_config(model, peft_cfg, task_type: str = "CAUSAL_LM"):
         use_rslora=peft_cfg.use_rslora,
         use_dora=peft_cfg.use_dora,
         init_lora_weights=INIT[peft_cfg.init],
-        task_type=task_type,
+        task_type=ctx.task_type,
         **extra,
     )
 
 
-def apply_lora(model, peft_cfg, ctx):
-    from peft import get_peft_model
-
-    return get_peft_model(model, lora_config(model, peft_cfg, ctx.task_type))
+apply_lora = apply_peft_library(lora_config)
 
 
 def apply_qlora(model, peft_cfg, ctx):
@@ -162,7 +158,7 @@ def qlora_problems(cfg) -> List[str]:
         v = getattr(peft, key)
         if v not in allowed:
             out.append(f"peft.{key}={v!r} must be one of {list(allowed)}")
-    if importlib.util.find_spec("bitsandbytes") is None:
+    if not importable("bitsandbytes"):
         out.append("peft=qlora needs bitsandbytes: pip install 'fttrain[qlora]'")
     return out
 

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from fttrain.errors import PeftSetupError
-from fttrain.methods.base import Method, PeftConfig
-from fttrain.methods.targets import apply_peft_library
+from fttrain.methods.base import Method, PeftConfig, apply_peft_library
 
 
 @dataclass

@@ -65,15 +65,3 @@ def resolve_target_modules(model, names: List[str]) -> List[str]:
 
 def targets(model, peft_cfg) -> List[str]:
     return resolve_target_modules(model, peft_cfg.target_modules)
-
-
-def apply_peft_library(config_of):
-    """``Method.apply`` for a method the peft library implements: ``config_of(model,
-    peft_cfg, ctx)`` builds peft's config; the model gets wrapped by get_peft_model."""
-
-    def apply(model, peft_cfg, ctx):
-        from peft import get_peft_model
-
-        return get_peft_model(model, config_of(model, peft_cfg, ctx))
-
-    return apply
