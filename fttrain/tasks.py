@@ -1,8 +1,8 @@
 """The tasks, each declared once: its config class, the data formats it reads,
 its recipe, how its samples are batched (packed by fttrain, or padded by TRL's
 trainers), its model head and peft's task type. Checks, the recipe registry and
-the schema's ``task`` group read ``TASKS``; a recipe branches only on the tasks
-of its own family.
+the schema's ``task`` group read ``TASKS``; no module outside this one branches
+on a task's name.
 """
 
 from __future__ import annotations
@@ -12,8 +12,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from omegaconf import MISSING
 
+from fttrain.config.choice import choices
+
 
 # ------------------------------------------------------------ config classes
+# How an SFT chat whose template rewrites earlier turns is trained (see SFTTaskConfig.history_rewrite).
+HistoryRewrite = choices("HistoryRewrite", ("split", "last", "raise"), __name__)
+
+
 @dataclass
 class GenerationEvalConfig:
     """Greedy generation on held-out prompts before and after training."""
@@ -46,7 +52,7 @@ class SFTTaskConfig(TaskConfig):
     # (Qwen3 drops earlier <think> blocks; some fold the system prompt into the
     # last user turn): split = one sample per trained turn (more tokens, every
     # turn trained as served); last = train the last turn only; raise = stop.
-    history_rewrite: str = "split"
+    history_rewrite: HistoryRewrite = HistoryRewrite.split
     generation_eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
 
 
@@ -64,8 +70,10 @@ class PretrainTaskConfig(TaskConfig):
 
 
 # TRL 1.16's DPO losses (DPOConfig.loss_type): what task.loss_type may list.
-DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+DPOLoss = choices("DPOLoss", ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+                               "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"),
+                   __name__)
+KTOLoss = choices("KTOLoss", ("kto", "apo_zero_unpaired"), __name__)
 
 
 @dataclass
@@ -76,7 +84,7 @@ class DPOTaskConfig(TaskConfig):
     beta: float = 0.1  # strength of the pull towards the reference: lower drifts further
     # sigmoid (DPO), ipo, hinge, robust, bco_pair, sppo_hard, nca_pair, aot, aot_unpaired,
     # apo_zero, apo_down, discopop, sft; several with loss_weights = a weighted sum.
-    loss_type: List[str] = field(default_factory=lambda: ["sigmoid"])
+    loss_type: List[DPOLoss] = field(default_factory=lambda: [DPOLoss.sigmoid])
     loss_weights: Optional[List[float]] = None  # with several loss types: their weights in the sum
     label_smoothing: float = 0.0  # > 0: conservative DPO for noisy preference labels
     # auto: with an adapter, a frozen copy of the adapter as it started (TRL's
@@ -95,7 +103,7 @@ class KTOTaskConfig(TaskConfig):
 
     name: str = "kto"
     beta: float = 0.1
-    loss_type: str = "kto"  # kto | apo_zero_unpaired
+    loss_type: KTOLoss = KTOLoss.kto  # kto | apo_zero_unpaired
     desirable_weight: float = 1.0  # raise when good examples are rarer than bad ones
     undesirable_weight: float = 1.0
     reference: str = "auto"  # as for dpo
@@ -187,18 +195,8 @@ def reference_problems(cfg) -> List[str]:
 
 def dpo_problems(cfg) -> List[str]:
     task, out = cfg.task, reference_problems(cfg)
-    bad = [x for x in task.loss_type if x not in DPO_LOSSES]
-    if bad:
-        out.append(f"task.loss_type: {bad} not among TRL's DPO losses {list(DPO_LOSSES)}")
     if task.loss_weights is not None and len(task.loss_weights) != len(task.loss_type):
         out.append(f"task.loss_weights has {len(task.loss_weights)} entries for {len(task.loss_type)} loss types")
-    return out
-
-
-def kto_problems(cfg) -> List[str]:
-    out = reference_problems(cfg)
-    if cfg.task.loss_type not in ("kto", "apo_zero_unpaired"):
-        out.append(f"task.loss_type={cfg.task.loss_type!r}: KTO takes kto or apo_zero_unpaired")
     return out
 
 
@@ -233,12 +231,9 @@ def qa_problems(cfg) -> List[str]:
 
 
 def sft_problems(cfg) -> List[str]:
-    from fttrain.data.chat import HISTORY_REWRITE
     from fttrain.data.formats import ROLES
 
     task, out = cfg.task, []
-    if task.history_rewrite not in HISTORY_REWRITE:
-        out.append(f"task.history_rewrite={task.history_rewrite!r} must be one of {list(HISTORY_REWRITE)}")
     bad = [r for r in task.train_roles if r not in ROLES]
     if bad or not task.train_roles:
         out.append(f"task.train_roles={list(task.train_roles)} must be a non-empty list of {list(ROLES)}")
@@ -322,7 +317,7 @@ TASKS: Dict[str, Task] = {t.name: t for t in (
     Task("dpo", DPOTaskConfig, ("preference",), "preference:PreferenceRecipe", trl=True, check=dpo_problems,
          trl_trainer=TrlTrainer("trl:DPOTrainer", "trl:DPOConfig", dpo_args, reference=True)),
     Task("kto", KTOTaskConfig, ("preference", "unpaired"), "preference:PreferenceRecipe", trl=True,
-         check=kto_problems,
+         check=reference_problems,
          trl_trainer=TrlTrainer("trl:KTOTrainer", "trl:KTOConfig", kto_args, reference=True, unpaired=True)),
     Task("orpo", ORPOTaskConfig, ("preference",), "preference:PreferenceRecipe", trl=True,
          trl_trainer=TrlTrainer("trl.experimental.orpo:ORPOTrainer", "trl.experimental.orpo:ORPOConfig",
@@ -332,10 +327,10 @@ TASKS: Dict[str, Task] = {t.name: t for t in (
     # RL from reward functions
     Task("grpo", GRPOTaskConfig, ("prompt",), "grpo:GRPORecipe", trl=True, check=grpo_problems),
     # encoder heads
-    Task("cls", ClassificationTaskConfig, ("classification",), "encoder:EncoderRecipe", encoder=True,
+    Task("cls", ClassificationTaskConfig, ("classification",), "encoder:ClassificationRecipe", encoder=True,
          peft_task_type="SEQ_CLS", check=cls_problems),
-    Task("ner", NERTaskConfig, ("tokens_tags",), "encoder:EncoderRecipe", encoder=True, peft_task_type="TOKEN_CLS"),
-    Task("qa", QATaskConfig, ("squad",), "encoder:EncoderRecipe", encoder=True, peft_task_type="QUESTION_ANS",
+    Task("ner", NERTaskConfig, ("tokens_tags",), "encoder:NERRecipe", encoder=True, peft_task_type="TOKEN_CLS"),
+    Task("qa", QATaskConfig, ("squad",), "encoder:QARecipe", encoder=True, peft_task_type="QUESTION_ANS",
          check=qa_problems),
 )}
 

@@ -56,6 +56,16 @@ def config_error(overrides) -> str:
     return str(err.value)
 
 
+def compose_error(overrides) -> str:
+    """Hydra's message for overrides the schema refuses, with its cause (the
+    key and the allowed values); the test fails if composing succeeds."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(overrides)
+    return f"{err.value}\n{err.value.__cause__}"
+
+
 def read_jsonl(path) -> list:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

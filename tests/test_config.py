@@ -7,7 +7,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from conftest import CONF, compose, config_error, run_cli
+from conftest import CONF, compose, compose_error, config_error, run_cli
 from fttrain.config.checks import ConfigCheckError, check_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "exp").glob("*.yaml"))
@@ -109,12 +109,41 @@ def test_keys_of_another_peft_method_are_rejected():
         (["model.attn_implementation=flash_attention_2"], "flash-attn"),
         (["data.chat_template=/no/such/template.jinja"], "no such file"),
         (["+data.role_map.bot=robot"], "data.role_map.bot='robot'"),
-        (["task.history_rewrite=sometimes"], "task.history_rewrite='sometimes'"),
         (["task.train_roles=[assistant,robot]"], "task.train_roles"),
     ],
 )
 def test_cross_field_checks(overrides, needle):
     assert needle in config_error(["+exp=tiny_sft"] + overrides)
+
+
+@pytest.mark.parametrize("base, override, allowed", [
+    ("tiny_sft", "data.overlength=chop", "[truncate, drop, raise]"),
+    ("tiny_sft", "task.history_rewrite=sometimes", "[split, last, raise]"),
+    ("tiny_full", "dist=zero3 dist.save_format=gathered", "[full, sharded]"),
+    ("tiny_full", "dist=fsdp dist.activation_checkpointing=torch", "[model, fsdp]"),
+    ("tiny_sft", "peft.init=svd", "[default, gaussian, pissa, loftq]"),
+    ("tiny_sft", "peft.bias=some", "[none, all, lora_only]"),
+    ("tiny_sft", "peft=qlora peft.compute_dtype=float64", "[auto, bfloat16, float16, float32]"),
+    ("tiny_sft", "peft=qlora peft.quant_type=int4", "[nf4, fp4]"),
+    ("tiny_sft", "peft=qlora peft.quant_storage=int8", "[bfloat16, float16, float32, uint8]"),
+    ("tiny_sft", "peft=adapter peft.activation=swish", "[gelu, relu, silu, tanh]"),
+    ("tiny_sft", "peft=adapter peft.placement=beside", "[serial, parallel]"),
+    ("tiny_full", "peft=galore peft.optimizer=sgd", "[adamw, adamw_8bit, adafactor]"),
+    ("tiny_full", "peft=galore peft.proj_type=diag", "[std, reverse_std, right, left, full]"),
+    ("tiny_sft", "peft=p_tuning peft.encoder_type=GRU", "[MLP, LSTM]"),
+    ("tiny_dpo", "task.loss_type=[sigmoid,nope]", "sigmoid, hinge, ipo"),
+    ("tiny_dpo", "task=kto task.loss_type=sigmoid", "[kto, apo_zero_unpaired]"),
+    ("tiny_sft", "precision.dtype=fp64", "[auto, bf16, fp16, fp32]"),
+])
+def test_a_value_outside_a_closed_set_fails_at_compose_with_the_choices(base, override, allowed):
+    # The schema types every closed set (fttrain.config.choice): the key, the
+    # bad value and every allowed one, before any check or model.
+    overrides = override.split()
+    key, value = overrides[-1].split("=")
+    message = compose_error([f"+exp={base}", *overrides])
+    assert f"full_key: {key}" in message, message
+    bad = value.strip("[]").split(",")[-1]
+    assert f"Invalid value '{bad}', expected one of" in message and allowed in message, message
 
 
 def test_kto_reads_pairs_or_unpaired_rows():

@@ -208,12 +208,12 @@ def test_qa_lora_passes_token_types_to_the_model(tmp_path):
     # peft 0.21's PeftModelForQuestionAnswering drops token_type_ids; the recipe
     # passes them on, so the untrained adapter computes exactly what the base does.
     from fttrain.run import prepare_run_dir
-    from fttrain.recipes.encoder import EncoderRecipe
+    from fttrain.recipes.encoder import QARecipe
     from transformers import AutoModelForQuestionAnswering, set_seed
 
     cfg = compose(["+exp=minilm_qa", f"output_root={tmp_path}", "name=qa_types", "dist=single"])
     prepare_run_dir(cfg, tmp_path / "qa_types")
-    recipe = EncoderRecipe(cfg, tmp_path / "qa_types")
+    recipe = QARecipe(cfg, tmp_path / "qa_types")
     recipe.setup()
     batch = recipe.collator(recipe.eval_features[:4])
     batch.pop("sample_ids")

@@ -84,13 +84,9 @@ def check_config(cfg: DictConfig) -> None:
     problems: List[str] = [p for p in unknown_keys(cfg) if not p.startswith("hydra")]
     if problems:  # the remaining checks read keys and could trip over the unknown ones
         raise ConfigCheckError(problems)
-    data, task, peft, trainer, model = cfg.data, cfg.task, cfg.peft, cfg.trainer, cfg.model
+    data, task, trainer, model = cfg.data, cfg.task, cfg.trainer, cfg.model
 
     # --- data
-    from fttrain.config.schema import OVERLENGTH_POLICIES
-
-    if data.overlength not in OVERLENGTH_POLICIES:
-        problems.append(f"data.overlength={data.overlength!r} must be one of {list(OVERLENGTH_POLICIES)}")
     if data.max_length < 8:
         problems.append(f"data.max_length={data.max_length} is too small to hold a prompt and a response")
     if not 0.0 <= data.eval_fraction < 1.0:

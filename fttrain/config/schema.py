@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from fttrain.config.choice import Choice, choices
 from fttrain.methods import METHODS
 from fttrain.methods.base import PeftConfig
 from fttrain.tasks import TASKS, TaskConfig
@@ -35,13 +36,13 @@ def value_of(x):
     return x.value if isinstance(x, Enum) else x
 
 
-class AttnImpl(str, Enum):
+class AttnImpl(Choice):
     sdpa = "sdpa"
     flash_attention_2 = "flash_attention_2"
     eager = "eager"
 
 
-class DataFormat(str, Enum):
+class DataFormat(Choice):
     alpaca = "alpaca"  # instruction / input / output
     sharegpt = "sharegpt"  # conversations: [{from, value}]
     messages = "messages"  # OpenAI style: messages: [{role, content}]
@@ -55,17 +56,21 @@ class DataFormat(str, Enum):
     squad = "squad"  # context / question / answers{text, answer_start}: qa
 
 
-OVERLENGTH_POLICIES = ("truncate", "drop", "raise")  # a str, not an Enum: `raise` is a keyword
+Overlength = choices("Overlength", ("truncate", "drop", "raise"), __name__)
+# full: rank 0 gathers whole weights into one folder; sharded: one shard per rank
+SaveFormat = choices("SaveFormat", ("full", "sharded"), __name__)
+# who checkpoints activations under FSDP: transformers ("model") or FSDP's wrapper
+ActivationCheckpointing = choices("ActivationCheckpointing", ("model", "fsdp"), __name__)
 
 
-class Precision(str, Enum):
+class Precision(Choice):
     auto = "auto"  # bf16 on a GPU that supports it, fp32 otherwise
     bf16 = "bf16"
     fp16 = "fp16"
     fp32 = "fp32"
 
 
-class DistPlan(str, Enum):
+class DistPlan(Choice):
     single = "single"  # one process, no wrapper
     ddp = "ddp"  # torch DistributedDataParallel
     deepspeed = "deepspeed"  # DeepSpeed ZeRO stage 1, 2 or 3
@@ -136,7 +141,7 @@ class DataConfig:
     # learning a new format.
     allow_split_markers: bool = False
     max_length: int = 1024  # longer sequences cost memory quadratically in eager attention
-    overlength: str = "truncate"  # truncate | drop | raise
+    overlength: Overlength = Overlength.truncate  # truncate | drop | raise
     # strict: a bad row raises with its index and field. lenient: it is dropped and counted.
     strict: bool = True
     # Best-fit-decreasing, padding-free rows: faster, same loss. null: on where
@@ -190,7 +195,7 @@ class ZeroDistConfig(DistConfig):
     # full: rank 0 gathers the weights into one standard HF folder (needs the
     # whole model in rank 0's CPU memory). sharded: each rank writes its own
     # shard; `python -m fttrain.consolidate RUN_DIR` merges them later.
-    save_format: str = "full"
+    save_format: SaveFormat = SaveFormat.full
 
 
 @dataclass
@@ -206,8 +211,8 @@ class FsdpDistConfig(DistConfig):
     wrap_class: Optional[str] = None
     # With trainer.gradient_checkpointing: "model" checkpoints through
     # transformers, "fsdp" through FSDP's activation checkpointing wrapper.
-    activation_checkpointing: str = "model"
-    save_format: str = "full"  # full | sharded, as for ZeRO
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.model
+    save_format: SaveFormat = SaveFormat.full  # full | sharded, as for ZeRO
 
 
 @dataclass

@@ -50,7 +50,6 @@ from fttrain.data.templates import EMPTY_THINK_RE, TemplateError, TemplateInfo, 
 
 IGNORE = -100
 _start, _end = itemgetter(0), itemgetter(1)
-HISTORY_REWRITE = ("split", "last", "raise")
 _THINK_BLOCK_RE = re.compile(r"<think>.*?</think>", re.S)
 
 
@@ -78,7 +77,7 @@ class MaskPolicy:
     roles: Tuple[str, ...] = ("assistant",)
     last_turn_only: bool = False
     train_empty_think: bool = False
-    history_rewrite: str = "split"  # one of HISTORY_REWRITE
+    history_rewrite: str = "split"  # split | last | raise (fttrain.tasks.HistoryRewrite)
 
 
 @dataclass

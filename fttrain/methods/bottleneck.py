@@ -23,12 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
 
+from fttrain.config.choice import choices
 from fttrain.methods.base import Method, PeftConfig
 
 CONFIG_NAME = "bottleneck_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 CHILD = "bottleneck_adapter"
 ACTIVATIONS = {"gelu": "GELU", "relu": "ReLU", "silu": "SiLU", "tanh": "Tanh"}  # torch.nn classes
+Activation = choices("Activation", ACTIVATIONS, __name__)
+Placement = choices("Placement", ("serial", "parallel"), __name__)
 # Sublayer names inside one transformer layer, first match wins. The pre-norm
 # names (Llama family) take the sublayer's input and output before the
 # residual; the BERT names are the output projections before the residual
@@ -45,10 +48,10 @@ class BottleneckConfig(PeftConfig):
 
     method: str = "adapter"
     r: int = 64  # bottleneck width: d -> r -> d
-    activation: str = "gelu"  # gelu | relu | silu | tanh
+    activation: Activation = Activation.gelu  # gelu | relu | silu | tanh
     # serial: h + up(act(down(h))) on the sublayer's output (Houlsby et al.).
     # parallel: sublayer(x) + scale * up(act(down(x))) on its input (He et al.).
-    placement: str = "serial"
+    placement: Placement = Placement.serial
     scale: float = 1.0  # multiplies the adapter's output (He et al. use 4 for parallel)
     dropout: float = 0.0
     sublayers: List[str] = field(default_factory=lambda: ["attention", "ffn"])  # drop one to adapt only the other
@@ -106,10 +109,6 @@ def bottleneck_problems(cfg) -> List[str]:
     peft, out = cfg.peft, []
     if peft.r <= 0:
         out.append(f"peft.r={peft.r} must be positive")
-    if peft.activation not in ACTIVATIONS:
-        out.append(f"peft.activation={peft.activation!r} must be one of {sorted(ACTIVATIONS)}")
-    if peft.placement not in ("serial", "parallel"):
-        out.append(f"peft.placement={peft.placement!r} must be serial or parallel")
     bad = [x for x in peft.sublayers if x not in SUBLAYERS]
     if bad or not peft.sublayers:
         out.append(f"peft.sublayers={list(peft.sublayers)} must be a non-empty subset of {sorted(SUBLAYERS)}")

@@ -6,11 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
+from fttrain.config.choice import choices
 from fttrain.methods.base import LaunchFacts, Method, PeftConfig, importable
 from fttrain.methods.whole import train_everything
 
 OPTIMIZERS = {"adamw": "galore_adamw", "adamw_8bit": "galore_adamw_8bit", "adafactor": "galore_adafactor"}
-PROJECTIONS = ("std", "reverse_std", "right", "left", "full")
+GaloreOptimizer = choices("GaloreOptimizer", OPTIMIZERS, __name__)
+Projection = choices("Projection", ("std", "reverse_std", "right", "left", "full"), __name__)
 
 
 @dataclass
@@ -21,10 +23,10 @@ class GaloreConfig(PeftConfig):
     rank: int = 128  # projection rank: the optimizer state of a d x d weight becomes r x d
     update_proj_gap: int = 200  # steps between SVD refreshes of the projection: fewer is slower, tracks better
     scale: float = 0.25
-    proj_type: str = "std"  # std | reverse_std | right | left | full
+    proj_type: Projection = Projection.std  # std | reverse_std | right | left | full
     # projected matrices; the rest use plain AdamW
     target_modules: List[str] = field(default_factory=lambda: ["all_linear"])
-    optimizer: str = "adamw"  # adamw | adamw_8bit | adafactor
+    optimizer: GaloreOptimizer = GaloreOptimizer.adamw  # adamw | adamw_8bit | adafactor
     layerwise: bool = False  # per-layer optimizer steps: less memory; one process only, no grad clipping
 
 
@@ -44,10 +46,6 @@ def galore_args(peft_cfg) -> dict:
 
 def galore_problems(cfg) -> List[str]:
     peft, trainer, out = cfg.peft, cfg.trainer, []
-    if peft.optimizer not in OPTIMIZERS:
-        out.append(f"peft.optimizer={peft.optimizer!r} must be adamw, adamw_8bit or adafactor")
-    if peft.proj_type not in PROJECTIONS:
-        out.append(f"peft.proj_type={peft.proj_type!r} must be std, reverse_std, right, left or full")
     if peft.rank <= 0 or peft.update_proj_gap <= 0:
         out.append("peft.rank and peft.update_proj_gap must be positive")
     if peft.layerwise and trainer.gradient_accumulation_steps != 1:

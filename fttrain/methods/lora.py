@@ -6,11 +6,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from fttrain.config.choice import choices
 from fttrain.errors import PeftSetupError
 from fttrain.methods.base import LaunchFacts, Method, PeftConfig, TrainerHooks, apply_peft_library, importable
 from fttrain.methods.targets import linear_leaf_names, resolve_target_modules
 
-INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "loftq": "loftq"}
+INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "loftq": "loftq"}  # peft's init_lora_weights
+LoraInit = choices("LoraInit", INIT, __name__)
+LoraBias = choices("LoraBias", ("none", "all", "lora_only"), __name__)
+QuantType = choices("QuantType", ("nf4", "fp4"), __name__)
+ComputeDtype = choices("ComputeDtype", ("auto", "bfloat16", "float16", "float32"), __name__)
+QuantStorage = choices("QuantStorage", ("bfloat16", "float16", "float32", "uint8"), __name__)
 
 
 @dataclass
@@ -19,14 +25,14 @@ class LoraConfig(PeftConfig):
     r: int = 16  # rank: higher learns more, costs memory and adapter size
     alpha: int = 32  # scale = alpha / r
     dropout: float = 0.0  # 0: deterministic and fastest; 0.05-0.1 can help on small data sets
-    bias: str = "none"  # none | all | lora_only
+    bias: LoraBias = LoraBias.none  # none | all | lora_only
     # or [attention], [query_value], or module names like [q_proj, v_proj]
     target_modules: List[str] = field(default_factory=lambda: ["all_linear"])
     # whole modules trained and saved next to the adapter (e.g. [lm_head])
     modules_to_save: List[str] = field(default_factory=list)
     use_rslora: bool = False  # scale alpha/sqrt(r): keeps high ranks stable
     use_dora: bool = False  # magnitude/direction split: often better, ~2x slower steps
-    init: str = "default"  # default | gaussian | pissa | loftq
+    init: LoraInit = LoraInit.default  # default | gaussian | pissa | loftq
     loftq_bits: int = 4  # init=loftq: the bit width the base will be quantised to
     # LoRA+: B matrices learn at learning_rate x this ratio (paper: 16). null: off.
     loraplus_lr_ratio: Optional[float] = None
@@ -36,11 +42,11 @@ class LoraConfig(PeftConfig):
 class QLoraConfig(LoraConfig):
     method: str = "qlora"
     bits: int = 4  # 4 (nf4/fp4) or 8
-    quant_type: str = "nf4"  # nf4 | fp4
+    quant_type: QuantType = QuantType.nf4  # nf4 | fp4
     double_quant: bool = True  # quantise the quantisation constants: ~0.4 bit/param saved
-    compute_dtype: str = "auto"  # auto: follows precision (bf16 -> bfloat16, fp16 -> float16, else float32)
+    compute_dtype: ComputeDtype = ComputeDtype.auto  # auto: follows precision (bf16 -> bfloat16, fp16 -> float16, else float32)
     # Needed for ZeRO-3 / FSDP: must equal the compute dtype there.
-    quant_storage: Optional[str] = None
+    quant_storage: Optional[QuantStorage] = None
 
 
 def lora_config(model, peft_cfg, ctx):
@@ -135,10 +141,6 @@ def lora_problems(cfg) -> List[str]:
     peft, out = cfg.peft, []
     if peft.r <= 0:
         out.append(f"peft.r={peft.r} must be positive")
-    if peft.bias not in ("none", "all", "lora_only"):
-        out.append(f"peft.bias={peft.bias!r} must be none, all or lora_only")
-    if peft.init not in INIT:
-        out.append(f"peft.init={peft.init!r} must be one of {list(INIT)}")
     if peft.loraplus_lr_ratio is not None and peft.loraplus_lr_ratio <= 0:
         out.append(f"peft.loraplus_lr_ratio={peft.loraplus_lr_ratio} must be positive (or null for plain LoRA)")
     return out
@@ -151,13 +153,6 @@ def qlora_problems(cfg) -> List[str]:
         out.append("peft.init=loftq initialises against a quantisation itself: use it with peft=lora, not qlora")
     if peft.bits not in (4, 8):
         out.append(f"peft.bits={peft.bits} must be 4 or 8")
-    if peft.quant_type not in ("nf4", "fp4"):
-        out.append(f"peft.quant_type={peft.quant_type!r} must be nf4 or fp4")
-    for key, allowed in (("compute_dtype", ("auto", "bfloat16", "float16", "float32")),
-                         ("quant_storage", (None, "bfloat16", "float16", "float32", "uint8"))):
-        v = getattr(peft, key)
-        if v not in allowed:
-            out.append(f"peft.{key}={v!r} must be one of {list(allowed)}")
     if not importable("bitsandbytes"):
         out.append("peft=qlora needs bitsandbytes: pip install 'fttrain[qlora]'")
     return out

@@ -6,8 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from fttrain.config.choice import choices
 from fttrain.errors import PeftSetupError
 from fttrain.methods.base import Method, PeftConfig, apply_peft_library
+
+PromptEncoder = choices("PromptEncoder", ("MLP", "LSTM"), __name__)  # p-tuning's reparameterisation
 
 
 @dataclass
@@ -30,7 +33,7 @@ class PTuningConfig(PeftConfig):
     method: str = "p_tuning"
     num_virtual_tokens: int = 20
     encoder_hidden_size: int = 512
-    encoder_type: str = "MLP"  # MLP | LSTM
+    encoder_type: PromptEncoder = PromptEncoder.MLP  # MLP | LSTM
 
 
 @dataclass

@@ -9,11 +9,8 @@ from typing import List
 
 from fttrain.methods import method_of
 from fttrain.methods.base import LaunchFacts
-from fttrain.plan import (PlanError, Topology, gradient_accumulation, needs_process_group, plan_label, plan_of,
-                          shards_weights)
+from fttrain.plan import PlanError, Topology, gradient_accumulation, plan_label, plan_of, shards_weights
 
-SAVE_FORMATS = ("full", "sharded")
-CHECKPOINTING_SOURCES = ("model", "fsdp")
 # Optimizers whose state is kept by bitsandbytes: DeepSpeed's and FSDP's CPU
 # offload cannot hold it (DeepSpeed replaces the optimizer with its CPU Adam).
 EIGHT_BIT_MARKERS = ("8bit", "4bit", "bnb")
@@ -56,10 +53,6 @@ def check_plan(cfg, topology: Topology, precision: str, on_gpu: bool) -> None:
         if dist.offload_params and dist.stage != 3:
             problems.append(f"dist.offload_params=true needs dist.stage=3 (stage {dist.stage} keeps whole weights on each GPU)")
     if plan == "fsdp":
-        if dist.activation_checkpointing not in CHECKPOINTING_SOURCES:
-            problems.append(
-                f"dist.activation_checkpointing={dist.activation_checkpointing!r} must be one of {list(CHECKPOINTING_SOURCES)}"
-            )
         if dist.hybrid and topology.num_nodes < 2:
             problems.append(
                 f"dist.hybrid=true (dist={label}) shards within a node and replicates across nodes, but this launch has "
@@ -67,9 +60,6 @@ def check_plan(cfg, topology: Topology, precision: str, on_gpu: bool) -> None:
             )
         if dist.hybrid and topology.local_world_size < 2:
             problems.append("dist.hybrid=true needs at least 2 processes per node to shard over")
-
-    if needs_process_group(dist) and dist.save_format not in SAVE_FORMATS:
-        problems.append(f"dist.save_format={dist.save_format!r} must be one of {list(SAVE_FORMATS)}")
 
     problems += method_plan_problems(peft, dist, label, topology)
     problems += method_of(peft).launch_problems(

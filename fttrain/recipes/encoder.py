@@ -1,4 +1,5 @@
-"""Encoder heads (tasks ``cls``, ``ner``, ``qa``); the shared steps are in ``base.py``:
+"""Encoder heads: ClassificationRecipe (task ``cls``), NERRecipe (``ner``) and
+QARecipe (``qa``) on the steps EncoderRecipe shares; the run's steps are in ``base.py``:
 
     data       rows -> label names (task.labels, or sorted from the train rows; ner: O first)
                -> features (``data/encoder.py``): cls and ner one per row; qa one per
@@ -68,13 +69,6 @@ TARGETS = ("labels", "start_positions", "end_positions")
 PREDICTION_ROWS = 16  # eval rows written to predictions.jsonl
 
 
-def summary_metrics(task) -> tuple:
-    """The numbers the run's last log lines compare before and after training."""
-    if task.name == "cls":
-        return ("macro_f1", "micro_f1") if task.multi_label else ("accuracy", "macro_f1")
-    return ("f1",) if task.name == "ner" else ("exact_match", "f1")
-
-
 class FeatureCollator:
     """Pads what the model takes (inputs, targets). A feature's row id travels
     as ``sample_ids`` for the rank records; offset maps stay behind (the
@@ -132,13 +126,13 @@ def keep_token_type_ids(model) -> None:
     model.forward = types.MethodType(forward, model)
 
 
-def virtual_token_count(model, task: str) -> int:
+def virtual_token_count(model) -> int:
     """Positions peft's prompt tuning and p-tuning put before the input of a
-    ner or qa model: its logits cover them, its targets are left as they were
-    (peft 0.21), so the trainer moves the targets (see shift_targets)."""
+    token or span model: its logits cover them, its targets are left as they
+    were (peft 0.21), so the trainer moves the targets (see shift_targets)."""
     from peft import PeftModel, PeftType
 
-    if task == "cls" or not isinstance(model, PeftModel):
+    if not isinstance(model, PeftModel):
         return 0
     config = model.active_peft_config
     return config.num_virtual_tokens if config.peft_type in (PeftType.PROMPT_TUNING, PeftType.P_TUNING) else 0
@@ -196,20 +190,26 @@ class EncoderTrainer(AtomicCheckpoints, MethodParamGroups, TokenCounting, Traine
 
 
 class EncoderRecipe(Recipe):
-    """Tasks ``cls`` (single- or multi-label, text or text pairs), ``ner`` and ``qa``."""
+    """The steps every head shares; ClassificationRecipe, NERRecipe and
+    QARecipe (the tasks' recipes in fttrain.tasks) say what differs."""
 
+    auto_model = ""  # the transformers Auto class of the head
+    label_field: Optional[str] = None  # the column whose values are the label names; None: no labels (qa)
+    summary_metrics: tuple = ()  # the numbers the run's last log lines compare before and after training
+    shifts_targets = True  # targets per token or position: move them past prompt tuning's virtual tokens
+    multi_label = False  # one label per row (a softmax); ClassificationRecipe reads task.multi_label
     before = None  # eval metrics at train begin
     predictions: List[Dict] = []  # per eval row, from the latest evaluation
-    @property
-    def batch_unit(self):
-        return "context windows" if self.cfg.task.name == "qa" else "samples"
 
     # ------------------------------------------------------------ data
     def setup_data(self) -> None:
         data = self.cfg.data
         train_split, eval_split = load_splits(data)
         self.label_names = self._label_names(train_split)
-        encode_train, encode_eval = self._encoders()
+        try:
+            encode_train, encode_eval = self.make_encoders()
+        except ValueError as e:  # too few or repeated labels, a slow tokenizer
+            raise ConfigCheckError([f"task={self.cfg.task.name}: {e}"]) from None
         # example_id: a feature's row, for rank records, NER words and QA windows.
         options = dict(strict=data.strict, keep_example_ids=True, overlength=data.overlength)
         train = encode_rows(encode_train, train_split.rows, train_split.ids, train_split.source, **options)
@@ -226,73 +226,43 @@ class EncoderRecipe(Recipe):
             for split in ("train", "eval"):
                 cut = self.data_report.get(split, {}).get("truncated", 0)
                 if cut:
-                    what = "answers in no window (raise task.doc_stride)" if self.cfg.task.name == "qa" else \
-                        f"rows cut at data.max_length={data.max_length}"
-                    log.warning("%s: %d %s", split, cut, what)
+                    log.warning("%s: %d %s", split, cut, self.truncated_what())
+
+    def truncated_what(self) -> str:
+        return f"rows cut at data.max_length={self.cfg.data.max_length}"
 
     def _label_names(self, split) -> Optional[List[str]]:
         task, columns = self.cfg.task, self.cfg.data.columns
-        if task.name == "qa":
+        if self.label_field is None:
             return None
         if task.labels is not None:
-            names = list(task.labels)
-        else:
-            field = "tags" if task.name == "ner" else "labels" if task.multi_label else "label"
-            try:
-                names = collect_label_names([split.rows[i] for i in split.ids], columns.get(field, field))
-            except ValueError as e:
-                raise DataError(f"{split.source}: {e}") from None
-            if task.name == "ner" and "O" in names:  # O is id 0, as in CoNLL label lists
-                names = ["O"] + [n for n in names if n != "O"]
-        if task.name == "cls" and set(task.thresholds) - set(names):
-            raise ConfigCheckError([f"task.thresholds names labels not in the data's labels {names}: "
-                                    f"{sorted(set(task.thresholds) - set(names))}"])
+            return list(task.labels)
+        try:
+            names = collect_label_names([split.rows[i] for i in split.ids], columns.get(self.label_field,
+                                                                                         self.label_field))
+        except ValueError as e:
+            raise DataError(f"{split.source}: {e}") from None
+        return self.order_labels(names)
+
+    def order_labels(self, names: List[str]) -> List[str]:
+        """The label names found in the data (sorted), in id order."""
         return names
 
-    def _encoders(self):
-        """(train encoder, eval encoder): row -> Encoded features."""
-        task, data, tok = self.cfg.task, self.cfg.data, self.tokenizer
-        try:
-            if task.name == "cls":
-                self.encoder = ClassificationEncoder(tok, self.label_names, data.max_length, task.multi_label,
-                                                     data.columns)
-            elif task.name == "ner":
-                self.encoder = NEREncoder(tok, self.label_names, data.max_length, task.label_all_tokens, data.columns)
-            else:
-                self.encoder = QAEncoder(tok, data.max_length, task.doc_stride, task.version_2_with_negative,
-                                         data.columns)
-                return self.encoder.train_features, self._qa_eval_features
-        except ValueError as e:  # too few or repeated labels, a slow tokenizer
-            raise ConfigCheckError([f"task={task.name}: {e}"]) from None
-        return self.encoder, self.encoder
-
-    def _qa_eval_features(self, row) -> Encoded:
-        """Eval windows (offsets for the answer text) with the answer's token
-        positions of the same windows, so the eval loss is the training loss."""
-        windows, targets = self.encoder.eval_features(row), self.encoder.train_features(row)
-        for feature, target in zip(windows.features, targets.features):
-            feature["start_positions"], feature["end_positions"] = target["start_positions"], target["end_positions"]
-        return Encoded(windows.features, targets.truncated)
+    def make_encoders(self):
+        """(train encoder, eval encoder): row -> Encoded features; sets self.encoder."""
+        raise NotImplementedError
 
     # ----------------------------------------------------------- model
-    def setup_model(self) -> None:
-        super().setup_model()
-        keep_token_type_ids(self.model)  # qa with a peft adapter
-
     def load_model(self, precision, quantization_config):
         import transformers
 
         from fttrain.config.schema import value_of
         from fttrain.models.load import DTYPES
 
-        task = self.cfg.task
-        auto = {"cls": transformers.AutoModelForSequenceClassification,
-                "ner": transformers.AutoModelForTokenClassification,
-                "qa": transformers.AutoModelForQuestionAnswering}[task.name]
         kwargs = {"quantization_config": quantization_config} if quantization_config is not None else {}
         if self.label_names is not None:  # num_labels, id2label, label2id, problem_type
-            kwargs.update(model_label_config(self.label_names, multi_label=task.name == "cls" and task.multi_label))
-        model = auto.from_pretrained(
+            kwargs.update(model_label_config(self.label_names, multi_label=self.multi_label))
+        model = getattr(transformers, self.auto_model).from_pretrained(
             self.model_path, dtype=DTYPES[precision], revision=self.cfg.model.revision,
             trust_remote_code=self.cfg.model.trust_remote_code,
             attn_implementation=str(value_of(self.cfg.model.attn_implementation)), **kwargs)
@@ -300,18 +270,20 @@ class EncoderRecipe(Recipe):
             model.config.pad_token_id = self.tokenizer.pad_token_id
         return model
 
-    def build_trainer(self):
-        from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
+    def padding(self):
+        """The collator that pads a batch's features (and, per token, their labels)."""
+        from transformers import DataCollatorWithPadding
 
+        return DataCollatorWithPadding(self.tokenizer)
+
+    def loss_func(self):
+        """The Trainer's compute_loss_func; None: the head's own loss."""
+        return None
+
+    def build_trainer(self):
         from fttrain.trainer import AtTrainBegin
 
-        task = self.cfg.task
-        pad = DataCollatorForTokenClassification(self.tokenizer) if task.name == "ner" \
-            else DataCollatorWithPadding(self.tokenizer)
-        self.collator = FeatureCollator(pad)
-        loss_func = None
-        if task.name == "cls" and task.class_weights is not None:
-            loss_func = weighted_loss(torch.tensor(list(task.class_weights), dtype=torch.float32), task.multi_label)
+        self.collator = FeatureCollator(self.padding())
         trainer = EncoderTrainer(
             model=self.model,
             args=self.args,
@@ -319,13 +291,13 @@ class EncoderRecipe(Recipe):
             eval_dataset=self.eval_features,
             data_collator=self.collator,
             processing_class=self.tokenizer,
-            compute_loss_func=loss_func,
+            compute_loss_func=self.loss_func(),
             callbacks=self.callbacks(AtTrainBegin(self._metrics_before)),
             task_eval=self.evaluate_task,
             param_groups=self.hooks.param_groups,
         )
         trainer.setup_accounting(self.cfg.trainer.rank_records)
-        trainer.virtual_tokens = virtual_token_count(self.model, task.name)
+        trainer.virtual_tokens = virtual_token_count(self.model) if self.shifts_targets else 0
         return trainer
 
     # ------------------------------------------------------------ train
@@ -334,14 +306,13 @@ class EncoderRecipe(Recipe):
         if self.eval_features is not None:
             self.before = self.evaluate_task()
             if self.is_main:
-                log.info("eval before training: %s",
-                         {k: round(self.before[k], 4) for k in summary_metrics(self.cfg.task)})
+                log.info("eval before training: %s", {k: round(self.before[k], 4) for k in self.summary_metrics})
 
     @torch.no_grad()
     def evaluate_task(self) -> Dict[str, float]:
         """Eval loss and the task's metrics over every eval row exactly once;
         keeps the per-row predictions in self.predictions."""
-        trainer, features, task = self.trainer, self.eval_features, self.cfg.task.name
+        trainer, features = self.trainer, self.eval_features
         model = trainer.model
         was_training = model.training
         model.eval()
@@ -351,37 +322,113 @@ class EncoderRecipe(Recipe):
             batch = trainer._prepare_inputs(self.collator(features[start:start + bs]))
             with trainer.compute_loss_context_manager():
                 loss, out = trainer.compute_loss(model, batch, return_outputs=True)
-            # Loss weights: rows, or for ner the labelled tokens (the head's own mean).
-            weight = int((batch["labels"] != IGNORE).sum()) if task == "ner" else batch["input_ids"].shape[0]
+            weight = self.loss_weight(batch)
             loss_sum, loss_weight = loss_sum + float(loss) * weight, loss_weight + weight
-            raw += self._per_feature(out, batch["input_ids"].shape[1])
+            raw += self.per_feature(out, batch["input_ids"].shape[1])
         if was_training:
             model.train()
-        metrics, self.predictions = {"cls": self._score_cls, "ner": self._score_ner, "qa": self._score_qa}[task](raw)
+        metrics, self.predictions = self.score(raw)
         return {"loss": loss_sum / max(loss_weight, 1), **metrics}
 
-    def _per_feature(self, out, length: int) -> List:
-        """One numpy result per feature: class logits (cls), predicted tag ids per
-        token (ner), (start, end) logits (qa). Virtual-token methods put their
-        tokens before the input; only the input's positions are kept."""
-        if self.cfg.task.name == "cls":
-            return list(out.logits.float().cpu().numpy())
-        if self.cfg.task.name == "ner":
-            return list(out.logits[:, -length:].argmax(-1).cpu().numpy())
-        starts, ends = (x[:, -length:].float().cpu().numpy() for x in (out.start_logits, out.end_logits))
-        return list(zip(starts, ends))
+    def loss_weight(self, batch) -> int:
+        """What the head's loss is a mean over: rows."""
+        return batch["input_ids"].shape[0]
 
-    def _score_cls(self, logits: List[np.ndarray]):
+    def per_feature(self, out, length: int) -> List:
+        """One numpy result per feature from the model's outputs for a batch
+        padded to length. Virtual-token methods put their tokens before the
+        input; only the input's positions are kept."""
+        raise NotImplementedError
+
+    def score(self, raw: List):
+        """(metrics, per-row predictions) from every eval feature's result."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------- save
+    def save_extra_files(self, folder) -> None:
+        """labels.json: the label names in id order (also in config.json's
+        id2label when the whole model is saved; an adapter folder has no
+        config.json)."""
+        if self.label_names is not None:
+            atomic.write_json(folder / "labels.json",
+                              {"task": self.cfg.task.name, "labels": self.label_names, **self.label_info()})
+
+    def label_info(self) -> dict:
+        return {}
+
+    def task_metrics(self) -> dict:
+        """eval_<metric> (after training), eval_<metric>_before and _after;
+        predictions.jsonl with the first eval rows."""
+        after = {k[len("eval_"):]: v for k, v in self.eval_metrics.items() if k.startswith("eval_")}
+        if not after:
+            return {}
+        metrics = {f"eval_{k}": v for k, v in after.items()}
+        for when, values in (("before", self.before), ("after", after)):
+            for k, v in (values or {}).items():
+                metrics[f"eval_{k}_{when}"] = v
+        atomic.write_jsonl(self.run_dir / "predictions.jsonl", self.predictions[:PREDICTION_ROWS])
+        return metrics
+
+    def log_task_summary(self, metrics: dict) -> None:
+        rows = len(self.predictions)
+        for key in self.summary_metrics:
+            if f"eval_{key}_after" in metrics:
+                log.info("held-out %s: %.3f before -> %.3f after training (%d eval rows)", key,
+                         metrics.get(f"eval_{key}_before", float("nan")), metrics[f"eval_{key}_after"], rows)
+
+
+class ClassificationRecipe(EncoderRecipe):
+    """One label per row (softmax) or, task.multi_label, any number (a sigmoid
+    and a threshold per label); text or text pairs."""
+
+    auto_model = "AutoModelForSequenceClassification"
+    shifts_targets = False  # one label per row: nothing to move
+
+    @property
+    def label_field(self):
+        return "labels" if self.cfg.task.multi_label else "label"
+
+    @property
+    def multi_label(self):
+        return bool(self.cfg.task.multi_label)
+
+    @property
+    def summary_metrics(self):
+        return ("macro_f1", "micro_f1") if self.multi_label else ("accuracy", "macro_f1")
+
+    def _label_names(self, split):
+        names, task = super()._label_names(split), self.cfg.task
+        if set(task.thresholds) - set(names):
+            raise ConfigCheckError([f"task.thresholds names labels not in the data's labels {names}: "
+                                    f"{sorted(set(task.thresholds) - set(names))}"])
+        return names
+
+    def make_encoders(self):
+        data = self.cfg.data
+        self.encoder = ClassificationEncoder(self.tokenizer, self.label_names, data.max_length, self.multi_label,
+                                             data.columns)
+        return self.encoder, self.encoder
+
+    def loss_func(self):
+        weights = self.cfg.task.class_weights
+        if weights is None:
+            return None
+        return weighted_loss(torch.tensor(list(weights), dtype=torch.float32), self.multi_label)
+
+    def per_feature(self, out, length):
+        return list(out.logits.float().cpu().numpy())  # class logits
+
+    def score(self, logits: List[np.ndarray]):
         from fttrain.metrics.classification import multi_label_metrics, single_label_metrics
 
-        task, names = self.cfg.task, self.label_names
+        names = self.label_names
         logits = np.stack(logits)
         gold = np.asarray([f["labels"] for f in self.eval_features])
-        if task.multi_label:
-            thresholds = np.asarray([task.thresholds.get(n, task.threshold) for n in names], dtype=np.float64)
-            metrics = multi_label_metrics(logits, gold, names, thresholds)
+        if self.multi_label:
+            thresholds = self.thresholds()
+            metrics = multi_label_metrics(logits, gold, names, np.asarray(list(thresholds.values())))
             scores = 1 / (1 + np.exp(-logits.astype(np.float64)))
-            predicted = [[n for n, s, t in zip(names, row, thresholds) if s > t] for row in scores]
+            predicted = [[n for n, s in zip(names, row) if s > thresholds[n]] for row in scores]
         else:
             metrics = single_label_metrics(logits, gold, names)
             scores = np.exp(logits - logits.max(-1, keepdims=True))
@@ -392,7 +439,49 @@ class EncoderRecipe(Recipe):
                        for f, p, row in zip(self.eval_features, predicted, scores)]
         return metrics, predictions
 
-    def _score_ner(self, token_predictions: List[np.ndarray]):
+    def thresholds(self) -> Dict[str, float]:
+        """Each label's decision threshold (multi-label), in id order."""
+        task = self.cfg.task
+        return {n: float(task.thresholds.get(n, task.threshold)) for n in self.label_names}
+
+    def label_info(self):
+        """For multi-label, the decision thresholds too."""
+        info = {"multi_label": self.multi_label}
+        if self.multi_label:
+            info["thresholds"] = self.thresholds()
+        return info
+
+
+class NERRecipe(EncoderRecipe):
+    """A tag per word (CoNLL tokens/tags), read at each word's first sub-token."""
+
+    auto_model = "AutoModelForTokenClassification"
+    label_field = "tags"
+    summary_metrics = ("f1",)
+
+    def order_labels(self, names):
+        if "O" in names:  # O is id 0, as in CoNLL label lists
+            names = ["O"] + [n for n in names if n != "O"]
+        return names
+
+    def make_encoders(self):
+        data = self.cfg.data
+        self.encoder = NEREncoder(self.tokenizer, self.label_names, data.max_length, self.cfg.task.label_all_tokens,
+                                  data.columns)
+        return self.encoder, self.encoder
+
+    def padding(self):
+        from transformers import DataCollatorForTokenClassification
+
+        return DataCollatorForTokenClassification(self.tokenizer)  # pads labels with -100
+
+    def loss_weight(self, batch):
+        return int((batch["labels"] != IGNORE).sum())  # the head's mean is over labelled tokens
+
+    def per_feature(self, out, length):
+        return list(out.logits[:, -length:].argmax(-1).cpu().numpy())  # predicted tag ids per token
+
+    def score(self, token_predictions: List[np.ndarray]):
         from fttrain.metrics.entities import entity_metrics
 
         gold, predicted, predictions = [], [], []
@@ -403,7 +492,41 @@ class EncoderRecipe(Recipe):
             predictions.append({"row": feature["example_id"], **row, "predicted": predicted[-1]})
         return entity_metrics(gold, predicted), predictions
 
-    def _score_qa(self, logits: List):
+
+class QARecipe(EncoderRecipe):
+    """Extractive answers (SQuAD): one feature per context window; the best
+    span over a row's windows."""
+
+    auto_model = "AutoModelForQuestionAnswering"
+    summary_metrics = ("exact_match", "f1")
+    batch_unit = "context windows"
+
+    def truncated_what(self):
+        return "answers in no window (raise task.doc_stride)"
+
+    def make_encoders(self):
+        task, data = self.cfg.task, self.cfg.data
+        self.encoder = QAEncoder(self.tokenizer, data.max_length, task.doc_stride, task.version_2_with_negative,
+                                 data.columns)
+        return self.encoder.train_features, self._eval_features
+
+    def _eval_features(self, row) -> Encoded:
+        """Eval windows (offsets for the answer text) with the answer's token
+        positions of the same windows, so the eval loss is the training loss."""
+        windows, targets = self.encoder.eval_features(row), self.encoder.train_features(row)
+        for feature, target in zip(windows.features, targets.features):
+            feature["start_positions"], feature["end_positions"] = target["start_positions"], target["end_positions"]
+        return Encoded(windows.features, targets.truncated)
+
+    def setup_model(self) -> None:
+        super().setup_model()
+        keep_token_type_ids(self.model)
+
+    def per_feature(self, out, length):
+        starts, ends = (x[:, -length:].float().cpu().numpy() for x in (out.start_logits, out.end_logits))
+        return list(zip(starts, ends))
+
+    def score(self, logits: List):
         from fttrain.metrics.squad import postprocess_qa, squad_metrics
 
         task = self.cfg.task
@@ -422,39 +545,3 @@ class EncoderRecipe(Recipe):
         references = {i: [text for text, _ in self.encoder.answers(row)] for i, row in rows.items()}
         predictions = [{"row": i, **rows[i], "predicted": answers[i]} for i in ids]
         return squad_metrics(answers, references), predictions
-
-    # ------------------------------------------------------------- save
-    def save_extra_files(self, folder) -> None:
-        """labels.json: the label names in id order (also in config.json's
-        id2label when the whole model is saved; an adapter folder has no
-        config.json), and for multi-label the decision thresholds."""
-        task = self.cfg.task
-        if self.label_names is None:
-            return
-        info = {"task": task.name, "labels": self.label_names}
-        if task.name == "cls":
-            info["multi_label"] = bool(task.multi_label)
-            if task.multi_label:
-                info["thresholds"] = {n: float(task.thresholds.get(n, task.threshold)) for n in self.label_names}
-        atomic.write_json(folder / "labels.json", info)
-
-    def task_metrics(self) -> dict:
-        """eval_<metric> (after training), eval_<metric>_before and _after;
-        predictions.jsonl with the first eval rows."""
-        after = {k[len("eval_"):]: v for k, v in self.eval_metrics.items() if k.startswith("eval_")}
-        if not after:
-            return {}
-        metrics = {f"eval_{k}": v for k, v in after.items()}
-        for when, values in (("before", self.before), ("after", after)):
-            for k, v in (values or {}).items():
-                metrics[f"eval_{k}_{when}"] = v
-        atomic.write_jsonl(self.run_dir / "predictions.jsonl", self.predictions[:PREDICTION_ROWS])
-        return metrics
-
-    def log_task_summary(self, metrics: dict) -> None:
-        rows = len(self.predictions)
-        for key in summary_metrics(self.cfg.task):
-            if f"eval_{key}_after" in metrics:
-                log.info("held-out %s: %.3f before -> %.3f after training (%d eval rows)", key,
-                         metrics.get(f"eval_{key}_before", float("nan")), metrics[f"eval_{key}_after"], rows)
-
