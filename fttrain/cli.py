@@ -8,6 +8,8 @@
     fttrain generate RUN_DIR --prompt TEXT                           sample from a trained run
     fttrain numerics RUN_DIR                                         compare numerics of saved outputs
     fttrain consolidate CHECKPOINT                                   merge sharded weights
+    fttrain bench +exp=tiny_sft [--chats 3000] [--steps 40]          speed against TRL and a raw loop
+    fttrain estimate +exp=llama8b_qlora [--world-size 8]             peak GPU memory, from the config alone
 
 ``fttrain train ARGS`` is ``python -m fttrain ARGS``; under several processes
 keep ``accelerate launch -m fttrain ARGS``. Every command takes ``-h``.
@@ -33,6 +35,8 @@ COMMANDS: Dict[str, str] = {
     "generate": "fttrain.generate",
     "numerics": "fttrain.numerics",
     "consolidate": "fttrain.consolidate",
+    "bench": "fttrain.bench",
+    "estimate": "fttrain.estimate",
 }
 
 

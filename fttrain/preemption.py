@@ -8,9 +8,11 @@ their workers, and one rank is enough, because:
 
 * each rank's handler only sets a flag (nothing unsafe runs inside a signal
   handler), and the current optimizer step finishes;
-* after every step the ranks take the maximum of their flags (one small
-  all-reduce), so all ranks stop after the same step, and none exits alone
-  leaving the others waiting in a collective;
+* every ``trainer.stop_check_steps`` steps the ranks take the maximum of
+  their flags (one small all-reduce, and reading it back is a device sync,
+  hence not every step), so all ranks stop after the same step, and none
+  exits alone leaving the others waiting in a collective; one process reads
+  its own flag after every step;
 * they write one checkpoint together (fttrain.checkpoints: complete or absent),
   the recipe skips the final evaluation and save;
 * when the signal was a time-limit warning (USR1 from the batch script, USR2
@@ -54,10 +56,11 @@ def signal_name(number: int) -> str:
 
 
 class StopOnSignal(TrainerCallback):
-    """Installs handlers for ``signals``; after each optimizer step the ranks
-    agree whether any of them got one, and if so save and stop together."""
+    """Installs handlers for ``signals``; every ``check_steps`` optimizer steps
+    the ranks agree whether any of them got one, and if so save and stop together."""
 
-    def __init__(self, signals: List[str], requeue_signals: List[str]):
+    def __init__(self, signals: List[str], requeue_signals: List[str], check_steps: int = 1):
+        self.check_steps = check_steps
         self.received: Optional[int] = None  # the signal number this rank got
         self.stopped_at: Optional[int] = None  # the step all ranks stopped after
         self.stop_signal: Optional[int] = None  # agreed over ranks: the largest number received
@@ -79,14 +82,18 @@ class StopOnSignal(TrainerCallback):
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)
         self.previous = {}
 
-    def _agreed(self, device) -> int:
+    def _agreed(self, device, step: int) -> int:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+                or torch.distributed.get_world_size() == 1:
+            return self.received or 0  # no other rank to agree with: no tensor, no sync
+        if step % self.check_steps:
+            return 0  # every rank skips the same steps
         flag = torch.tensor([self.received or 0], dtype=torch.int64, device=device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag.item())
 
     def on_step_end(self, args, state, control, **kwargs):
-        agreed = self._agreed(args.device)
+        agreed = self._agreed(args.device, state.global_step)
         if agreed and self.stopped_at is None:
             self.stop_signal, self.stopped_at = agreed, state.global_step
             control.should_save = True

@@ -43,6 +43,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> dict:
         recipe.setup()
         if cfg.preflight:
             if recipe.is_main:
+                if recipe.task.token_loss:  # the estimate models a causal LM's token loss
+                    from fttrain.estimate import report
+
+                    report(cfg, recipe.topology.world_size, log)
                 log.info("preflight passed: config, launch, tokenizer and the data are valid (%s); "
                          "run again without preflight=true to train", recipe.data_report)
             return {}
@@ -140,11 +144,11 @@ def write_run_info(cfg: DictConfig, run_dir: Path, recipe) -> None:
 
     versions = {"torch": torch.__version__, "transformers": transformers.__version__,
                 "peft": peft.__version__, "accelerate": accelerate.__version__}
-    try:
-        import trl
+    import importlib.metadata
 
-        versions["trl"] = trl.__version__
-    except ImportError:
+    try:  # the installed version, without importing TRL into a run that does not use it
+        versions["trl"] = importlib.metadata.version("trl")
+    except importlib.metadata.PackageNotFoundError:
         pass
     info = {
         "name": cfg.name,

@@ -306,13 +306,16 @@ class Task:
     peft_task_type: str = "CAUSAL_LM"  # peft's task type: which head modules are saved with an adapter
     check: Callable = no_problems  # (cfg) -> problems with its knobs and their combinations
     trl_trainer: Optional[TrlTrainer] = None  # the preference tasks: which TRL trainer, and how
+    # trained on the causal LM's token cross-entropy from the model's forward in
+    # fttrain's trainer, so trainer.loss may change how it is computed
+    token_loss: bool = False
 
 
 TASKS: Dict[str, Task] = {t.name: t for t in (
     # causal LM on formatted, masked, packed tokens
     Task("sft", SFTTaskConfig, ("alpaca", "sharegpt", "messages", "prompt_completion", "text"), "sft:SFTRecipe",
-         packs=True, check=sft_problems),
-    Task("pt", PretrainTaskConfig, ("text",), "sft:SFTRecipe", packs=True),
+         packs=True, token_loss=True, check=sft_problems),
+    Task("pt", PretrainTaskConfig, ("text",), "sft:SFTRecipe", packs=True, token_loss=True),
     # TRL's preference trainers
     Task("dpo", DPOTaskConfig, ("preference",), "preference:PreferenceRecipe", trl=True, check=dpo_problems,
          trl_trainer=TrlTrainer("trl:DPOTrainer", "trl:DPOConfig", dpo_args, reference=True)),

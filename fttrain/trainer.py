@@ -106,6 +106,7 @@ class FTTrainer(AtomicCheckpoints, MethodParamGroups, TokenCounting, Trainer):
         self.setup_accounting(rank_records)
         # data.streaming=true: the furthest stream position this rank trained on, and (at a
         # checkpoint) the furthest any rank did, which is where a resumed stream goes on.
+        self._flops_per_token = None  # 6 x parameters (without embeddings), counted once
         self.tracks_stream = False
         self.stream_pos = -1
         self.stream_consumed = -1
@@ -118,24 +119,35 @@ class FTTrainer(AtomicCheckpoints, MethodParamGroups, TokenCounting, Trainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if batch_samples and num_items is not None and int(num_items) == 0:
+        # The collator's host-side count: no device sync. Every row the data layer
+        # keeps has a trained token, so a rank's step without one is a bug.
+        if batch_samples and sum(b.get("num_trained_tokens", 1) for b in batch_samples) == 0:
             raise ZeroTrainedTokensError(
                 "an optimizer step would see zero trained tokens; the data layer should have dropped such rows"
             )
         return batch_samples, num_items
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Host-side numbers from the collator (fttrain.data.packing.host_counts): reading them syncs nothing.
         sample_ids = inputs.pop("sample_ids", None)
         n_real = inputs.pop("num_real_tokens", None)
+        inputs.pop("num_trained_tokens", None)
         stream_pos = inputs.pop("stream_pos", None)
         if model.training:
             if stream_pos is not None:
                 self.stream_pos = max(self.stream_pos, stream_pos)
             self.slot_tokens += inputs["input_ids"].numel()
-            self.real_tokens += int(n_real) if n_real is not None else inputs["input_ids"].numel()
+            self.real_tokens += n_real if n_real is not None else inputs["input_ids"].numel()
             if self.rank_records and sample_ids is not None:
-                self.seen_sample_ids.append(sample_ids.tolist())
+                self.seen_sample_ids.append(list(sample_ids))
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def floating_point_ops(self, inputs) -> int:
+        """The Trainer's 6 x tokens x parameters, without counting the parameters
+        again at every micro-step (a walk over every weight)."""
+        if self._flops_per_token is None:
+            self._flops_per_token = super().floating_point_ops({"input_ids": torch.empty(1, 1)})
+        return self._flops_per_token * inputs["input_ids"].numel() if "input_ids" in inputs else 0
 
     # ------------------------------------------------------------- eval
     @torch.no_grad()
@@ -158,8 +170,8 @@ class FTTrainer(AtomicCheckpoints, MethodParamGroups, TokenCounting, Trainer):
             chunk = mine[i * bs:(i + 1) * bs]
             inputs = self._prepare_inputs(self.data_collator(chunk or rows[:1]))
             inputs.pop("sample_ids", None)
-            inputs.pop("num_real_tokens", None)
-            inputs.pop("stream_pos", None)
+            for key in ("num_real_tokens", "num_trained_tokens", "stream_pos"):
+                inputs.pop(key, None)
             n = (inputs["labels"][..., 1:] != IGNORE).sum()
             # num_items_in_batch=1 turns the model's mean into a sum over tokens.
             with self.compute_loss_context_manager():
@@ -192,6 +204,7 @@ class StepTimer(TrainerCallback):
 
     def __init__(self):
         self.seconds = 0.0
+        self.first_step_seconds = None  # this process's first step (compilation, warm-up)
         self._start = None
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -199,7 +212,10 @@ class StepTimer(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._start is not None:
-            self.seconds += time.perf_counter() - self._start
+            took = time.perf_counter() - self._start
+            self.seconds += took
+            if self.first_step_seconds is None:
+                self.first_step_seconds = took
             self._start = None
 
 

@@ -151,6 +151,12 @@ def check_config(cfg: DictConfig) -> None:
                 problems.append(f"trainer.{key}: {name!r} is not a signal name (e.g. SIGUSR1, SIGTERM)")
     if trainer.learning_rate <= 0:
         problems.append(f"trainer.learning_rate={trainer.learning_rate} must be > 0")
+    if value_of(trainer.loss) != "default" and not task_of(task).token_loss:
+        problems.append(f"trainer.loss={value_of(trainer.loss)}: task={task.name} computes its own loss (not the causal "
+                        "LM's token cross-entropy from fttrain's trainer); set trainer.loss=default")
+    for key in ("stop_check_steps", "logging_steps", "loss_chunk_tokens"):
+        if trainer[key] < 1:
+            problems.append(f"trainer.{key}={trainer[key]} must be >= 1")
     if trainer.save_total_limit < 0:
         problems.append("trainer.save_total_limit must be >= 0 (0 keeps every checkpoint)")
     stopping = {numbers[n] for n in trainer.stop_signals if n in numbers}

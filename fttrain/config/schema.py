@@ -60,6 +60,9 @@ Overlength = choices("Overlength", ("truncate", "drop", "raise"), __name__)
 # full: rank 0 gathers whole weights into one folder; sharded: one shard per rank
 SaveFormat = choices("SaveFormat", ("full", "sharded"), __name__)
 # who checkpoints activations under FSDP: transformers ("model") or FSDP's wrapper
+# trainer.loss (fttrain/loss.py): default = the model's own [tokens, vocab] logits;
+# chunked = lm_head + cross-entropy a chunk of positions at a time, recomputed in backward
+TokenLoss = choices("TokenLoss", ("default", "chunked"), __name__)
 ActivationCheckpointing = choices("ActivationCheckpointing", ("model", "fsdp"), __name__)
 
 
@@ -236,7 +239,17 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
     gradient_checkpointing: bool = False  # less activation memory, ~30% slower steps
-    logging_steps: int = 1
+    # chunked: the full logits never exist (a 128k vocabulary at 8k tokens is 4 GiB
+    # of fp32 logits + their gradient), for one more lm_head matmul per chunk.
+    loss: TokenLoss = TokenLoss.default
+    loss_chunk_tokens: int = 1024  # positions per chunk: smaller holds less, more chunks cost more launches
+    # torch.compile the model: faster steps after a first step that compiles
+    # (tens of seconds, reported as first_step_seconds; again if shapes change).
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend; aot_eager traces without generating kernels
+    # Steps between log lines: each one reads the loss and grad norm back from
+    # the GPU (a sync that drains its queue) and, with several ranks, gathers them.
+    logging_steps: int = 10
     eval_steps: Optional[int] = None  # None: evaluate once at the end
     save_steps: Optional[int] = None  # None: save only the final model (and on a stop signal)
     save_total_limit: int = 2  # complete checkpoints kept (newest first); 0 keeps all
@@ -246,11 +259,17 @@ class TrainerConfig:
     stop_signals: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"])
     # After stopping on one of these under Slurm, rank 0 runs scontrol requeue.
     requeue_signals: List[str] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2"])
+    # With several ranks, steps between their agreeing on a stop signal (an
+    # all-reduce read back on the host: a sync). A stop then waits up to this
+    # many steps, so slurm.signal_seconds must cover them and a checkpoint.
+    stop_check_steps: int = 5
     dataloader_num_workers: int = 0
     seed: int = 42
     # Each rank writes ranks/rank<r>.json: the sample ids it trained on and a
-    # hash of its trainable weights (one pass over them at the end).
-    rank_records: bool = True
+    # hash of its whole trainable weights. Costs a pass over every weight at the
+    # end (gathered from the shards under ZeRO-3/FSDP: ~minutes for an 8B full
+    # fine-tune); the tiny experiments turn it on for the tests.
+    rank_records: bool = False
 
 
 @dataclass
@@ -278,7 +297,7 @@ class SlurmConfig:
     time: str = "04:00:00"  # wall time; USR1 arrives signal_seconds before it ends
     job_name: Optional[str] = None  # null: the run's name
     constraint: Optional[str] = None  # node features, e.g. a100|h100
-    signal_seconds: int = 90  # warning before the limit: one step + a checkpoint must fit in it
+    signal_seconds: int = 90  # warning before the limit: trainer.stop_check_steps steps + a checkpoint must fit in it
     # Requeues after a stop signal, counted by Slurm (SLURM_RESTART_COUNT, which
     # also counts other restarts): a long run needs one per time slice.
     max_requeues: int = 20

@@ -117,6 +117,15 @@ def stream_position(rows: List[Dict]) -> Dict[str, int]:
     return {}
 
 
+def host_counts(labels: torch.Tensor, n_real: int, sample_ids: List[int]) -> Dict:
+    """What the trainer counts per micro-batch, as Python numbers made here on
+    the host: read after the batch moves to the GPU, each would be a
+    device-to-host sync that drains the queue. ``num_trained_tokens`` counts
+    as the loss does (labels shifted by one)."""
+    return {"num_real_tokens": n_real, "num_trained_tokens": int((labels[:, 1:] != IGNORE).sum()),
+            "sample_ids": sample_ids}
+
+
 class PackedCollator:
     """Packed rows of a micro-batch.
 
@@ -146,12 +155,12 @@ class PackedCollator:
             ids.append(r["input_ids"] + [self.pad] * gap)
             labels.append(r["labels"] + [IGNORE] * gap)
             pos.append(r["position_ids"] + list(range(gap)))
+        labels = torch.tensor(labels, dtype=torch.long)
         return {
             "input_ids": torch.tensor(ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
+            "labels": labels,
             "position_ids": torch.tensor(pos, dtype=torch.long),
-            "num_real_tokens": torch.tensor(n_real),
-            "sample_ids": torch.tensor(sample_ids, dtype=torch.long),
+            **host_counts(labels, n_real, sample_ids),
             **position,
         }
 
@@ -176,7 +185,6 @@ class PaddingCollator:
             "input_ids": ids,
             "labels": labels,
             "attention_mask": mask,
-            "num_real_tokens": mask.sum(),
-            "sample_ids": torch.tensor([x for r in rows for x in r["sample_ids"]], dtype=torch.long),
+            **host_counts(labels, int(mask.sum()), [x for r in rows for x in r["sample_ids"]]),
             **stream_position(rows),
         }

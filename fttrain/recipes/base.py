@@ -102,7 +102,8 @@ class Recipe:
         self.is_main = is_main_process()
         self.launch_token = launch_token()  # shared by this launch's ranks: names its unshared data folder
         # Handlers first, so a signal during model loading still ends in a clean stop.
-        self.stop_on_signal = StopOnSignal(cfg.trainer.stop_signals, cfg.trainer.requeue_signals)
+        self.stop_on_signal = StopOnSignal(cfg.trainer.stop_signals, cfg.trainer.requeue_signals,
+                                           cfg.trainer.stop_check_steps)
         if self.is_main and not cfg.preflight:
             write_pid_file(self.run_dir)
         self._batch_arithmetic()
@@ -171,6 +172,10 @@ class Recipe:
         model.config.use_cache = False  # packed batches and checkpointing both need it off
         self.model = apply_peft(model, cfg.peft, cfg.trainer.gradient_checkpointing, task_type=self.task.peft_task_type,
                                 max_steps=cfg.trainer.max_steps, base_path=self.model_path)
+        if cfg.trainer.loss == "chunked":
+            from fttrain.loss import use_chunked_loss
+
+            use_chunked_loss(self.model, cfg.trainer.loss_chunk_tokens)
         # Callbacks (LISA's layer draws, AdaLoRA's budget) and LoRA+ parameter groups.
         self.hooks = trainer_hooks(self.model, cfg.peft, cfg.trainer)
         self.trainable, self.total = param_counts(self.model)
@@ -207,6 +212,11 @@ class Recipe:
             # trainer.optim, or GaLore's optimizer; paged optimizers run unpaged on CPU.
             **optimizer_args(cfg.peft, t.optim, rt.use_cpu),
             logging_steps=t.logging_steps,
+            # The Trainer would test every micro-batch's loss for NaN/inf (a device
+            # sync each) to hide it from the logged mean; a NaN stays visible instead.
+            logging_nan_inf_filter=False,
+            torch_compile=t.compile,
+            torch_compile_backend=t.compile_backend if t.compile else None,
             eval_strategy="steps" if (t.eval_steps and has_eval) else "no",
             eval_steps=t.eval_steps,
             save_strategy="steps" if t.save_steps else "no",
@@ -416,6 +426,8 @@ class Recipe:
             "global_batch_size": self.global_batch,
             "steps": trainer.state.global_step,
             "train_step_seconds": step_s,  # inside optimizer steps; what tokens/s divides by
+            # the first of them in this process: torch.compile's compilation (trainer.compile) and warm-up
+            "first_step_seconds": self.step_timer.first_step_seconds,
             "train_runtime_seconds": self.train_seconds,  # wall clock of train(), evals and saves included
             "precision": self.runtime.precision,
             "dist_plan": plan_label(self.cfg.dist),

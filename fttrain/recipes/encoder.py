@@ -81,7 +81,7 @@ class FeatureCollator:
         # A plain dict: the token counts look for dicts (tokenizer.pad returns a BatchEncoding).
         batch = dict(self.pad([{k: v for k, v in f.items() if k in MODEL_INPUTS or k in TARGETS} for f in features]))
         if all("example_id" in f for f in features):
-            batch["sample_ids"] = torch.tensor([f["example_id"] for f in features])
+            batch["sample_ids"] = [f["example_id"] for f in features]  # a list: read on the host, no device sync
         return batch
 
 
@@ -174,7 +174,7 @@ class EncoderTrainer(AtomicCheckpoints, MethodParamGroups, TokenCounting, Traine
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sample_ids = inputs.pop("sample_ids", None)
         if model.training and self.rank_records and sample_ids is not None:
-            self.seen_sample_ids.append(sample_ids.tolist())
+            self.seen_sample_ids.append(list(sample_ids))
         if self.virtual_tokens:
             inputs = shift_targets(inputs, self.virtual_tokens)
         # TokenCounting counts the masks; the Trainer calls the model (its own

@@ -1,0 +1,111 @@
+"""``trainer.loss``: how a causal LM's token cross-entropy is computed.
+
+    default   the model's own forward: lm_head over every position, then the loss
+              on [tokens, vocab] logits upcast to fp32. At a 128k vocabulary and
+              8k tokens per micro-batch that is 4 GiB of fp32 logits, plus their
+              gradient, beside a 1B model's few GiB of activations.
+    chunked   the decoder's hidden states go through lm_head and the loss
+              trainer.loss_chunk_tokens positions at a time, each chunk's logits
+              recomputed in backward (activation checkpointing): the whole
+              logits tensor never exists. Costs one more lm_head matmul per chunk.
+              The sum of the chunks' summed losses over the trained tokens is the
+              default loss up to fp32 summation order.
+
+It replaces the forward of the causal LM (under any PEFT wrapper, so LoRA on
+lm_head, modules_to_save and frozen heads all go through the head module as
+usual) for calls with labels; generation and calls without labels keep the
+model's own forward. What the family's forward does to logits is kept: Gemma's
+final_logit_softcapping and Cohere's logit_scale. A mixture-of-experts model
+that adds its router loss in forward is refused (the chunked forward would
+drop it).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from fttrain.data.tokenize import IGNORE
+from fttrain.errors import FttrainError
+
+
+class LossSetupError(FttrainError):
+    pass
+
+
+def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head, softcap: Optional[float],
+                scale: Optional[float]) -> torch.Tensor:
+    logits = head(hidden)
+    if scale is not None:
+        logits = logits * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
+
+
+def chunked_token_loss(hidden: torch.Tensor, head, labels: torch.Tensor, chunk_tokens: int,
+                       num_items_in_batch=None, softcap: Optional[float] = None,
+                       scale: Optional[float] = None) -> torch.Tensor:
+    """The causal LM loss of transformers' ForCausalLMLoss (labels shifted by
+    one; a sum over num_items_in_batch when given, else the mean over trained
+    tokens) from hidden states [B, L, H], without the [B*L, vocab] logits.
+    Every chunk is processed, trained tokens or not: skipping the empty ones
+    would need to read the labels back from the device."""
+    targets = F.pad(labels, (0, 1), value=IGNORE)[..., 1:].reshape(-1).to(hidden.device)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    total = flat.new_zeros((), dtype=torch.float32)
+    for start in range(0, flat.shape[0], chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, flat[part], targets[part], head, softcap, scale,
+                                       use_reentrant=False)
+        else:
+            total = total + _chunk_loss(flat[part], targets[part], head, softcap, scale)
+    if num_items_in_batch is None:
+        return total / (targets != IGNORE).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def causal_lm_of(model):
+    """The *ForCausalLM module inside PEFT's wrappers (the one with lm_head)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    return model
+
+
+def use_chunked_loss(model, chunk_tokens: int) -> None:
+    """Give the causal LM inside ``model`` the chunked loss (see the module docstring)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    lm = causal_lm_of(model)
+    config = lm.config
+    if getattr(config, "output_router_logits", False):
+        raise LossSetupError(f"trainer.loss=chunked: {type(lm).__name__} adds its router's auxiliary loss in its own "
+                             "forward, which the chunked loss would drop; use trainer.loss=default")
+    head, backbone = lm.get_output_embeddings(), getattr(lm, lm.base_model_prefix, None)
+    if head is None or backbone is None:
+        raise LossSetupError(f"trainer.loss=chunked: {type(lm).__name__} has no lm_head and decoder to split the "
+                             "loss between; use trainer.loss=default")
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    own_forward = lm.forward
+
+    def forward(self, *args, labels=None, **kwargs):
+        if labels is None or args or kwargs.get("logits_to_keep", 0) not in (0, None):
+            return own_forward(*args, labels=labels, **kwargs)
+        num_items = kwargs.get("num_items_in_batch")
+        kwargs.pop("logits_to_keep", None)
+        kwargs.pop("shift_labels", None)
+        hidden = backbone(**kwargs).last_hidden_state
+        loss = chunked_token_loss(hidden, head, labels, chunk_tokens, num_items, softcap, scale)
+        return CausalLMOutputWithPast(loss=loss, logits=None)
+
+    lm.forward = types.MethodType(forward, lm)

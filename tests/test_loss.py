@@ -1,0 +1,189 @@
+"""trainer.loss=chunked equals the model's own loss, gradients included, and
+holds a fraction of the memory at a large vocabulary."""
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import REPO, compose, step_losses
+
+IGNORE = -100
+
+
+def packed_batch(vocab: int, seed: int = 0):
+    """Two packed rows: samples of 5, 9 and 6 tokens, position ids restarting,
+    labels with prompts masked; the second row padded at its tail."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (2, 20), generator=g)
+    pos = torch.tensor([list(range(5)) + list(range(9)) + list(range(6)),
+                        list(range(12)) + list(range(8))])
+    labels = ids.clone()
+    labels[0, :3] = IGNORE
+    labels[0, 5:9] = IGNORE
+    labels[1, :4] = IGNORE
+    labels[1, 12:] = IGNORE  # padding laid out as one more sample
+    return {"input_ids": ids, "position_ids": pos, "labels": labels}
+
+
+def loss_and_grads(model, batch, num_items=None):
+    model.zero_grad(set_to_none=True)
+    kwargs = {} if num_items is None else {"num_items_in_batch": num_items}
+    loss = model(**batch, **kwargs).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def assert_same(a, b):
+    (la, ga), (lb, gb) = a, b
+    assert torch.allclose(la, lb, rtol=1e-5, atol=1e-6), (la, lb)
+    assert ga.keys() == gb.keys() and ga
+    for name in ga:
+        assert torch.allclose(ga[name], gb[name], rtol=1e-4, atol=1e-6), name
+
+
+def lora(model, **kw):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **kw))
+
+
+@pytest.mark.parametrize("peft", ["full", "lora", "lora_on_lm_head", "lora_saving_lm_head"])
+@pytest.mark.parametrize("chunk", [7, 1024])  # a chunk size that cuts rows, and one chunk for all
+def test_chunked_loss_equals_the_models_loss_and_gradients(tiny_dir, peft, chunk):
+    from transformers import AutoModelForCausalLM
+
+    from fttrain.loss import use_chunked_loss
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    if peft == "lora":
+        base = lora(base)
+    elif peft == "lora_on_lm_head":
+        from peft import LoraConfig, get_peft_model
+
+        base = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    elif peft == "lora_saving_lm_head":
+        base = lora(base, modules_to_save=["lm_head"])
+    chunked = copy.deepcopy(base)
+    use_chunked_loss(chunked, chunk)
+    batch = packed_batch(base.config.vocab_size)
+    n = (batch["labels"][:, 1:] != IGNORE).sum()
+    # The Trainer's way (a sum over the step's trained tokens) and the plain mean.
+    assert_same(loss_and_grads(base, batch, n), loss_and_grads(chunked, batch, n))
+    assert_same(loss_and_grads(base, batch), loss_and_grads(chunked, batch))
+    # Without labels (generation) the model's own forward runs: logits come back.
+    with torch.no_grad():
+        inputs = {"input_ids": batch["input_ids"]}
+        assert torch.equal(chunked(**inputs).logits, base(**inputs).logits)
+
+
+def test_chunked_loss_keeps_gemmas_logit_softcapping():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from fttrain.loss import use_chunked_loss
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.3,
+                          attn_implementation="eager")
+    model = Gemma2ForCausalLM(config)
+    chunked = copy.deepcopy(model)
+    use_chunked_loss(chunked, 6)
+    batch = {k: v for k, v in packed_batch(300).items() if k != "position_ids"}
+    assert_same(loss_and_grads(model, batch), loss_and_grads(chunked, batch))
+    capped = chunked.config.final_logit_softcapping
+    chunked.config.final_logit_softcapping = None  # the test can fail: without the cap the loss differs
+    use_chunked_loss(chunked, 6)
+    assert not torch.allclose(loss_and_grads(chunked, batch)[0], loss_and_grads(model, batch)[0])
+    chunked.config.final_logit_softcapping = capped
+
+
+def test_chunked_loss_is_refused_where_it_would_drop_a_loss_term(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from fttrain.loss import LossSetupError, use_chunked_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    model.config.output_router_logits = True  # as a mixture-of-experts model adding its router loss
+    with pytest.raises(LossSetupError, match="router"):
+        use_chunked_loss(model, 64)
+
+
+def test_chunked_loss_is_refused_for_tasks_with_their_own_loss():
+    from conftest import config_error
+
+    assert "trainer.loss=chunked: task=dpo computes its own loss" in config_error(
+        ["+exp=tiny_dpo", "trainer.loss=chunked"])
+
+
+@pytest.mark.slow
+def test_a_chunked_run_logs_the_same_losses(tmp_path):
+    from fttrain.run import run
+
+    losses = {}
+    for loss in ("default", "chunked"):
+        cfg = compose(["+exp=tiny_sft", f"output_root={tmp_path}", f"name={loss}", "trainer.max_steps=6",
+                       f"trainer.loss={loss}", "trainer.loss_chunk_tokens=50", "task.generation_eval.num_samples=0"])
+        run(cfg, tmp_path / loss)
+        losses[loss] = step_losses(tmp_path / loss)
+    assert [s for s, _ in losses["chunked"]] == [s for s, _ in losses["default"]] == list(range(1, 7))
+    assert [x for _, x in losses["chunked"]] == pytest.approx([x for _, x in losses["default"]], rel=1e-4)
+
+
+PEAK = textwrap.dedent("""
+    import json, resource, sys, torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    sys.path.insert(0, {repo!r})
+    from fttrain.loss import use_chunked_loss
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    if sys.argv[1] == "chunked":
+        use_chunked_loss(model, 512)
+    ids = torch.randint(0, 128256, (4, 1024))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model(input_ids=ids, labels=ids).loss.backward()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({{"peak_kib": after - before}}))
+""")
+
+
+@pytest.mark.slow
+def test_chunked_loss_holds_a_fraction_of_the_memory_at_a_128k_vocabulary():
+    # 4 x 1024 positions x 128,256 logits x 4 bytes = 2 GiB of fp32 logits for the default.
+    peak = {}
+    for loss in ("default", "chunked"):
+        out = subprocess.run([sys.executable, "-c", PEAK.format(repo=str(REPO)), loss], capture_output=True,
+                             text=True, timeout=600, env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        peak[loss] = json.loads(out.stdout.strip().splitlines()[-1])["peak_kib"]
+    assert peak["chunked"] <= 0.5 * peak["default"], peak
+
+
+@pytest.mark.slow
+def test_a_compiled_run_logs_the_same_losses_and_its_first_step_apart(tmp_path):
+    # aot_eager traces the model with dynamo and AOTAutograd without generating
+    # kernels: the compiled graph's numerics, without a C++ toolchain.
+    from fttrain.run import run
+
+    from torch._dynamo.utils import counters
+
+    losses, metrics, graphs = {}, {}, {}
+    for name, extra in (("eager", []), ("compiled", ["trainer.compile=true", "trainer.compile_backend=aot_eager"])):
+        before = counters["stats"]["unique_graphs"]
+        cfg = compose(["+exp=tiny_sft", f"output_root={tmp_path}", f"name={name}", "trainer.max_steps=4",
+                       "task.generation_eval.num_samples=0", *extra])
+        metrics[name] = run(cfg, tmp_path / name)
+        losses[name] = [x for _, x in step_losses(tmp_path / name)]
+        graphs[name] = counters["stats"]["unique_graphs"] - before
+    assert graphs["eager"] == 0 and graphs["compiled"] > 0  # dynamo did trace the model
+    assert len(losses["eager"]) == 4
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
+    assert 0 < metrics["compiled"]["first_step_seconds"] <= metrics["compiled"]["train_step_seconds"]
