@@ -12,7 +12,7 @@ alternating order (A B C, B C A, ...), medians over the repeats:
 Model, PEFT method, data, micro batch, accumulation, sequence length and
 precision come from the composed config (``+exp=...`` and overrides), so the
 same command runs on the tiny model on CPU and on a 1B-8B model on a GPU.
-``--chats N`` swaps in N generated chats of variable length (20-540 tokens,
+``--chats N`` swaps in N generated chats of variable length (20-510 tokens,
 a letter-reversal task) in messages format.
 
 Measured per variant:
@@ -63,11 +63,11 @@ class BenchError(Exception):
 
 # ------------------------------------------------------------------ workload
 def write_chats(path: Path, n: int, seed: int = 0) -> None:
-    """n chats, 1-260 letters each way (about 20-540 tokens with a chat template)."""
+    """n chats, 1-245 letters each way (about 20-510 tokens with a chat template)."""
     rng = random.Random(seed)
     with open(path, "w") as f:
         for _ in range(n):
-            letters = [rng.choice(LETTERS) for _ in range(rng.randint(1, 260))]
+            letters = [rng.choice(LETTERS) for _ in range(rng.randint(1, 245))]
             f.write(json.dumps({"messages": [{"role": "user", "content": "reverse: " + " ".join(letters)},
                                              {"role": "assistant", "content": " ".join(reversed(letters))}]}) + "\n")
 

@@ -71,3 +71,17 @@ def test_bench_runs_every_variant_and_writes_bench_json(tmp_path):
         assert v["tokens_per_second"] > 0 and 0 <= v["padding_fraction"] < 1, v
         assert v["peak_memory_bytes"] > 0 and v["time_to_first_step_s"] > 0 and v["ratio"] > 0, v
     assert "| trl_default" in proc.stdout and "fttrain / this" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_end_to_end_on_cpu_as_a_dry_run(tmp_path):
+    from conftest import REPO
+
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["check"]: r for r in json.loads((tmp_path / "gpu_check.json").read_text())}
+    for measured in ("lora sdpa", "full sdpa", "lora loss chunked", "trl defaults (lora)", "full fsdp (1 GPU)"):
+        assert rows[measured]["tokens_per_second"] > 0, rows[measured]
+    assert rows["lora compiled"]["note"].startswith("skipped")  # GPU-only checks say so
+    assert "| lora sdpa |" in proc.stdout and "estimate error" in proc.stdout

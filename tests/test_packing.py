@@ -30,8 +30,10 @@ def per_sample_logits(model, samples):
         return [model(input_ids=torch.tensor([s["input_ids"]]), use_cache=False).logits[0] for s in samples]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("flatten", [True, False])
+# flex_attention: fttrain flattens packed rows for it (fttrain.config.schema.flattens_packed_rows);
+# transformers compiles it, on CPU through inductor's C++ backend (slow: a slow test).
+@pytest.mark.parametrize("attn, flatten", [("sdpa", True), ("sdpa", False), ("eager", True), ("eager", False),
+                                           pytest.param("flex_attention", True, marks=pytest.mark.slow)])
 def test_packed_logits_equal_per_sample_logits(tiny_dir, samples, attn, flatten):
     model = load(tiny_dir, attn)
     reference = per_sample_logits(model, samples)

@@ -37,9 +37,17 @@ def value_of(x):
 
 
 class AttnImpl(Choice):
-    sdpa = "sdpa"
-    flash_attention_2 = "flash_attention_2"
+    sdpa = "sdpa"  # packed rows: a [L, L] block mask per row, and sdpa's slower masked kernels
+    flash_attention_2 = "flash_attention_2"  # flash-attn's varlen kernel: no mask (GPU, needs the package)
+    flex_attention = "flex_attention"  # torch's flex attention: a sparse block mask of the documents
     eager = "eager"
+
+
+def flattens_packed_rows(attn) -> bool:
+    """Whether packed rows go end to end in one row: the implementations that
+    take document boundaries without a dense [L, L] mask (sdpa would build
+    one for the whole flattened batch)."""
+    return value_of(attn) in ("flash_attention_2", "flex_attention")
 
 
 class DataFormat(Choice):

@@ -14,7 +14,7 @@ import time
 
 from fttrain import atomic
 from fttrain.config.checks import packing_on
-from fttrain.config.schema import value_of
+from fttrain.config.schema import flattens_packed_rows, value_of
 from fttrain.data.packing import PackedCollator, PaddingCollator
 from fttrain.data.pipeline import MAX_PATTERN_SAMPLES, mask_policy, prepare_data_cached, streams
 from fttrain.data.streaming import open_stream
@@ -151,8 +151,7 @@ class SFTRecipe(Recipe):
 
         pad = self.tokenizer.pad_token_id
         if self.batch_unit == "packed rows":
-            flatten = value_of(self.cfg.model.attn_implementation) == "flash_attention_2"
-            collator = PackedCollator(pad, flatten=flatten)
+            collator = PackedCollator(pad, flatten=flattens_packed_rows(self.cfg.model.attn_implementation))
         else:
             collator = PaddingCollator(pad)
         trainer = FTTrainer(
