@@ -277,18 +277,15 @@ def run_trl(cfg, run_dir: Path, meter: Meter, settings: dict) -> dict:
 def worker(spec: dict) -> dict:
     """One variant, in this process: its measurements as a dict."""
     from fttrain.config.compose import compose_config
-
-    kind, extra = VARIANTS[spec["variant"]]
-    overrides = spec["overrides"] + (extra if kind == "fttrain" else [])
-    cfg = compose_config(overrides, config_dirs=spec.get("config_dirs", ()))
-    from fttrain.recipes.base import Recipe  # noqa: F401  (imports the trainer stack before the clock matters)
-
-    meter = Meter(spec["warmup"], cfg.trainer.max_steps, 1)
-    run_dir = Path(spec["work"]) / spec["variant"]
-    cfg.output_root, cfg.name, cfg.overwrite = str(run_dir.parent), run_dir.name, True
     from fttrain.plan import Topology, gradient_accumulation
 
-    meter.accumulation = gradient_accumulation(cfg.trainer, Topology.from_env().world_size)
+    kind, extra = VARIANTS[spec["variant"]]
+    cfg = compose_config(spec["overrides"] + (extra if kind == "fttrain" else []),
+                         config_dirs=spec.get("config_dirs", ()))
+    run_dir = Path(spec["work"]) / spec["variant"]
+    cfg.output_root, cfg.name, cfg.overwrite = str(run_dir.parent), run_dir.name, True
+    meter = Meter(spec["warmup"], cfg.trainer.max_steps,
+                  gradient_accumulation(cfg.trainer, Topology.from_env().world_size))
     if kind == "fttrain":
         extra_info = run_fttrain(cfg, run_dir, meter)
     elif kind == "raw":
