@@ -79,6 +79,7 @@ def bench_overrides(overrides: List[str], steps: int, chats: Optional[Path]) -> 
 
     out = list(overrides) + [f"trainer.max_steps={steps}", f"trainer.logging_steps={TrainerConfig.logging_steps}",
                              "trainer.save_steps=null", "trainer.eval_steps=null", "trainer.rank_records=false",
+                             "trainer.dataloader_num_workers=0",  # the meter counts batches in this process
                              "data.eval=null", "data.eval_fraction=0", "logger.progress_bar=false",
                              "++task.generation_eval.num_samples=0", "++task.generation_eval.exact_match_samples=0"]
     if chats is not None:
@@ -87,18 +88,23 @@ def bench_overrides(overrides: List[str], steps: int, chats: Optional[Path]) -> 
 
 
 # ------------------------------------------------------------------ measuring (in each worker)
-class Meter:
-    """Real and slot tokens per collated batch (host side, in collation order)
-    and the clock at the window's edges (after a device sync)."""
+REAL, SLOTS = "bench_real_tokens", "bench_slot_tokens"  # a collated batch's counts, read when it is trained on
 
-    def __init__(self, warmup: int, steps: int, accumulation: int):
-        self.warmup, self.steps, self.accumulation = warmup, steps, accumulation
-        self.real: List[int] = []
-        self.slots: List[int] = []
-        self.marks: Dict[int, float] = {}
+
+class Meter:
+    """Real and slot tokens of the micro-batches trained on (counted on the
+    host when collated, added up when consumed: a prefetched batch is not
+    counted early) and the clock at the window's edges (after a device sync)."""
+
+    def __init__(self, warmup: int, steps: int):
+        self.warmup, self.steps = warmup, steps
+        self.real = self.slots = 0  # so far
+        self.marks: Dict[int, tuple] = {}  # step -> (clock, real, slots)
         self.first_step_at: Optional[float] = None
 
-    def count(self, batch) -> None:
+    @staticmethod
+    def count(batch) -> dict:
+        """The batch with its real and slot token counts added."""
         ids = batch["input_ids"]
         if batch.get("num_real_tokens") is not None:
             real = int(batch["num_real_tokens"])
@@ -106,29 +112,48 @@ class Meter:
             real = int(batch["attention_mask"].sum())
         else:  # padding-free rows: every slot is a token
             real = ids.numel()
-        self.real.append(real)
-        self.slots.append(ids.numel())
+        return {**batch, REAL: real, SLOTS: ids.numel()}
+
+    def consume(self, batch) -> dict:
+        """The batch without the counts, which now count as trained on."""
+        batch = dict(batch)
+        self.real += batch.pop(REAL)
+        self.slots += batch.pop(SLOTS)
+        return batch
 
     def wrap(self, collate):
-        def counted(rows):
-            batch = collate(rows)
-            self.count(batch)
-            return batch
-        return counted
+        return lambda rows: self.count(collate(rows))
+
+    def wrap_training_step(self, training_step):
+        return lambda model, inputs, *args, **kwargs: training_step(model, self.consume(inputs), *args, **kwargs)
+
+    def attach(self, trainer) -> None:
+        """Count the trainer's batches and time its steps."""
+        from transformers import TrainerCallback
+
+        meter = self
+
+        class StepEnds(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                meter.step_end(state.global_step)
+
+        trainer.data_collator = self.wrap(trainer.data_collator)
+        trainer.training_step = self.wrap_training_step(trainer.training_step)
+        trainer.add_callback(StepEnds())
 
     def step_end(self, step: int) -> None:
         if step == 1:
+            sync()
             self.first_step_at = time.time()
         if step in (self.warmup, self.steps):
             sync()
-            self.marks[step] = time.perf_counter()
+            self.marks[step] = (time.perf_counter(), self.real, self.slots)
 
     def result(self) -> dict:
         if self.warmup not in self.marks or self.steps not in self.marks:
             raise BenchError(f"the run stopped before step {self.steps} (too little data for the steps asked?)")
-        lo, hi = self.warmup * self.accumulation, self.steps * self.accumulation
-        real, slots = sum(self.real[lo:hi]), sum(self.slots[lo:hi])
-        seconds = self.marks[self.steps] - self.marks[self.warmup]
+        (t0, real0, slots0), (t1, real1, slots1) = self.marks[self.warmup], self.marks[self.steps]
+        real, slots, seconds = real1 - real0, slots1 - slots0, t1 - t0
         return {"tokens_per_second": real / seconds, "padding_fraction": 1 - real / max(slots, 1),
                 "step_time_s": seconds / (self.steps - self.warmup), "tokens": real, "seconds": seconds,
                 "first_step_at": self.first_step_at, "peak_memory_bytes": peak_memory()}
@@ -151,19 +176,22 @@ def peak_memory() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def meter_callback(meter: Meter):
-    from transformers import TrainerCallback
-
-    class StepEnds(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            meter.step_end(state.global_step)
-
-    return StepEnds()
 
 
 def model_flops_per_token(model, row_length: int) -> float:
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    def weights(p) -> int:  # a 4-bit weight stores two per byte: count the matrix it stands for
+        state = getattr(p, "quant_state", None)
+        return int(torch.Size(state.shape).numel()) if state is not None else p.numel()
+
+    import torch
+
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    # An embedding lookup is no matmul, unless the weight is tied to the lm_head's.
+    lookups = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
+    lookups -= {id(p) for p in head.parameters()} if head is not None else set()
+    params = [p for p in model.parameters() if id(p) not in lookups]
+    trained = sum(weights(p) for p in params if p.requires_grad)
+    total = sum(weights(p) for p in params)
     config = getattr(model, "config", None)
     layers, hidden = getattr(config, "num_hidden_layers", 0), getattr(config, "hidden_size", 0)
     return 4 * (total - trained) + 6 * trained + 12 * layers * hidden * row_length
@@ -179,8 +207,7 @@ def run_fttrain(cfg, run_dir: Path, meter: Meter) -> dict:
     try:
         recipe.setup()
         trainer = recipe.trainer
-        trainer.data_collator = meter.wrap(trainer.data_collator)
-        trainer.add_callback(meter_callback(meter))
+        meter.attach(trainer)
         recipe.train()
         return {"flops_per_token": model_flops_per_token(trainer.model, cfg.data.max_length)}
     finally:
@@ -223,6 +250,7 @@ def run_raw_loop(cfg, run_dir: Path, meter: Meter) -> dict:
             batch_index += 1
         trained = torch.tensor(sum(b["num_trained_tokens"] for b in batches), device=device)
         for b in batches:
+            b = meter.consume(b)
             inputs = {k: v.to(device) for k, v in b.items() if k in ("input_ids", "labels", "position_ids",
                                                                      "attention_mask")}
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -267,9 +295,8 @@ def run_trl(cfg, run_dir: Path, meter: Meter, settings: dict) -> dict:
         use_cpu=recipe.runtime.use_cpu, seed=t.seed, max_length=cfg.data.max_length, disable_tqdm=True,
         dataloader_num_workers=0, **settings)
     dataset = datasets.Dataset.from_list(chat_messages(cfg))
-    trainer = SFTTrainer(model=recipe.model, args=args, train_dataset=dataset, processing_class=recipe.tokenizer,
-                         callbacks=[meter_callback(meter)])
-    trainer.data_collator = meter.wrap(trainer.data_collator)
+    trainer = SFTTrainer(model=recipe.model, args=args, train_dataset=dataset, processing_class=recipe.tokenizer)
+    meter.attach(trainer)
     trainer.train()
     return {"flops_per_token": model_flops_per_token(trainer.model, cfg.data.max_length)}
 
@@ -277,15 +304,14 @@ def run_trl(cfg, run_dir: Path, meter: Meter, settings: dict) -> dict:
 def worker(spec: dict) -> dict:
     """One variant, in this process: its measurements as a dict."""
     from fttrain.config.compose import compose_config
-    from fttrain.plan import Topology, gradient_accumulation
 
     kind, extra = VARIANTS[spec["variant"]]
-    cfg = compose_config(spec["overrides"] + (extra if kind == "fttrain" else []),
+    # The baselines run the model as it loads: fttrain's loss knob would change their forward.
+    cfg = compose_config(spec["overrides"] + (extra if kind == "fttrain" else ["trainer.loss=default"]),
                          config_dirs=spec.get("config_dirs", ()))
     run_dir = Path(spec["work"]) / spec["variant"]
     cfg.output_root, cfg.name, cfg.overwrite = str(run_dir.parent), run_dir.name, True
-    meter = Meter(spec["warmup"], cfg.trainer.max_steps,
-                  gradient_accumulation(cfg.trainer, Topology.from_env().world_size))
+    meter = Meter(spec["warmup"], cfg.trainer.max_steps)
     if kind == "fttrain":
         extra_info = run_fttrain(cfg, run_dir, meter)
     elif kind == "raw":

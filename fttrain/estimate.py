@@ -161,6 +161,7 @@ def shard(parts: Dict[str, float], cfg, world: int, precision: str, trained: int
 
 def activation_bytes(config, cfg, precision: str) -> Dict[str, float]:
     b = 2 if precision in ("bf16", "fp16") else 4
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config  # multimodal: the LM's
     h = config.hidden_size
     i = getattr(config, "intermediate_size", 4 * h)
     heads = config.num_attention_heads
@@ -189,7 +190,8 @@ def estimate(cfg, world_size: int = 1, precision: Optional[str] = None) -> Estim
     params = sum(p.numel() for p in model.parameters())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     compute = 2 if precision in ("bf16", "fp16") else 4
-    layer_bytes = compute * params / max(config.num_hidden_layers, 1)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_bytes = compute * params / max(text.num_hidden_layers, 1)
     result = Estimate(params=params, trained=trained, world_size=world_size)
     parts = param_bytes(model, cfg, precision)
     result.parts = {**shard(parts, cfg, world_size, precision, trained, layer_bytes, result.notes),

@@ -13,9 +13,14 @@
 
 It replaces the forward of the causal LM (under any PEFT wrapper, so LoRA on
 lm_head, modules_to_save and frozen heads all go through the head module as
-usual) for calls with labels; generation and calls without labels keep the
-model's own forward. What the family's forward does to logits is kept: Gemma's
-final_logit_softcapping and Cohere's logit_scale. A mixture-of-experts model
+usual) for calls with labels; generation, calls without labels and calls with
+precomputed shift_labels keep the model's own forward. What the family's
+forward does to logits is kept where the config says it (Gemma's
+final_logit_softcapping, Cohere's logit_scale). Families whose forward does
+more (Granite's logits_scaling, a head with its own transform before the
+output embeddings, ...) are caught by a probe: before training, the model's
+own loss and the chunked loss of one short random sequence must agree, or
+the run stops with trainer.loss=default as the fix. A mixture-of-experts model
 that adds its router loss in forward is refused (the chunked forward would
 drop it).
 """
@@ -81,12 +86,18 @@ def causal_lm_of(model):
     return model
 
 
-def use_chunked_loss(model, chunk_tokens: int) -> None:
-    """Give the causal LM inside ``model`` the chunked loss (see the module docstring)."""
+PROBE_TOKENS = 24
+PROBE_RTOL = 1e-4  # the two paths run the same ops on one chunk; a dropped transform moves the loss far more
+
+
+def use_chunked_loss(model, chunk_tokens: int, probe: bool = True) -> None:
+    """Give the causal LM inside ``model`` the chunked loss (see the module docstring).
+    probe: check it against the model's own loss on a short sequence first
+    (skipped where the weights are not materialised: ZeRO-3 partitions)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     lm = causal_lm_of(model)
-    config = lm.config
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     if getattr(config, "output_router_logits", False):
         raise LossSetupError(f"trainer.loss=chunked: {type(lm).__name__} adds its router's auxiliary loss in its own "
                              "forward, which the chunked loss would drop; use trainer.loss=default")
@@ -99,7 +110,8 @@ def use_chunked_loss(model, chunk_tokens: int) -> None:
     own_forward = lm.forward
 
     def forward(self, *args, labels=None, **kwargs):
-        if labels is None or args or kwargs.get("logits_to_keep", 0) not in (0, None):
+        if labels is None or args or kwargs.get("logits_to_keep", 0) not in (0, None) \
+                or kwargs.get("shift_labels") is not None:
             return own_forward(*args, labels=labels, **kwargs)
         num_items = kwargs.get("num_items_in_batch")
         kwargs.pop("logits_to_keep", None)
@@ -108,4 +120,32 @@ def use_chunked_loss(model, chunk_tokens: int) -> None:
         loss = chunked_token_loss(hidden, head, labels, chunk_tokens, num_items, softcap, scale)
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
-    lm.forward = types.MethodType(forward, lm)
+    chunked_forward = types.MethodType(forward, lm)
+    if probe and not any(hasattr(p, "ds_id") for p in lm.parameters()):
+        own, chunked = probe_losses(model, lm, own_forward, chunked_forward, config.vocab_size)
+        if not torch.isclose(own, chunked, rtol=PROBE_RTOL, atol=0):
+            raise LossSetupError(
+                f"trainer.loss=chunked: {type(lm).__name__}'s own loss ({own.item():.6f}) and the chunked loss "
+                f"({chunked.item():.6f}) differ on a test sequence: its forward does more to the logits than "
+                "lm_head(hidden states); use trainer.loss=default")
+    lm.forward = chunked_forward
+
+
+@torch.no_grad()
+def probe_losses(model, lm, own_forward, chunked_forward, vocab_size: int):
+    """(own loss, chunked loss) of one random sequence, in eval mode (no dropout),
+    through the whole model (PEFT wrappers included)."""
+    device = next(p.device for p in lm.parameters())
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (1, PROBE_TOKENS), generator=g).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        lm.forward = own_forward
+        own = model(input_ids=ids, labels=ids).loss.float()
+        lm.forward = chunked_forward
+        chunked = model(input_ids=ids, labels=ids).loss.float()
+    finally:
+        lm.forward = own_forward
+        model.train(was_training)
+    return own, chunked

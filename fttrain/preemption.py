@@ -82,18 +82,18 @@ class StopOnSignal(TrainerCallback):
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)
         self.previous = {}
 
-    def _agreed(self, device, step: int) -> int:
+    def _agreed(self, device, step: int, last_step: int) -> int:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
                 or torch.distributed.get_world_size() == 1:
             return self.received or 0  # no other rank to agree with: no tensor, no sync
-        if step % self.check_steps:
-            return 0  # every rank skips the same steps
+        if step % self.check_steps and step != last_step:
+            return 0  # every rank skips the same steps; the last one is checked, so no signal goes unseen
         flag = torch.tensor([self.received or 0], dtype=torch.int64, device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag.item())
 
     def on_step_end(self, args, state, control, **kwargs):
-        agreed = self._agreed(args.device, state.global_step)
+        agreed = self._agreed(args.device, state.global_step, state.max_steps)
         if agreed and self.stopped_at is None:
             self.stop_signal, self.stopped_at = agreed, state.global_step
             control.should_save = True

@@ -19,25 +19,30 @@ def test_bench_is_an_fttrain_command():
 def test_the_meter_counts_real_tokens_of_the_measured_steps_only():
     from fttrain.bench import Meter
 
-    meter = Meter(warmup=1, steps=3, accumulation=2)
+    meter = Meter(warmup=1, steps=3)
     padded = {"input_ids": torch.zeros(2, 10), "attention_mask": torch.tensor([[1] * 10, [1] * 4 + [0] * 6])}
     packed = {"input_ids": torch.zeros(2, 10), "num_real_tokens": 17}
     flat = {"input_ids": torch.zeros(1, 12)}  # padding-free: every slot is a token
-    for batch in (padded, padded, packed, flat, packed, padded, flat):  # the 7th is prefetched, not trained
-        meter.count(batch)
-    for step in (1, 2, 3):
+    collated = [meter.count(b) for b in (padded, padded, packed, flat, packed, flat, padded)]
+    trained = iter(collated)
+    # Step 1 trains 2 micro-batches; step 2 three (an epoch's last step can be short or long);
+    # step 3 one; the 7th batch was prefetched and never trained on.
+    for step, n in ((1, 2), (2, 3), (3, 1)):
+        for _ in range(n):
+            batch = meter.consume(next(trained))
+            assert set(batch) <= {"input_ids", "attention_mask", "num_real_tokens"}  # the counts are taken out
         meter.step_end(step)
     result = meter.result()
-    # Steps 2 and 3 are micro-batches 3..6: 17 + 12 + 17 + 14 real of 20 + 12 + 20 + 20 slots.
-    assert result["tokens"] == 60
-    assert result["padding_fraction"] == pytest.approx(1 - 60 / 72)
-    assert result["tokens_per_second"] == pytest.approx(60 / result["seconds"])
+    # Steps 2 and 3: packed, flat, packed, flat = 17 + 12 + 17 + 12 real of 20 + 12 + 20 + 12 slots.
+    assert result["tokens"] == 58
+    assert result["padding_fraction"] == pytest.approx(1 - 58 / 64)
+    assert result["tokens_per_second"] == pytest.approx(58 / result["seconds"])
 
 
 def test_a_run_that_ends_early_is_an_error_not_a_figure():
     from fttrain.bench import BenchError, Meter
 
-    meter = Meter(warmup=1, steps=5, accumulation=1)
+    meter = Meter(warmup=1, steps=5)
     meter.step_end(1)
     with pytest.raises(BenchError, match="before step 5"):
         meter.result()
@@ -85,3 +90,22 @@ def test_the_gpu_check_runs_end_to_end_on_cpu_as_a_dry_run(tmp_path):
         assert rows[measured]["tokens_per_second"] > 0, rows[measured]
     assert rows["lora compiled"]["note"].startswith("skipped")  # GPU-only checks say so
     assert "| lora sdpa |" in proc.stdout and "estimate error" in proc.stdout
+
+
+def test_flops_per_token_count_matmuls_only(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from fttrain.bench import model_flops_per_token
+    from fttrain.methods import apply_peft
+    from conftest import compose
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    c = model.config
+    total = sum(p.numel() for p in model.parameters())
+    matmul = total - c.vocab_size * c.hidden_size  # the input embedding is a lookup
+    attention = 12 * c.num_hidden_layers * c.hidden_size * 128
+    assert model_flops_per_token(model, 128) == 6 * matmul + attention
+    lora = apply_peft(model, compose(["+exp=tiny_sft"]).peft, False)
+    trained = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    # Frozen weights: forward and the activation gradient (4 N); trained ones also their own gradient (6 N).
+    assert model_flops_per_token(lora, 128) == 4 * matmul + 6 * trained + attention

@@ -109,3 +109,18 @@ def test_the_cli_says_which_model_it_cannot_read(capsys):
 
     assert main(["+exp=tiny_sft", "model.name_or_path=/no/such/model"]) == 2
     assert "model.name_or_path=/no/such/model: no config.json" in capsys.readouterr().err
+
+
+def test_a_multimodal_config_is_estimated_from_its_text_model(tmp_path):
+    # Gemma 3's config nests the language model's shape under text_config.
+    from transformers import Gemma3Config
+
+    from fttrain.estimate import estimate
+
+    config = Gemma3Config()
+    config.save_pretrained(tmp_path)
+    got = estimate(compose(["+exp=tiny_sft", f"model.name_or_path={tmp_path}", "precision=bf16",
+                            "data.max_length=128", "trainer.micro_batch_size=1"]))
+    text = config.get_text_config()
+    assert got.parts["logits"] == 128 * text.vocab_size * 10
+    assert got.params > got.trained > 0 and got.parts["activations"] > 0

@@ -97,11 +97,22 @@ def test_chunked_loss_keeps_gemmas_logit_softcapping():
     use_chunked_loss(chunked, 6)
     batch = {k: v for k, v in packed_batch(300).items() if k != "position_ids"}
     assert_same(loss_and_grads(model, batch), loss_and_grads(chunked, batch))
-    capped = chunked.config.final_logit_softcapping
-    chunked.config.final_logit_softcapping = None  # the test can fail: without the cap the loss differs
-    use_chunked_loss(chunked, 6)
-    assert not torch.allclose(loss_and_grads(chunked, batch)[0], loss_and_grads(model, batch)[0])
-    chunked.config.final_logit_softcapping = capped
+
+
+def test_a_family_whose_forward_does_more_to_the_logits_is_refused_by_the_probe():
+    # Granite divides its logits by config.logits_scaling in its own forward:
+    # the chunked loss would silently drop that, so the probe refuses it.
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from fttrain.loss import LossSetupError, use_chunked_loss
+
+    torch.manual_seed(0)
+    model = GraniteForCausalLM(GraniteConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             logits_scaling=8.0))
+    with pytest.raises(LossSetupError, match="differ on a test sequence"):
+        use_chunked_loss(model, 64)
+    assert model.forward.__func__ is GraniteForCausalLM.forward  # the model keeps its own forward
 
 
 def test_chunked_loss_is_refused_where_it_would_drop_a_loss_term(tiny_dir):
