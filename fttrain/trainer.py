@@ -57,12 +57,14 @@ class TokenCounting:
             for key in self.count_keys:
                 mask = inputs.get(key) if isinstance(inputs, dict) else None
                 if mask is not None:
-                    self.real_tokens += int(mask.sum())
+                    # A device tensor, summed where it lives: read once, at the end, not per micro-batch.
+                    self.real_tokens = self.real_tokens + mask.sum()
                     self.slot_tokens += mask.numel()
         return super().compute_loss(model, inputs, *args, **kwargs)
 
     def global_token_counts(self):
-        t = torch.tensor([self.real_tokens, self.slot_tokens], dtype=torch.float64, device=self.args.device)
+        t = torch.stack([torch.as_tensor(n, device=self.args.device).double()
+                         for n in (self.real_tokens, self.slot_tokens)])
         t = self.accelerator.reduce(t, reduction="sum")
         return int(t[0]), int(t[1])
 
