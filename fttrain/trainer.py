@@ -106,9 +106,9 @@ class FTTrainer(AtomicCheckpoints, MethodParamGroups, TokenCounting, Trainer):
                 "could not be normalised by the trained tokens of the whole batch (it would average micro-batch means)"
             )
         self.setup_accounting(rank_records)
+        self._flops_per_token = None  # 6 x parameters (without embeddings), counted once
         # data.streaming=true: the furthest stream position this rank trained on, and (at a
         # checkpoint) the furthest any rank did, which is where a resumed stream goes on.
-        self._flops_per_token = None  # 6 x parameters (without embeddings), counted once
         self.tracks_stream = False
         self.stream_pos = -1
         self.stream_consumed = -1
