@@ -37,6 +37,9 @@ def cli() -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     compose_errors = (HydraException, OmegaConfBaseException)
+    problem = run_dir_problem(sys.argv[1:])
+    if problem:  # Hydra creates the run directory (and its log) before fttrain sees the config
+        raise SystemExit(report("fttrain", FttrainError(problem)))
     try:
         main()
     except SystemExit as e:
@@ -50,6 +53,28 @@ def cli() -> None:
 
         traceback.print_exc()  # HYDRA_FULL_ERROR=1 asked for it
         raise SystemExit(2) from None
+
+
+def run_dir_problem(args) -> str:
+    """A run directory given on the command line (output_root=, hydra.run.dir=) that
+    cannot be created or written: said here, before Hydra fails on it with a traceback."""
+    import os
+
+    given = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
+    if "hydra.run.dir" not in given and "output_root" not in given:
+        given["output_root"] = "outputs"  # the default, under the working directory
+    for key in ("hydra.run.dir", "output_root"):
+        if key not in given:
+            continue
+        path = Path(given[key]).expanduser().absolute()
+        for part in (path, *path.parents):
+            if part.exists():
+                if not part.is_dir():
+                    return f"{key}={given[key]}: {part} is a file, not a directory"
+                if not os.access(part, os.W_OK | os.X_OK):
+                    return f"{key}={given[key]}: {part} is not writable by this user"
+                break
+    return ""
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")

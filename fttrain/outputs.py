@@ -12,11 +12,16 @@
       samples.jsonl        generations on eval prompts after training
       checkpoints/         trainer checkpoints (trainer.save_steps, or on a stop signal); see fttrain.checkpoints
       rank0.pid            while running: rank 0's pid, for the Slurm script's signal forwarding
+      run.lock             held (flock) by the run writing here: a second run into it is refused
+      heartbeat/rank<r>.json  each rank's last step and time (trainer.step_timeout_seconds)
+      stacks/rank<r>.txt   every thread's stack of a rank whose step hung past the timeout
       ranks/rank<r>.json   per-rank record: sample ids trained on, weight hash
       train_rank<r>.log    each rank's log
       COMPLETE             written last; its presence means every file above is whole
 
-A directory with COMPLETE is never overwritten unless ``overwrite=true``.
+A directory with COMPLETE is never overwritten unless ``overwrite=true``;
+``resume_from=auto`` on it does nothing unless trainer.max_steps or
+trainer.num_epochs grew (then it continues from the newest checkpoint).
 """
 
 from __future__ import annotations
@@ -48,15 +53,74 @@ class RunDirError(FttrainError, RuntimeError):
     pass
 
 
-def guard_run_dir(run_dir: Path, overwrite: bool, resume_from) -> None:
-    """Refuse to clobber a finished run, or restart over an unfinished one."""
-    from fttrain.checkpoints import complete_checkpoints, is_complete
+class RunLock:
+    """``run.lock`` in a run directory, held with flock by the main process of
+    the run writing there. The kernel drops the lock when that process ends,
+    however it ends, so a lock left by a dead run is never stale; the file's
+    text (pid, host, start) only names the holder in the refusal."""
 
-    if resume_from not in (None, "auto") and not is_complete(Path(resume_from)):
-        raise RunDirError(
-            f"resume_from={resume_from} is not a complete checkpoint (no trainer_state.json: missing, or a save "
-            "that did not finish); resume_from=auto picks the newest complete one in the run directory"
-        )
+    NAME = "run.lock"
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+        import socket
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / self.NAME
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise RunDirError(
+                f"{run_dir} is in use by another run ({holder}). Wait for it to end, or choose another "
+                "directory (name=OTHER or hydra.run.dir=PATH)"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                           f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
+def finished_run_metrics(run_dir: Path, trainer_cfg, resume_from, overwrite: bool):
+    """resume_from=auto on a finished run: its metrics when no more training is
+    planned than it did (the run is left as it is), else None (it continues)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    if resume_from != "auto" or overwrite or not (run_dir / COMPLETE).exists():
+        return None
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        old = OmegaConf.load(run_dir / "config.yaml").trainer
+    except (OSError, ValueError, AttributeError):
+        return None  # not a whole finished run: the guard decides
+    if trainer_cfg.max_steps > 0:
+        grew = trainer_cfg.max_steps > int(metrics.get("steps") or 0)
+    else:
+        grew = old.max_steps <= 0 and trainer_cfg.num_epochs > old.num_epochs
+    return None if grew else metrics
+
+
+def guard_run_dir(run_dir: Path, overwrite: bool, resume_from, hashes: bool = True) -> None:
+    """Refuse to clobber a finished run, restart over an unfinished one, or
+    resume from a checkpoint that is incomplete or fails verification."""
+    from fttrain.checkpoints import complete_checkpoints, is_complete, verify
+
+    if resume_from not in (None, "auto"):
+        problem = ("no trainer_state.json: missing, or a save that did not finish"
+                   if not is_complete(Path(resume_from)) else verify(Path(resume_from), hashes))
+        if problem:
+            raise RunDirError(
+                f"resume_from={resume_from} is not a whole checkpoint ({problem}); resume_from=auto picks the "
+                "newest whole one in the run directory"
+            )
     if overwrite:
         return
     if resume_from == "auto":
@@ -75,7 +139,7 @@ def guard_run_dir(run_dir: Path, overwrite: bool, resume_from) -> None:
     if (run_dir / COMPLETE).exists():
         raise RunDirError(
             f"{run_dir} holds a finished run. Choose another directory (name=OTHER or hydra.run.dir=PATH), "
-            "continue it from its last checkpoint with resume_from=auto (and a larger trainer.max_steps), "
+            "continue it from its last checkpoint with resume_from=auto and a larger trainer.max_steps, "
             "or replace it with overwrite=true."
         )
     ckpts = run_dir / "checkpoints"
@@ -132,7 +196,9 @@ def plot_loss_curve(log_rows: List[Dict], path: Path) -> None:
 
 
 def mark_complete(run_dir: Path) -> None:
-    (run_dir / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+    from fttrain import atomic
+
+    atomic.write_text(run_dir / COMPLETE, time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
 
 
 WEIGHT_FILES = {

@@ -21,6 +21,12 @@ their workers, and one rank is enough, because:
   process exits with status 0 (Slurm's own SIGTERM after the requeue is
   ignored). The restarted job (SLURM_RESTART_COUNT > 0) resumes from the
   newest complete checkpoint (fttrain.__main__).
+* the same poll carries each rank's first step with a loss or gradient norm
+  that was not finite (``fttrain.trainer.NonfiniteWatch``, noted on the
+  device): the ranks stop together at once, before that step's weights are
+  checkpointed (a checkpoint or eval step is always polled) and without
+  saving a model; the recipe then fails naming the step and the last good
+  checkpoint (``diverged_at``);
 * SIGTERM (preemption, scancel, the time limit itself) stops and
   checkpoints without requeueing: Slurm requeues preempted jobs itself
   (PreemptMode=REQUEUE), and a cancelled job should stay cancelled. The
@@ -61,6 +67,8 @@ class StopOnSignal(TrainerCallback):
 
     def __init__(self, signals: List[str], requeue_signals: List[str], check_steps: int = 1):
         self.check_steps = check_steps
+        self.trainer = None  # set by the recipe: its first_nonfinite_step() is polled with the signals
+        self.diverged_at: Optional[int] = None  # the first step any rank saw a non-finite loss or grad norm
         self.received: Optional[int] = None  # the signal number this rank got
         self.stopped_at: Optional[int] = None  # the step all ranks stopped after
         self.stop_signal: Optional[int] = None  # agreed over ranks: the largest number received
@@ -82,18 +90,37 @@ class StopOnSignal(TrainerCallback):
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)
         self.previous = {}
 
-    def _agreed(self, device, step: int, last_step: int) -> int:
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
-                or torch.distributed.get_world_size() == 1:
-            return self.received or 0  # no other rank to agree with: no tensor, no sync
-        if step % self.check_steps and step != last_step:
-            return 0  # every rank skips the same steps; the last one is checked, so no signal goes unseen
-        flag = torch.tensor([self.received or 0], dtype=torch.int64, device=device)
+    def _agreed(self, device, step: int, last_step: int, must_check: bool):
+        """(the largest signal any rank got, the first non-finite step on any rank or None)."""
+        nonfinite = getattr(self.trainer, "first_nonfinite_step", None)
+        alone = not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+            or torch.distributed.get_world_size() == 1
+        if step % self.check_steps and step != last_step and not must_check:
+            # Every rank skips the same steps; the last one, and any that saves or evaluates, is checked,
+            # so no signal goes unseen and no non-finite weights are written.
+            return (self.received or 0) if alone else 0, None  # alone: its own flag, no tensor, no sync
+        first = nonfinite() if nonfinite is not None else None
+        if alone:
+            bad = int(first) if first is not None else -1
+            return self.received or 0, (bad if bad >= 0 else None)
+        never = 2 ** 62  # MAX over -step finds the smallest step any rank saw
+        flag = torch.tensor([self.received or 0, -never], dtype=torch.int64, device=device)
+        if first is not None:
+            flag[1] = torch.where(first >= 0, -first, torch.full_like(first, -never))
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag.item())
+        signal_got, bad = flag.tolist()
+        return signal_got, (-bad if bad > -never else None)
 
     def on_step_end(self, args, state, control, **kwargs):
-        agreed = self._agreed(args.device, state.global_step, state.max_steps)
+        agreed, bad = self._agreed(args.device, state.global_step, state.max_steps,
+                                   must_check=bool(control.should_save or control.should_evaluate))
+        if bad is not None and self.diverged_at is None:
+            self.diverged_at = bad
+            control.should_save = control.should_evaluate = False  # weights after that step are not to be kept
+            control.should_training_stop = True
+            log.error("the loss or gradient norm was not finite at step %d (seen after step %d): stopping every "
+                      "rank without saving", bad, state.global_step)
+            return control
         if agreed and self.stopped_at is None:
             self.stop_signal, self.stopped_at = agreed, state.global_step
             control.should_save = True

@@ -36,10 +36,21 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> dict:
     """The run after composing (``fttrain train`` / ``python -m fttrain``; tests call
     it in-process with a composed config). Returns the metrics ({} for preflight,
     a stopped run's for a signal)."""
+    from fttrain.config.checks import check_config
+    from fttrain.outputs import RunLock
+
     run_dir = Path(run_dir)
-    prepare_run_dir(cfg, run_dir, overrides)  # check, guard, Slurm restart, config.yaml
-    recipe = recipe_class(cfg.task.name)(cfg, run_dir)  # the task's recipe (fttrain.tasks)
+    check_config(cfg)
+    # One run per directory: a second one started into it is refused while this one lives.
+    lock = RunLock(run_dir) if is_main_process() and not cfg.preflight else None
+    recipe = None
     try:
+        finished = prepare_run_dir(cfg, run_dir, overrides)  # check, guard, Slurm restart, config.yaml
+        if finished is not None:
+            log.info("resume_from=auto: %s is a finished run of %s steps and no more are planned (raise "
+                     "trainer.max_steps to continue it); nothing to do", run_dir, finished.get("steps"))
+            return finished
+        recipe = recipe_class(cfg.task.name)(cfg, run_dir)  # the task's recipe (fttrain.tasks)
         recipe.setup()
         if cfg.preflight:
             if recipe.is_main:
@@ -68,9 +79,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> dict:
             from fttrain.preemption import remove_pid_file
 
             remove_pid_file(run_dir)
+        if lock is not None:
+            lock.release()
 
 
-def prepare_run_dir(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
+def prepare_run_dir(cfg: DictConfig, run_dir: Path, overrides=()):
+    """None, or (resume_from=auto on a finished run with no more steps planned) its metrics: nothing to do."""
     from fttrain import outputs
     from fttrain.config.checks import check_config
 
@@ -90,7 +104,10 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
             cfg.resume_from = "auto"
         log.info("Slurm restart %d: resume_from=%s", restarts, cfg.resume_from)
     if not cfg.preflight:  # preflight writes nothing, so it may look at any directory
-        outputs.guard_run_dir(run_dir, cfg.overwrite, cfg.resume_from)
+        finished = outputs.finished_run_metrics(run_dir, cfg.trainer, cfg.resume_from, cfg.overwrite)
+        if finished is not None:
+            return finished
+        outputs.guard_run_dir(run_dir, cfg.overwrite, cfg.resume_from, hashes=cfg.trainer.verify_checkpoints == "hash")
     if is_main_process() and not cfg.preflight:
         run_dir.mkdir(parents=True, exist_ok=True)
         outputs.unmark_complete(run_dir)
@@ -101,6 +118,7 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
             outputs.clear_previous_run(run_dir)
         atomic.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         atomic.write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(list(overrides)))
+    return None
 
 
 def warn_inherited_data_settings(cfg: DictConfig, overrides) -> None:

@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from omegaconf import MISSING
 
 from fttrain.config.choice import choices
+from fttrain.config.bounds import bounded
 
 
 # ------------------------------------------------------------ config classes
@@ -24,10 +25,10 @@ HistoryRewrite = choices("HistoryRewrite", ("split", "last", "raise"), __name__)
 class GenerationEvalConfig:
     """Greedy generation on held-out prompts before and after training."""
 
-    num_samples: int = 8  # prompts written to samples.jsonl
-    exact_match_samples: int = 0  # >0: score exact match on this many eval rows
-    max_new_tokens: int = 48
-    batch_size: int = 8  # prompts per generate call: more is faster, needs memory for the KV cache
+    num_samples: int = bounded(8, lo=0)  # prompts written to samples.jsonl
+    exact_match_samples: int = bounded(0, lo=0)  # >0: score exact match on this many eval rows
+    max_new_tokens: int = bounded(48, lo=1)
+    batch_size: int = bounded(8, lo=1)  # prompts per generate call: more is faster, needs memory for the KV cache
 
 
 @dataclass
@@ -81,12 +82,12 @@ class DPOTaskConfig(TaskConfig):
     """Direct preference optimisation on prompt / chosen / rejected (TRL's DPOTrainer)."""
 
     name: str = "dpo"
-    beta: float = 0.1  # strength of the pull towards the reference: lower drifts further
+    beta: float = bounded(0.1, lo=0, lo_open=True)  # strength of the pull towards the reference: lower drifts further
     # sigmoid (DPO), ipo, hinge, robust, bco_pair, sppo_hard, nca_pair, aot, aot_unpaired,
     # apo_zero, apo_down, discopop, sft; several with loss_weights = a weighted sum.
     loss_type: List[DPOLoss] = field(default_factory=lambda: [DPOLoss.sigmoid])
     loss_weights: Optional[List[float]] = None  # with several loss types: their weights in the sum
-    label_smoothing: float = 0.0  # > 0: conservative DPO for noisy preference labels
+    label_smoothing: float = bounded(0.0, lo=0, hi=0.5)  # > 0: conservative DPO for noisy preference labels
     # auto: with an adapter, a frozen copy of the adapter as it started (TRL's
     # "ref" adapter: a few MB, and the true start model even for PiSSA-style
     # inits that change the base); with full fine-tuning, the start model
@@ -102,10 +103,10 @@ class KTOTaskConfig(TaskConfig):
     """Kahneman-Tversky optimisation: unpaired good/bad completions (pairs are split)."""
 
     name: str = "kto"
-    beta: float = 0.1
+    beta: float = bounded(0.1, lo=0, lo_open=True)
     loss_type: KTOLoss = KTOLoss.kto  # kto | apo_zero_unpaired
-    desirable_weight: float = 1.0  # raise when good examples are rarer than bad ones
-    undesirable_weight: float = 1.0
+    desirable_weight: float = bounded(1.0, lo=0, lo_open=True)  # raise when good examples are rarer than bad ones
+    undesirable_weight: float = bounded(1.0, lo=0, lo_open=True)
     reference: str = "auto"  # as for dpo
     precompute_ref_log_probs: bool = False
 
@@ -115,7 +116,7 @@ class ORPOTaskConfig(TaskConfig):
     """Odds-ratio preference optimisation: SFT + preference in one loss, no reference model."""
 
     name: str = "orpo"
-    beta: float = 0.1  # weight of the odds-ratio term (lambda in the paper)
+    beta: float = bounded(0.1, lo=0)  # weight of the odds-ratio term (lambda in the paper)
 
 
 @dataclass
@@ -124,7 +125,7 @@ class RewardTaskConfig(TaskConfig):
 
     name: str = "rm"
     # > 0 pulls rewards towards zero mean, so scores from different runs compare.
-    center_rewards_coefficient: Optional[float] = None
+    center_rewards_coefficient: Optional[float] = bounded(None, lo=0)
 
 
 @dataclass
@@ -135,14 +136,15 @@ class GRPOTaskConfig(TaskConfig):
     # Each entry: {_target_: module.function, weight: 1.0, <keyword arguments>}.
     # A function gets (prompts, completions, **columns of the data row) and returns one float per completion.
     rewards: List[Any] = field(default_factory=list)
-    num_generations: int = 4  # completions per prompt; the group whose rewards are compared
-    max_completion_length: int = 32
-    beta: float = 0.0  # KL penalty to the reference; 0 needs no reference model (less memory)
-    temperature: float = 1.0  # sampling temperature: diversity within a group is what gives signal
+    num_generations: int = bounded(4, lo=2)  # completions per prompt; the group whose rewards are compared
+    max_completion_length: int = bounded(32, lo=1)
+    beta: float = bounded(0.0, lo=0)  # KL penalty to the reference; 0 needs no reference model (less memory)
+    # sampling temperature: diversity within a group is what gives signal
+    temperature: float = bounded(1.0, lo=0, lo_open=True)
     # grpo | dr_grpo | dapo | bnpo: how token losses are averaged (TRL's loss_type)
     loss_type: str = "dapo"
     scale_rewards: str = "group"  # group | batch | none: divide advantages by the reward std of ...
-    eval_samples: int = 32  # held-out prompts scored greedily before and after training
+    eval_samples: int = bounded(32, lo=0)  # held-out prompts scored greedily before and after training
 
 
 @dataclass
@@ -152,7 +154,7 @@ class ClassificationTaskConfig(TaskConfig):
     name: str = "cls"
     labels: Optional[List[str]] = None  # None: the sorted label names found in the training data
     multi_label: bool = False  # labels: [...] per row, sigmoid + BCE, a threshold per label
-    threshold: float = 0.5  # multi-label decision threshold, for every label ...
+    threshold: float = bounded(0.5, lo=0, hi=1)  # multi-label decision threshold, for every label ...
     thresholds: Dict[str, float] = field(default_factory=dict)  # ... unless set per label here
     class_weights: Optional[List[float]] = None  # per label, in `labels` order; for imbalanced data
 
@@ -173,9 +175,9 @@ class QATaskConfig(TaskConfig):
     """Extractive question answering in SQuAD form; exact match and F1."""
 
     name: str = "qa"
-    doc_stride: int = 128  # overlap between windows of a long context: answers near a cut stay whole
-    max_answer_length: int = 30  # in tokens
-    n_best: int = 20  # start and end candidates tried per window
+    doc_stride: int = bounded(128, lo=1)  # overlap between windows of a long context: answers near a cut stay whole
+    max_answer_length: int = bounded(30, lo=1)  # in tokens
+    n_best: int = bounded(20, lo=1)  # start and end candidates tried per window
     # SQuAD 2.0: some questions have no answer; predict "" when the no-answer
     # score beats the best span by more than the threshold.
     version_2_with_negative: bool = False

@@ -69,6 +69,46 @@ class TokenCounting:
         return int(t[0]), int(t[1])
 
 
+class NonfiniteWatch:
+    """Notes, on the device, the first optimizer step whose loss (any
+    micro-batch) or gradient norm is not finite: no sync here. The stop-signal
+    poll (``fttrain.preemption.StopOnSignal``) reads it with its own all-reduce,
+    and the run stops before that step's weights are checkpointed or saved.
+    Under fp16 an infinite gradient norm is the loss scaler skipping a step
+    (normal); only the loss counts there."""
+
+    _first_nonfinite = None  # int64 tensor: the first such step, -1 while every value was finite
+
+    def _note_nonfinite(self, value) -> None:
+        step = self.state.global_step + 1  # the step being taken
+        if self._first_nonfinite is None:
+            self._first_nonfinite = torch.tensor(-1, dtype=torch.long, device=self.args.device)
+        if not isinstance(value, torch.Tensor):
+            if value is not None and not math.isfinite(float(value)) and int(self._first_nonfinite) < 0:
+                self._first_nonfinite.fill_(step)  # DeepSpeed hands the norm over as a float: already on the host
+            return
+        bad = ~torch.isfinite(value.detach()).all()
+        first = self._first_nonfinite
+        self._first_nonfinite = torch.where(bad & (first < 0), torch.full_like(first, step), first)
+
+    def first_nonfinite_step(self):
+        """The device tensor (-1: none so far); read by the stop-signal poll."""
+        if self._first_nonfinite is None:
+            self._first_nonfinite = torch.tensor(-1, dtype=torch.long, device=self.args.device)
+        return self._first_nonfinite
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        self._note_nonfinite(loss)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if not self.args.fp16:
+            self._note_nonfinite(grad_norm)
+        return grad_norm
+
+
 class MethodParamGroups:
     """For trainers given a PEFT method's own parameter groups (LoRA+):
     ``param_groups`` (lr, weight_decay) -> groups, set before the Trainer's
@@ -90,11 +130,12 @@ class MethodParamGroups:
 def with_fttrain_accounting(trainer_cls, count_keys=("attention_mask",)):
     """trainer_cls (TRL's DPOTrainer, GRPOTrainer, ...) with token counting,
     the PEFT method's optimizer groups (LoRA+) and whole-or-absent checkpoints."""
-    return type(f"FT{trainer_cls.__name__}", (AtomicCheckpoints, MethodParamGroups, TokenCounting, trainer_cls),
+    return type(f"FT{trainer_cls.__name__}",
+                (AtomicCheckpoints, NonfiniteWatch, MethodParamGroups, TokenCounting, trainer_cls),
                 {"count_keys": tuple(count_keys)})
 
 
-class FTTrainer(AtomicCheckpoints, MethodParamGroups, TokenCounting, Trainer):
+class FTTrainer(AtomicCheckpoints, NonfiniteWatch, MethodParamGroups, TokenCounting, Trainer):
     count_keys = ()  # counted in compute_loss from the collator's num_real_tokens
 
     def __init__(self, *args, rank_records: bool, param_groups=None, **kwargs):
@@ -219,6 +260,102 @@ class StepTimer(TrainerCallback):
             if self.first_step_seconds is None:
                 self.first_step_seconds = took
             self._start = None
+
+
+class StepWatchdog(TrainerCallback):
+    """A hung step ends the job with every rank's stacks on disk.
+
+    Each rank arms ``faulthandler``'s watchdog (a C thread: it fires even while
+    the main thread is stuck in a collective or in C code holding the GIL) at
+    the start of every optimizer step and disarms it at the end. A step that
+    runs past ``trainer.step_timeout_seconds`` writes every thread's Python
+    stack to ``stacks/rank<r>.txt`` and exits that process with status 1; the
+    launcher then ends the other ranks, whose own watchdogs have written theirs
+    if they were waiting on it. Evals and checkpoint saves between steps are
+    not timed. ``heartbeat/rank<r>.json`` holds each rank's last finished step
+    and its time, for ``fttrain.slurm`` and for people watching a job."""
+
+    def __init__(self, run_dir: Path, rank: int, timeout_seconds):
+        self.run_dir, self.rank, self.timeout = Path(run_dir), rank, timeout_seconds
+        self.stacks = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        (self.run_dir / "heartbeat").mkdir(parents=True, exist_ok=True)
+        if self.timeout:
+            (self.run_dir / "stacks").mkdir(exist_ok=True)
+            self.stacks = open(self.run_dir / "stacks" / f"rank{self.rank}.txt", "w")
+        self._beat(state.global_step)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.stacks is not None:
+            import faulthandler
+
+            self.stacks.write(f"step {state.global_step + 1} ran past trainer.step_timeout_seconds={self.timeout} "
+                              f"on rank {self.rank} (pid {os.getpid()}); every thread's stack:\n")
+            self.stacks.flush()
+            faulthandler.dump_traceback_later(self.timeout, repeat=False, file=self.stacks, exit=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stacks is not None:
+            import faulthandler
+
+            faulthandler.cancel_dump_traceback_later()
+            self.stacks.seek(0)
+            self.stacks.truncate()
+        self._beat(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        if self.stacks is not None:
+            import faulthandler
+
+            faulthandler.cancel_dump_traceback_later()
+            self.stacks.close()
+            path = Path(self.stacks.name)
+            if path.exists() and path.stat().st_size == 0:
+                path.unlink()
+                try:
+                    path.parent.rmdir()  # empty: no rank hung
+                except OSError:
+                    pass
+            self.stacks = None
+
+    def _beat(self, step: int) -> None:
+        path = self.run_dir / "heartbeat" / f"rank{self.rank}.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"rank": self.rank, "step": step, "time": time.time(), "pid": os.getpid()}))
+        os.replace(tmp, path)
+
+
+class NothingLeftToTrain(Exception):
+    """Raised out of the Trainer's loop: the checkpoint resumed from is the run's last step."""
+
+
+class ResumePlan(TrainerCallback):
+    """What a resumed run does with the plan as it is now.
+
+    * The learning rate of its next step comes from the schedule as planned
+      now, not the one the checkpoint saved: with trainer.max_steps raised on
+      a finished run, the schedule continues as if the run had been planned
+      that long from the start (the Trainer's schedules are closed-form
+      functions of the step and the total). Same plan: the same value.
+    * A checkpoint of the last planned step (a run killed during its final
+      eval or save) trains nothing more: the Trainer would take one step past
+      max_steps, as it tests for the end only after a step."""
+
+    def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        if not state.global_step or not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return
+        lrs = [base * f(lr_scheduler.last_epoch) for f, base in zip(lr_scheduler.lr_lambdas, lr_scheduler.base_lrs)]
+        for group, lr in zip(lr_scheduler.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        lr_scheduler._last_lr = lrs
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.max_steps and state.global_step >= state.max_steps:
+            raise NothingLeftToTrain(state.global_step)
 
 
 class AtTrainBegin(TrainerCallback):

@@ -189,7 +189,7 @@ def test_lenient_mode_drops_bad_rows_with_a_count_per_reason(tmp_path, tokenizer
 def test_invalid_json_line_is_named(tmp_path, tokenizer):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"text": "ok"}\n{"text": oops}\n')
-    with pytest.raises(DataError, match="broken.jsonl line 2"):
+    with pytest.raises(DataError, match=r"broken.jsonl row 1 \(line 2\): not valid JSON"):
         load_rows(str(path))
 
 

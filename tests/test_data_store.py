@@ -127,7 +127,7 @@ def test_invalid_json_found_by_a_worker_names_the_line(tmp_path, tokenizer, smal
     lines.insert(20, "")  # blank lines count as lines, not as rows
     lines[25] = '{"messages": oops}'
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match="broken.jsonl line 26: not valid JSON"):
+    with pytest.raises(DataError, match=r"broken.jsonl row 24 \(line 26\): not valid JSON"):
         pipeline.prepare_data(cfg_for(str(path), eval_fraction=0, num_proc=2), tokenizer, tokenizer.chat_template,
                               True)
 

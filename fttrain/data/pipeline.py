@@ -34,7 +34,7 @@ from fttrain.data.chat import MaskPolicy
 from fttrain.data.formats import Chat, Example, Formatter, RowError, placeholders
 from fttrain.data.packing import best_fit_decreasing
 from fttrain.data.rows import load_splits
-from fttrain.data.sources import DataError, RowSource
+from fttrain.data.sources import DataError, RowSource, UnreadableRow
 from fttrain.atomic import remove_tree, sync_folder
 from fttrain.data.store import ChunkWriter, PreparedRows, write_split
 from fttrain.data.templates import TemplateError
@@ -167,11 +167,11 @@ def encode_rows(job: EncodeJob, ids: List[int], counts: "RowCounts", keep: Calla
     ids = list(ids)
     for start in range(0, len(ids), ENCODE_BATCH):
         batch = ids[start:start + ENCODE_BATCH]
-        rows = job.rows.read(batch)
+        rows = read_rows(job.rows, batch)
         examples = []
         for row in rows:
             try:
-                examples.append(job.formatter(row))
+                examples.append(row if isinstance(row, RowError) else job.formatter(row))
             except RowError as e:
                 examples.append(e)
         encoded = iter(tokenizer.encode_many([ex for ex in examples if not isinstance(ex, RowError)]))
@@ -179,10 +179,28 @@ def encode_rows(job: EncodeJob, ids: List[int], counts: "RowCounts", keep: Calla
             _keep_row(job, i, row, ex, ex if isinstance(ex, RowError) else next(encoded), counts, keep)
 
 
+def read_rows(rows: RowSource, ids: List[int]) -> List:
+    """Rows ``ids``; a line that is not a JSON row comes back as its UnreadableRow
+    (a RowError), for the strict or lenient policy to handle in file order."""
+    try:
+        return rows.read(ids)
+    except UnreadableRow:
+        out = []
+        for i in ids:
+            try:
+                out.append(rows[i])
+            except UnreadableRow as e:
+                out.append(e)
+        return out
+
+
 def _keep_row(job: EncodeJob, i: int, row: Dict, ex, encoded, counts: "RowCounts", keep) -> None:
     """One row's samples (or the RowError that rejected it) handed on and counted; in file order."""
     tokenizer = job.tokenizer
     if isinstance(encoded, RowError):
+        if job.strict and isinstance(encoded, UnreadableRow):
+            raise DataError(f"{encoded}. Fix the line, or set data.strict=false to drop such lines with a "
+                            "count.") from None
         if job.strict:
             raise DataError(
                 f"{job.source} row {i}: {encoded}. Fix the row, or set data.strict=false to drop "

@@ -46,9 +46,13 @@ class Split:
 
 
 def load_splits(data_cfg) -> Tuple[Split, Optional[Split]]:
-    rows = open_rows(data_cfg.train, data_cfg.train_split)
+    from fttrain.config.schema import value_of
+    from fttrain.data.formats import TEXT_FORMATS
+
+    as_text = value_of(data_cfg.format) in TEXT_FORMATS  # a CSV answer "2" stays the string "2"
+    rows = open_rows(data_cfg.train, data_cfg.train_split, csv_as_text=as_text)
     if data_cfg.eval:
-        eval_rows = open_rows(data_cfg.eval, data_cfg.eval_split)
+        eval_rows = open_rows(data_cfg.eval, data_cfg.eval_split, csv_as_text=as_text)
         train = Split(data_cfg.train, rows, list(range(len(rows))))
         evaluation = Split(data_cfg.eval, eval_rows, list(range(len(eval_rows))))
     elif data_cfg.eval_fraction > 0:
@@ -85,8 +89,9 @@ def convert_rows(split: Split, convert: Callable[[Dict], object], strict: bool) 
             ex = convert(split.rows[i])
         except RowError as e:
             if strict:
-                raise DataError(f"{split.source} row {i}: {e}. Fix the row, or set data.strict=false to drop "
-                                "such rows with a count.") from None
+                where = "" if isinstance(e, DataError) else f"{split.source} row {i}: "  # a bad line names itself
+                raise DataError(f"{where}{e}. Fix the row, or set data.strict=false to drop such rows with a "
+                                "count.") from None
             dropped[e.reason] += 1
             continue
         except DropRow as e:

@@ -9,6 +9,13 @@ memory until it is read, and worker processes forked for preparation read
 their own rows (``os.pread``: no shared file position).
 
 In memory as a whole: ``.json`` (one JSON document) and ``.csv``.
+
+Rows are numbered from 0 in file order, blank lines not counted (what
+``data.max_samples``, the split and the data report count); an error in a
+JSON Lines file also gives its line number in the file, counted from 1. A file
+that cannot be read (its encoding, its suffix, a corrupt container) is refused
+naming the file and what to do. CSV files in the text formats (chats,
+prompt/completion, preference, text) are read as text: an answer "2" stays "2".
 """
 
 from __future__ import annotations
@@ -20,14 +27,25 @@ from typing import Dict, Iterator, List, Sequence
 
 import numpy as np
 
+from fttrain.data.formats import RowError
 from fttrain.data.synthetic import resolve_builtin
 from fttrain.errors import FttrainError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+UTF8_HINT = "fttrain reads UTF-8: convert it, e.g. iconv -f LATIN1 -t UTF-8 IN > OUT (or -f UTF-16)"
 
 
 class DataError(FttrainError, ValueError):
     """A problem with the user's data; the message names the file, row and field."""
+
+
+class UnreadableRow(DataError, RowError):
+    """One line of a JSON Lines file that is not a JSON row: stops a strict run,
+    dropped and counted (``invalid_json``) by a lenient one."""
+
+    def __init__(self, message: str):
+        DataError.__init__(self, message)
+        self.field, self.reason = "<line>", "invalid_json"
 
 
 class RowSource(Sequence):
@@ -78,10 +96,20 @@ class JsonlSource(RowSource):
         start, end = int(self.starts[i]), int(self.ends[i])
         line = os.pread(self._file(), end - start, start)
         try:
-            return json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{self.name} line {self._line_number(start)}: not valid JSON "
-                            f"({getattr(e, 'msg', e)})") from None
+            row = json.loads(line)
+        except UnicodeDecodeError as e:
+            raise UnreadableRow(f"{self.name} row {i} (line {self._line_number(start)}): not UTF-8 ({e.reason} at "
+                                f"byte {e.start}); {UTF8_HINT}") from None
+        except json.JSONDecodeError as e:
+            raise UnreadableRow(f"{self.name} row {i} (line {self._line_number(start)}): not valid JSON "
+                                f"({e.msg})") from None
+        except RecursionError:
+            raise UnreadableRow(f"{self.name} row {i} (line {self._line_number(start)}): nested too deeply to "
+                                "read") from None
+        if not isinstance(row, dict):
+            raise UnreadableRow(f"{self.name} row {i} (line {self._line_number(start)}): a row must be a JSON "
+                                f"object, not {type(row).__name__}")
+        return row
 
     def read(self, ids: Sequence[int]) -> List[Dict]:
         ids = list(ids)
@@ -92,9 +120,10 @@ class JsonlSource(RowSource):
             for i in ids:
                 s, e = int(self.starts[i]) - lo, int(self.ends[i]) - lo
                 try:
-                    rows.append(json.loads(block[s:e]))
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    rows.append(self[i])  # raises, naming the line
+                    row = json.loads(block[s:e])
+                except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                    row = None
+                rows.append(row if isinstance(row, dict) else self[i])  # self[i] raises, naming the line
             return rows
         return [self[i] for i in ids]
 
@@ -108,10 +137,19 @@ class JsonlSource(RowSource):
         return state
 
 
+def _check_encoding(path: str) -> None:
+    """A UTF-16/32 file (byte-order mark or NUL bytes) is refused before any row is read."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in head:
+        raise DataError(f"{path}: the file is UTF-16 or UTF-32 encoded; {UTF8_HINT}")
+
+
 def _line_offsets(path: str):
     """(starts, ends) of the non-blank lines, as int64 arrays: one pass over the bytes."""
     starts, ends = [], []
     pos = 0
+    _check_encoding(path)
     with open(path, "rb") as f:
         tail = b""
         while True:
@@ -145,10 +183,15 @@ class ParquetSource(RowSource):
     """Rows of a Parquet file, decoded one row group at a time."""
 
     def __init__(self, path: str):
+        import pyarrow
         import pyarrow.parquet as pq
 
         self.name = path
-        meta = pq.ParquetFile(path).metadata
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except (pyarrow.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file ({e}); write it again, or convert it to "
+                            "JSON Lines") from None
         self.group_starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
         self._cached = (None, None)
 
@@ -217,24 +260,53 @@ class DatasetsSource(RowSource):
         return self.ds.select(ids).to_list()
 
 
-def open_rows(source: str, split: str = "train") -> RowSource:
-    """The rows of a data source, read lazily where the format allows."""
+def open_rows(source: str, split: str = "train", csv_as_text: bool = False) -> RowSource:
+    """The rows of a data source, read lazily where the format allows.
+    ``csv_as_text``: every CSV column as strings (the text formats), not typed by its values."""
     name = source
     if source.startswith("builtin:"):
         source = resolve_builtin(source)
     if source.endswith(FILE_SUFFIXES) or os.path.isfile(source):
         if not os.path.exists(source):
             raise DataError(f"data file not found: {source}")
+        if not source.endswith(FILE_SUFFIXES):
+            suffix = "".join(os.path.basename(source).partition(".")[1:]) or "none"
+            raise DataError(f"{source}: fttrain reads {', '.join(FILE_SUFFIXES)} files, not this suffix ({suffix}); "
+                            "rename the file if it is one of them, or decompress it first (gunzip, unzstd)")
         if source.endswith(".jsonl"):
             return JsonlSource(source)
         if source.endswith(".parquet"):
             return ParquetSource(source)
         if source.endswith(".json"):
             return ListSource(source, _load_json(source))
-        import pyarrow.csv as pacsv  # .csv (and any other file): typed columns, no pandas index surprises
-
-        return ArrowTableSource(source, pacsv.read_csv(source))
+        return ArrowTableSource(source, _read_csv(source, csv_as_text))
+    if os.path.isdir(source) and not any(os.scandir(source)):
+        raise DataError(f"{source}: the folder is empty (expected data files, or a set saved with save_to_disk)")
+    if not os.path.exists(source) and (os.sep in source.strip("/") and source.startswith((".", "/", "~"))):
+        raise DataError(f"data file or folder not found: {source}")
     return _load_datasets(name, split)
+
+
+def _read_csv(path: str, as_text: bool):
+    """A CSV file as an Arrow table (typed columns, no pandas index surprises), or all columns as strings."""
+    import pyarrow
+    import pyarrow.csv as pacsv
+
+    _check_encoding(path)
+    try:
+        options = None
+        if as_text:  # the header's names, from the first block
+            names = pacsv.open_csv(path).schema.names
+            options = pacsv.ConvertOptions(column_types={n: pyarrow.string() for n in names})
+        return pacsv.read_csv(path, convert_options=options)
+    except pyarrow.ArrowInvalid as e:
+        text = str(e)
+        if "UTF8" in text or "utf8" in text.lower():
+            raise DataError(f"{path}: not UTF-8 ({text}); {UTF8_HINT}") from None
+        if "Empty CSV" in text:
+            raise DataError(f"{path}: the CSV file is empty (expected a header line and rows)") from None
+        raise DataError(f"{path}: not a CSV file fttrain can read ({text}); every line needs the header's "
+                        "number of fields (quote fields that hold commas)") from None
 
 
 def load_rows(source: str, split: str = "train") -> List[Dict]:
@@ -245,11 +317,16 @@ def load_rows(source: str, split: str = "train") -> List[Dict]:
 def _load_json(path: str) -> List[Dict]:
     """A JSON array of rows (or an object holding one), parsed whole: JSON has no
     row boundaries to read between; JSON Lines (.jsonl) is read lazily."""
+    _check_encoding(path)
     with open(path, encoding="utf-8") as f:
         try:
             data = json.load(f)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); {UTF8_HINT}") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        except RecursionError:
+            raise DataError(f"{path}: nested too deeply to read") from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -264,10 +341,15 @@ def _load_datasets(name: str, split: str) -> RowSource:
     """A `datasets` hub name or a folder saved with `save_to_disk`."""
     import datasets
 
-    if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_info.json")):
-        ds = datasets.load_from_disk(name)
-    else:
-        ds = datasets.load_dataset(name, split=split)
+    try:
+        if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_info.json")):
+            ds = datasets.load_from_disk(name)
+        else:
+            ds = datasets.load_dataset(name, split=split)
+    except (FileNotFoundError, ConnectionError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+        # datasets' own errors for a name, folder or split it cannot find (EmptyDatasetError is a FileNotFoundError)
+        raise DataError(f"{name}: not a data file ({', '.join(FILE_SUFFIXES)}), folder or `datasets` set that could "
+                        f"be loaded: {e}") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{name}: no split {split!r}; has {list(ds)}")

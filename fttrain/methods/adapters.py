@@ -7,6 +7,7 @@ from typing import List, Optional
 
 from fttrain.methods.base import Method, PeftConfig, TrainerHooks, apply_peft_library
 from fttrain.methods.targets import resolve_target_modules, targets
+from fttrain.config.bounds import bounded
 
 
 @dataclass
@@ -20,19 +21,20 @@ class IA3Config(PeftConfig):
 @dataclass
 class VeraConfig(PeftConfig):
     method: str = "vera"
-    r: int = 256  # shared random matrices are cheap: VeRA uses far higher ranks than LoRA
+    r: int = bounded(256, lo=1)  # shared random matrices are cheap: VeRA uses far higher ranks than LoRA
     # targets must share one shape per kind (q/v on GQA models differ: name them)
     target_modules: List[str] = field(default_factory=lambda: ["attention"])
-    dropout: float = 0.0
+    dropout: float = bounded(0.0, lo=0, hi=1, hi_open=True)
 
 
 @dataclass
 class LycorisConfig(PeftConfig):
     """LoHa and LoKr (the LyCORIS family) take the same knobs."""
 
-    r: int = 8
-    alpha: int = 8
-    dropout: float = 0.0  # module dropout: a whole adapted module is skipped with this probability
+    r: int = bounded(8, lo=1)
+    alpha: int = bounded(8, lo=0, lo_open=True)
+    # module dropout: a whole adapted module is skipped with this probability
+    dropout: float = bounded(0.0, lo=0, hi=1, hi_open=True)
     target_modules: List[str] = field(default_factory=lambda: ["attention"])
 
 
@@ -49,9 +51,9 @@ class LokrConfig(LycorisConfig):
 @dataclass
 class OftConfig(PeftConfig):
     method: str = "oft"
-    block_size: int = 32  # orthogonal blocks of this size; must divide each target's input width
+    block_size: int = bounded(32, lo=1)  # orthogonal blocks of this size; must divide each target's input width
     target_modules: List[str] = field(default_factory=lambda: ["attention"])
-    dropout: float = 0.0
+    dropout: float = bounded(0.0, lo=0, hi=1, hi_open=True)
 
 
 @dataclass
@@ -59,13 +61,13 @@ class AdaLoraConfig(PeftConfig):
     """LoRA whose rank budget is reallocated by importance during training."""
 
     method: str = "adalora"
-    init_r: int = 12  # rank each module starts with
-    target_r: int = 8  # average rank left at the end
-    tinit: int = 0  # steps before pruning starts
-    tfinal: int = 0  # steps at the end with the final budget fixed
-    delta_t: int = 1  # steps between budget reallocations
-    alpha: int = 32
-    dropout: float = 0.0
+    init_r: int = bounded(12, lo=1)  # rank each module starts with
+    target_r: int = bounded(8, lo=1)  # average rank left at the end
+    tinit: int = bounded(0, lo=0)  # steps before pruning starts
+    tfinal: int = bounded(0, lo=0)  # steps at the end with the final budget fixed
+    delta_t: int = bounded(1, lo=1)  # steps between budget reallocations
+    alpha: int = bounded(32, lo=0, lo_open=True)
+    dropout: float = bounded(0.0, lo=0, hi=1, hi_open=True)
     target_modules: List[str] = field(default_factory=lambda: ["attention"])
 
 

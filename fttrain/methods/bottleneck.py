@@ -25,6 +25,7 @@ from typing import List
 
 from fttrain.config.choice import choices
 from fttrain.methods.base import Method, PeftConfig
+from fttrain.config.bounds import bounded
 
 CONFIG_NAME = "bottleneck_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -47,23 +48,23 @@ class BottleneckConfig(PeftConfig):
     """Bottleneck adapters after attention and FFN."""
 
     method: str = "adapter"
-    r: int = 64  # bottleneck width: d -> r -> d
+    r: int = bounded(64, lo=1)  # bottleneck width: d -> r -> d
     activation: Activation = Activation.gelu  # gelu | relu | silu | tanh
     # serial: h + up(act(down(h))) on the sublayer's output (Houlsby et al.).
     # parallel: sublayer(x) + scale * up(act(down(x))) on its input (He et al.).
     placement: Placement = Placement.serial
-    scale: float = 1.0  # multiplies the adapter's output (He et al. use 4 for parallel)
-    dropout: float = 0.0
+    scale: float = bounded(1.0, lo=0, lo_open=True)  # multiplies the adapter's output (He et al. use 4 for parallel)
+    dropout: float = bounded(0.0, lo=0, hi=1, hi_open=True)
     sublayers: List[str] = field(default_factory=lambda: ["attention", "ffn"])  # drop one to adapt only the other
 
 
 @dataclass
 class BottleneckSpec:
-    r: int = 64
+    r: int = bounded(64, lo=1)
     activation: str = "gelu"
     placement: str = "serial"
-    scale: float = 1.0
-    dropout: float = 0.0
+    scale: float = bounded(1.0, lo=0, lo_open=True)
+    dropout: float = bounded(0.0, lo=0, hi=1, hi_open=True)
     sublayers: List[str] = field(default_factory=lambda: ["attention", "ffn"])
     base_model_name_or_path: str = ""
 

@@ -10,14 +10,16 @@ from typing import List
 
 from fttrain.methods.base import Method, PeftConfig, apply_peft_library
 from fttrain.methods.targets import targets
+from fttrain.config.bounds import bounded
 
 
 @dataclass
 class FourierFTConfig(PeftConfig):
     method: str = "fourierft"
-    n_frequency: int = 1000  # learned coefficients per adapted matrix (at most in x out of the smallest)
-    scaling: float = 150.0  # scale of the update, like LoRA's alpha: tune it with the learning rate
-    random_loc_seed: int = 777  # which frequencies; saved with the adapter
+    n_frequency: int = bounded(1000, lo=1)  # learned coefficients per adapted matrix (at most in x out of the smallest)
+    # scale of the update, like LoRA's alpha: tune it with the learning rate
+    scaling: float = bounded(150.0, lo=0, lo_open=True)
+    random_loc_seed: int = bounded(777, lo=0)  # which frequencies; saved with the adapter
     # or [all_linear], [query_value], or module names
     target_modules: List[str] = field(default_factory=lambda: ["attention"])
 

@@ -9,6 +9,7 @@ from typing import List
 from fttrain.config.choice import choices
 from fttrain.methods.base import LaunchFacts, Method, PeftConfig, importable
 from fttrain.methods.whole import train_everything
+from fttrain.config.bounds import bounded
 
 OPTIMIZERS = {"adamw": "galore_adamw", "adamw_8bit": "galore_adamw_8bit", "adafactor": "galore_adafactor"}
 GaloreOptimizer = choices("GaloreOptimizer", OPTIMIZERS, __name__)
@@ -20,9 +21,10 @@ class GaloreConfig(PeftConfig):
     """Full-parameter training with GaLore's low-rank optimizer state."""
 
     method: str = "galore"
-    rank: int = 128  # projection rank: the optimizer state of a d x d weight becomes r x d
-    update_proj_gap: int = 200  # steps between SVD refreshes of the projection: fewer is slower, tracks better
-    scale: float = 0.25
+    rank: int = bounded(128, lo=1)  # projection rank: the optimizer state of a d x d weight becomes r x d
+    # steps between SVD refreshes of the projection: fewer is slower, tracks better
+    update_proj_gap: int = bounded(200, lo=1)
+    scale: float = bounded(0.25, lo=0, lo_open=True)
     proj_type: Projection = Projection.std  # std | reverse_std | right | left | full
     # projected matrices; the rest use plain AdamW
     target_modules: List[str] = field(default_factory=lambda: ["all_linear"])

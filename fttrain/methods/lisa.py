@@ -23,6 +23,7 @@ from typing import List
 
 from fttrain.errors import PeftSetupError
 from fttrain.methods.base import Method, PeftConfig, TrainerHooks
+from fttrain.config.bounds import bounded
 
 log = logging.getLogger("fttrain")
 
@@ -32,8 +33,8 @@ class LisaConfig(PeftConfig):
     """Layerwise importance sampling: a few random layers learn at a time."""
 
     method: str = "lisa"
-    active_layers: int = 2  # decoder layers unfrozen at a time
-    switch_every: int = 20  # steps between re-draws
+    active_layers: int = bounded(2, lo=1)  # decoder layers unfrozen at a time
+    switch_every: int = bounded(20, lo=1)  # steps between re-draws
     train_embeddings: bool = True
     train_head: bool = True
 

@@ -10,6 +10,7 @@ from fttrain.config.choice import choices
 from fttrain.errors import PeftSetupError
 from fttrain.methods.base import LaunchFacts, Method, PeftConfig, TrainerHooks, apply_peft_library, importable
 from fttrain.methods.targets import linear_leaf_names, resolve_target_modules
+from fttrain.config.bounds import bounded
 
 INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "loftq": "loftq"}  # peft's init_lora_weights
 LoraInit = choices("LoraInit", INIT, __name__)
@@ -22,9 +23,10 @@ QuantStorage = choices("QuantStorage", ("bfloat16", "float16", "float32", "uint8
 @dataclass
 class LoraConfig(PeftConfig):
     method: str = "lora"
-    r: int = 16  # rank: higher learns more, costs memory and adapter size
-    alpha: int = 32  # scale = alpha / r
-    dropout: float = 0.0  # 0: deterministic and fastest; 0.05-0.1 can help on small data sets
+    r: int = bounded(16, lo=1)  # rank: higher learns more, costs memory and adapter size
+    alpha: int = bounded(32, lo=0, lo_open=True)  # scale = alpha / r
+    # 0: deterministic and fastest; 0.05-0.1 can help on small data sets
+    dropout: float = bounded(0.0, lo=0, hi=1, hi_open=True)
     bias: LoraBias = LoraBias.none  # none | all | lora_only
     # or [attention], [query_value], or module names like [q_proj, v_proj]
     target_modules: List[str] = field(default_factory=lambda: ["all_linear"])
@@ -33,15 +35,15 @@ class LoraConfig(PeftConfig):
     use_rslora: bool = False  # scale alpha/sqrt(r): keeps high ranks stable
     use_dora: bool = False  # magnitude/direction split: often better, ~2x slower steps
     init: LoraInit = LoraInit.default  # default | gaussian | pissa | loftq
-    loftq_bits: int = 4  # init=loftq: the bit width the base will be quantised to
+    loftq_bits: int = bounded(4, lo=1, hi=8)  # init=loftq: the bit width the base will be quantised to
     # LoRA+: B matrices learn at learning_rate x this ratio (paper: 16). null: off.
-    loraplus_lr_ratio: Optional[float] = None
+    loraplus_lr_ratio: Optional[float] = bounded(None, lo=0, lo_open=True)
 
 
 @dataclass
 class QLoraConfig(LoraConfig):
     method: str = "qlora"
-    bits: int = 4  # 4 (nf4/fp4) or 8
+    bits: int = bounded(4, lo=4, hi=8)  # 4 (nf4/fp4) or 8
     quant_type: QuantType = QuantType.nf4  # nf4 | fp4
     double_quant: bool = True  # quantise the quantisation constants: ~0.4 bit/param saved
     compute_dtype: ComputeDtype = ComputeDtype.auto  # auto: follows precision (bf16 -> bfloat16, fp16 -> float16, else float32)

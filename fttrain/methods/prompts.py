@@ -9,6 +9,7 @@ from typing import Optional
 from fttrain.config.choice import choices
 from fttrain.errors import PeftSetupError
 from fttrain.methods.base import Method, PeftConfig, apply_peft_library
+from fttrain.config.bounds import bounded
 
 PromptEncoder = choices("PromptEncoder", ("MLP", "LSTM"), __name__)  # p-tuning's reparameterisation
 
@@ -16,23 +17,23 @@ PromptEncoder = choices("PromptEncoder", ("MLP", "LSTM"), __name__)  # p-tuning'
 @dataclass
 class PromptTuningConfig(PeftConfig):
     method: str = "prompt_tuning"
-    num_virtual_tokens: int = 20  # more: more capacity, longer sequences
+    num_virtual_tokens: int = bounded(20, lo=1)  # more: more capacity, longer sequences
     init_text: Optional[str] = None  # initialise the soft prompt from this text's embeddings
 
 
 @dataclass
 class PrefixTuningConfig(PeftConfig):
     method: str = "prefix_tuning"
-    num_virtual_tokens: int = 20
+    num_virtual_tokens: int = bounded(20, lo=1)
     projection: bool = True  # learn prefixes through an MLP: more stable, more parameters while training
-    encoder_hidden_size: int = 512  # width of that MLP
+    encoder_hidden_size: int = bounded(512, lo=1)  # width of that MLP
 
 
 @dataclass
 class PTuningConfig(PeftConfig):
     method: str = "p_tuning"
-    num_virtual_tokens: int = 20
-    encoder_hidden_size: int = 512
+    num_virtual_tokens: int = bounded(20, lo=1)
+    encoder_hidden_size: int = bounded(512, lo=1)
     encoder_type: PromptEncoder = PromptEncoder.MLP  # MLP | LSTM
 
 
@@ -41,8 +42,8 @@ class LlamaAdapterConfig(PeftConfig):
     """Adaption prompts with zero-init gating (LLaMA-Adapter), Llama-family models only."""
 
     method: str = "llama_adapter"
-    adapter_len: int = 10  # learned prompt tokens per adapted layer
-    adapter_layers: int = 2  # the top layers that get them
+    adapter_len: int = bounded(10, lo=1)  # learned prompt tokens per adapted layer
+    adapter_layers: int = bounded(2, lo=1)  # the top layers that get them
 
 
 def prompt_tuning_config(model, c, ctx):

@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from fttrain import atomic, outputs
+from fttrain.errors import FttrainError
 from fttrain.plan import Topology, gradient_accumulation, plan_label
 from fttrain.plan.check import check_plan
 from fttrain.plan.save import save_model
@@ -84,6 +85,7 @@ class Recipe:
         self.trainer = self.build_trainer()
         self.trainer.keep_checkpoints = self.cfg.trainer.save_total_limit  # applied after each complete save
         self.plan_check.trainer = self.trainer
+        self.stop_on_signal.trainer = self.trainer  # its non-finite steps are polled with the stop signals
         for cb in self.hooks.callbacks:
             cb.trainer = self.trainer
 
@@ -284,13 +286,14 @@ class Recipe:
     def callbacks(self, *task_callbacks) -> List:
         """Method callbacks first (LISA adds its layer draw to the log line the
         JSONL logger writes), then the output contract's, then the task's."""
-        from fttrain.trainer import JsonlLogCallback, StepTimer
+        from fttrain.trainer import JsonlLogCallback, ResumePlan, StepTimer, StepWatchdog
 
         self.step_timer = StepTimer()
+        self.watchdog = StepWatchdog(self.run_dir, self.args.process_index, self.cfg.trainer.step_timeout_seconds)
         self.plan_check = PlanCheck(self.cfg.dist, getattr(self.model.config, "num_hidden_layers", None),
                                     self._record_plan, checkpointing=self.cfg.trainer.gradient_checkpointing)
         return [*self.hooks.callbacks, JsonlLogCallback(self.run_dir / "train_log.jsonl"), self.step_timer,
-                self.plan_check, self.stop_on_signal, *task_callbacks]
+                self.plan_check, self.stop_on_signal, self.watchdog, ResumePlan(), *task_callbacks]
 
     def _record_plan(self, realised: dict) -> None:
         """The verified plan, with the DeepSpeed JSON as run (auto values filled), in plan.json."""
@@ -326,7 +329,7 @@ class Recipe:
         cfg = self.cfg
         resume = cfg.resume_from
         if resume == "auto":
-            latest = latest_checkpoint(self.run_dir)
+            latest = latest_checkpoint(self.run_dir, hashes=cfg.trainer.verify_checkpoints == "hash")
             resume = str(latest) if latest else None
             if resume is None and self.is_main:
                 log.info("resume_from=auto: no complete checkpoint in %s yet, starting from step 0",
@@ -341,8 +344,17 @@ class Recipe:
             log.info("resuming from %s (step %d)", resume, step)
             self.before_resume(Path(resume), step)
         start = time.time()
-        self.trainer.train(resume_from_checkpoint=resume)
+        from fttrain.trainer import NothingLeftToTrain
+
+        try:
+            self.trainer.train(resume_from_checkpoint=resume)
+        except NothingLeftToTrain as done:
+            log.info("%s is the last planned step (%s): nothing left to train; evaluating and saving", resume, done)
+        finally:
+            self.watchdog.close()  # a failed step must not leave a watchdog armed in this process
         self.train_seconds = time.time() - start
+        if self.stop_on_signal.diverged_at is not None:
+            raise diverged(self.run_dir, self.stop_on_signal.diverged_at, "the loss or gradient norm")
         if self.stop_on_signal.stopped:  # a checkpoint was written; the final eval and save wait for the resume
             return
         self.eval_metrics = self.trainer.evaluate() if self.has_eval() else {}
@@ -390,6 +402,9 @@ class Recipe:
         peaks = trainer.accelerator.gather(torch.tensor([peak], device=self.args.device)).max().item()
         write_rank_record(trainer, run_dir)
 
+        bad = nonfinite_weights(trainer)
+        if bad:
+            raise diverged(run_dir, trainer.state.global_step, f"the weights ({bad})")
         tmp = run_dir / "model.tmp"
         if self.is_main and tmp.exists():  # left by a run that died while saving
             import shutil
@@ -406,7 +421,9 @@ class Recipe:
         self.tokenizer.save_pretrained(tmp)
         self.save_extra_files(tmp)
         outputs.check_weights_written(tmp, self.model_format)
+        atomic.sync_folder(tmp)  # on disk before it is published: a power loss cannot leave empty files
         atomic.publish_dir(tmp, run_dir / "model")
+        atomic.sync_dir(run_dir)
 
         step_s = self.step_timer.seconds
         metrics = {
@@ -452,6 +469,34 @@ class Recipe:
 
     def log_task_summary(self, metrics: dict) -> None:
         pass
+
+
+class DivergedError(FttrainError, RuntimeError):
+    """Training produced a non-finite loss, gradient norm or weights: nothing was saved as finished."""
+
+
+def diverged(run_dir: Path, step: int, what: str) -> DivergedError:
+    from fttrain.checkpoints import complete_checkpoints, checkpoint_step
+
+    good = [p for p in complete_checkpoints(run_dir) if checkpoint_step(p) < step]
+    keep = (f"the last good checkpoint is {good[-1]} (resume_from={good[-1]} with the fix)" if good
+            else "there is no checkpoint from before it")
+    return DivergedError(
+        f"training diverged: {what} was not finite at step {step}. No model was saved and the run is not marked "
+        f"complete; {keep}. Lower trainer.learning_rate, keep trainer.max_grad_norm > 0, or use bf16 instead of fp16"
+    )
+
+
+def nonfinite_weights(trainer) -> str:
+    """The first trainable tensor (of this rank's shard) holding NaN or inf, agreed
+    over ranks: '' when all are finite. One pass over the trainable weights."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    name = next((n for n, p in model.named_parameters()
+                 if p.requires_grad and p.numel() and not bool(torch.isfinite(p.detach()).all())), "")
+    flag = torch.tensor([1.0 if name else 0.0], device=trainer.args.device)
+    if trainer.args.world_size > 1:
+        flag = trainer.accelerator.reduce(flag, reduction="sum")
+    return name or ("on another rank" if float(flag) > 0 else "")
 
 
 def mean_logged_loss(history):

@@ -60,7 +60,7 @@ from fttrain.data.sources import DataError
 from fttrain.data.tokenize import IGNORE
 from fttrain.recipes.base import Recipe
 from fttrain.checkpoints import AtomicCheckpoints
-from fttrain.trainer import MethodParamGroups, TokenCounting
+from fttrain.trainer import MethodParamGroups, NonfiniteWatch, TokenCounting
 
 log = logging.getLogger("fttrain")
 
@@ -152,7 +152,7 @@ def shift_targets(inputs: Dict, n: int) -> Dict:
     return out
 
 
-class EncoderTrainer(AtomicCheckpoints, MethodParamGroups, TokenCounting, Trainer):
+class EncoderTrainer(AtomicCheckpoints, NonfiniteWatch, MethodParamGroups, TokenCounting, Trainer):
     """The Trainer with real/padded token counts, rank records, LoRA+ groups,
     and an evaluate() that computes the task's metrics (the recipe's task_eval).
 
