@@ -5,19 +5,23 @@ config and writes into the same run directory (``output_root/name`` unless
 ``hydra.run.dir`` says otherwise; never a timestamp, which would differ per rank).
 """
 
-import logging
-import sys
-from pathlib import Path
+from fttrain.early_signals import catch_early
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+catch_early()  # before the imports below, which take seconds: a stop signal then is remembered, not fatal
 
-from fttrain.config.schema import register_configs
-from fttrain.env import is_main_process
-from fttrain.errors import FttrainError, report
-from fttrain.run import run
-from fttrain.paths import CONF_DIR
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from fttrain.config.schema import register_configs  # noqa: E402
+from fttrain.env import is_main_process  # noqa: E402
+from fttrain.errors import FttrainError, report  # noqa: E402
+from fttrain.run import run  # noqa: E402
+from fttrain.paths import CONF_DIR  # noqa: E402
 
 register_configs()
 log = logging.getLogger("fttrain")
@@ -57,22 +61,26 @@ def cli() -> None:
 
 def run_dir_problem(args) -> str:
     """A run directory given on the command line (output_root=, hydra.run.dir=) that
-    cannot be created or written: said here, before Hydra fails on it with a traceback."""
+    cannot be created or written: said here, before Hydra fails on it with a traceback.
+    Values with interpolations (${...}) are left to Hydra."""
     import os
 
-    given = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
-    if "hydra.run.dir" not in given and "output_root" not in given:
-        given["output_root"] = "outputs"  # the default, under the working directory
+    given = {}
+    for a in args:
+        if "=" in a and not a.startswith("-"):
+            key, value = a.split("=", 1)
+            given[key.lstrip("+~")] = value.strip("'\"")
     for key in ("hydra.run.dir", "output_root"):
-        if key not in given:
+        value = given.get(key)
+        if not value or "${" in value:
             continue
-        path = Path(given[key]).expanduser().absolute()
+        path = Path(value).expanduser().absolute()
         for part in (path, *path.parents):
             if part.exists():
                 if not part.is_dir():
-                    return f"{key}={given[key]}: {part} is a file, not a directory"
+                    return f"{key}={value}: {part} is a file, not a directory"
                 if not os.access(part, os.W_OK | os.X_OK):
-                    return f"{key}={given[key]}: {part} is not writable by this user"
+                    return f"{key}={value}: {part} is not writable by this user"
                 break
     return ""
 

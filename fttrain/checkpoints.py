@@ -95,21 +95,29 @@ def _files(folder: Path) -> List[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(folder: Path) -> None:
-    """Size and SHA-256 of every file of a written checkpoint, the last file written."""
+def write_manifest(folder: Path, hashes: bool = True) -> None:
+    """Size and SHA-256 of every file of a written checkpoint, the last file written.
+    Without hashes (trainer.verify_checkpoints=size) only sizes: no second read of a huge checkpoint."""
     from fttrain import atomic
 
     folder = Path(folder)
-    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)}
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, **({"sha256": _sha256(p)} if hashes else {})}
+             for p in _files(folder)}
     atomic.write_json(folder / MANIFEST, {"version": 1, "files": files})
 
 
 def verify(folder: Path, hashes: bool = True) -> Optional[str]:
     """None for a checkpoint that is whole, or what is wrong with it. Without a
     manifest (an older fttrain's checkpoint) only the Trainer's state is read."""
+    try:
+        return _verify(Path(folder), hashes)
+    except OSError as e:  # a file that exists but cannot be read
+        return f"unreadable ({e})"
+
+
+def _verify(folder: Path, hashes: bool) -> Optional[str]:
     import json
 
-    folder = Path(folder)
     if (folder / MANIFEST).is_file():
         try:
             files = json.loads((folder / MANIFEST).read_text())["files"]
@@ -124,7 +132,7 @@ def verify(folder: Path, hashes: bool = True) -> Optional[str]:
                 return f"{name} has {size} bytes, {want['bytes']} were written"
         if hashes:
             for name, want in files.items():
-                if _sha256(folder / name) != want["sha256"]:
+                if want.get("sha256") and _sha256(folder / name) != want["sha256"]:
                     return f"{name} differs from what was written (SHA-256 mismatch)"
     try:
         json.loads((folder / "trainer_state.json").read_text())
@@ -169,6 +177,7 @@ class AtomicCheckpoints:
     ``keep_checkpoints`` is applied here, after the rename."""
 
     keep_checkpoints: Optional[int] = None
+    manifest_hashes: bool = True  # trainer.verify_checkpoints=hash
     # Rank 0 calls each with the staged folder before it is renamed: state that is not the Trainer's.
     checkpoint_extras: tuple = ()
 
@@ -194,10 +203,14 @@ class AtomicCheckpoints:
             from fttrain.atomic import sync_folder
 
             try:
+                from fttrain import atomic
+                from fttrain.trainer import ResumePlan
+
+                atomic.write_json(staging / name / ResumePlan.SCHEDULE, {"learning_rate": self.args.learning_rate})
                 for write in self.checkpoint_extras:
                     write(staging / name)
                 sync_folder(staging / name)  # on disk before it is published: a power loss cannot empty its files
-                write_manifest(staging / name)
+                write_manifest(staging / name, self.manifest_hashes)
             except OSError as e:
                 failed = e
         failed = _agreed_failure(self.accelerator, failed)
@@ -236,17 +249,20 @@ def warn_if_short_of_space(folder: Path) -> None:
 
 
 def _agreed_failure(accelerator, error: Optional[BaseException]) -> Optional[BaseException]:
-    """This rank's error, or (another rank failed) a stand-in for it: every rank
-    learns of a failed save in the same barrier, so none waits for the others."""
+    """This rank's error, or (another rank failed) a stand-in of the same kind (a write
+    error or another failure): every rank learns of a failed save in the same barrier,
+    so none waits for the others."""
     import torch
 
     if accelerator.num_processes == 1:
         return error
-    flag = torch.tensor([1.0 if error is not None else 0.0], device=accelerator.device)
-    flag = accelerator.reduce(flag, reduction="sum")
-    if error is None and float(flag) > 0:
-        return OSError("another rank failed to write its part of the checkpoint")
-    return error
+    kind = 0.0 if error is None else 1.0 if is_write_error(error) else 2.0
+    worst = float(accelerator.reduce(torch.tensor([kind], device=accelerator.device), reduction="max"))
+    if error is not None or worst == 0:
+        return error
+    if worst == 1:
+        return OSError("another rank could not write its part of the checkpoint (see its log)")
+    return RuntimeError("another rank failed while writing its part of the checkpoint; its log has the error")
 
 
 # How the writers report a full disk or a refused write when it is not an OSError:

@@ -4,6 +4,7 @@
     fttrain ls [GROUP ...] [--config-dir DIR]                        the config options there are
     fttrain slurm OVERRIDES [--submit] [--array]                     render / submit a Slurm job
     fttrain sweep DIR                                                summarise a sweep
+    fttrain status RUN_DIR                                           running or not, checkpoint, ranks' last steps
     fttrain export RUN_DIR --out DIR [--merge]                       merged or adapter model for serving
     fttrain generate RUN_DIR --prompt TEXT                           sample from a trained run
     fttrain numerics RUN_DIR                                         compare numerics of saved outputs
@@ -31,6 +32,7 @@ COMMANDS: Dict[str, str] = {
     "train": "fttrain.__main__",
     "slurm": "fttrain.slurm",
     "sweep": "fttrain.sweep",
+    "status": "fttrain.outputs",
     "export": "fttrain.export",
     "generate": "fttrain.generate",
     "numerics": "fttrain.numerics",

@@ -65,18 +65,30 @@ class RunLock:
         import fcntl
         import socket
 
+        import errno
+        import logging
+
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / self.NAME
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self.fd)
-            raise RunDirError(
-                f"{run_dir} is in use by another run ({holder}). Wait for it to end, or choose another "
-                "directory (name=OTHER or hydra.run.dir=PATH)"
-            ) from None
+        for attempt in range(10):  # `fttrain status` holds it for an instant
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    # A file system without flock (some Lustre and NFS mounts): run unguarded, and say so.
+                    logging.getLogger("fttrain").warning("%s cannot be locked here (%s): a second run into this "
+                                                         "directory would not be refused", path, e)
+                    return
+                if attempt == 9:
+                    holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                    os.close(self.fd)
+                    raise RunDirError(
+                        f"{run_dir} is in use by another run ({holder}). Wait for it to end, or choose another "
+                        "directory (name=OTHER or hydra.run.dir=PATH)"
+                    ) from None
+                time.sleep(0.1)
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since "
                            f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n".encode(), 0)
@@ -89,22 +101,22 @@ class RunLock:
 
 def finished_run_metrics(run_dir: Path, trainer_cfg, resume_from, overwrite: bool):
     """resume_from=auto on a finished run: its metrics when no more training is
-    planned than it did (the run is left as it is), else None (it continues)."""
+    planned than it did (the run is left as it is), else None (it continues).
+    Read from metrics.json alone, which only a continuing rank 0 removes, so
+    every rank decides the same whatever order they read in."""
     import json
-
-    from omegaconf import OmegaConf
 
     if resume_from != "auto" or overwrite or not (run_dir / COMPLETE).exists():
         return None
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        old = OmegaConf.load(run_dir / "config.yaml").trainer
-    except (OSError, ValueError, AttributeError):
-        return None  # not a whole finished run: the guard decides
+    except (OSError, ValueError):
+        return None  # not a whole finished run (or rank 0 is continuing it): the guard decides
     if trainer_cfg.max_steps > 0:
         grew = trainer_cfg.max_steps > int(metrics.get("steps") or 0)
     else:
-        grew = old.max_steps <= 0 and trainer_cfg.num_epochs > old.num_epochs
+        planned = metrics.get("planned") or {}
+        grew = planned.get("max_steps", 0) > 0 or trainer_cfg.num_epochs > planned.get("num_epochs", float("inf"))
     return None if grew else metrics
 
 
@@ -217,3 +229,59 @@ def check_weights_written(folder: Path, model_format: str) -> None:
             f"saving wrote no weights to {folder} (expected one of {list(WEIGHT_FILES[model_format])}); "
             "the run is not marked complete"
         )
+
+
+def run_status(run_dir: Path, now: float = None) -> str:
+    """What a run directory says about its run: finished, running (the lock is held)
+    or stopped; its newest checkpoint; each rank's last step and how long ago; a hang."""
+    import fcntl
+    import json
+
+    from fttrain.checkpoints import latest_checkpoint
+
+    run_dir, now = Path(run_dir), time.time() if now is None else now
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: no such run directory")
+    lock, holder = run_dir / RunLock.NAME, ""
+    if lock.exists():
+        fd = os.open(lock, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+    state = "finished" if (run_dir / COMPLETE).exists() else f"running ({holder})" if holder else "not running"
+    lines = [f"{run_dir}: {state}"]
+    newest = latest_checkpoint(run_dir, hashes=False)
+    lines.append(f"  newest whole checkpoint: {newest.name if newest else 'none'}")
+    for beat in sorted((run_dir / "heartbeat").glob("rank*.json"), key=lambda p: int(p.stem[4:])):
+        try:
+            b = json.loads(beat.read_text())
+        except (OSError, ValueError):
+            continue
+        lines.append(f"  rank {b['rank']}: step {b['step']} done {now - b['time']:.0f} s ago (pid {b['pid']})")
+    for stack in sorted((run_dir / "stacks").glob("rank*.txt")):
+        text = stack.read_text(errors="replace")
+        if text.strip():
+            lines.append(f"  {stack.stem}: {text.splitlines()[0]} (stacks in {stack})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """``fttrain status RUN_DIR ...``: each run's state, checkpoint, ranks' heartbeats and hangs."""
+    import argparse
+    import sys
+
+    from fttrain.errors import report
+
+    parser = argparse.ArgumentParser(prog="fttrain status", description=main.__doc__)
+    parser.add_argument("run_dirs", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        for run_dir in args.run_dirs:
+            print(run_status(run_dir))
+    except FttrainError as e:
+        return report("fttrain status", e)
+    sys.stdout.flush()
+    return 0

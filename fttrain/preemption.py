@@ -24,9 +24,11 @@ their workers, and one rank is enough, because:
 * the same poll carries each rank's first step with a loss or gradient norm
   that was not finite (``fttrain.trainer.NonfiniteWatch``, noted on the
   device): the ranks stop together at once, before that step's weights are
-  checkpointed (a checkpoint or eval step is always polled) and without
-  saving a model; the recipe then fails naming the step and the last good
-  checkpoint (``diverged_at``);
+  checkpointed (a checkpoint or eval step is always polled, and one process
+  reads the flag whenever it got a signal) and without saving a model; the
+  recipe then fails naming the step and the last good checkpoint
+  (``diverged_at``). One process reads it every ``check_steps`` steps too:
+  one device sync per poll, as the ranks' all-reduce is;
 * SIGTERM (preemption, scancel, the time limit itself) stops and
   checkpoints without requeueing: Slurm requeues preempted jobs itself
   (PreemptMode=REQUEUE), and a cancelled job should stay cancelled. The
@@ -77,6 +79,11 @@ class StopOnSignal(TrainerCallback):
         for name in signals:
             number = signal_number(name)
             self.previous[number] = signal.signal(number, self._handle)
+        from fttrain.early_signals import take
+
+        early = take()  # one that came while the process started (fttrain.early_signals)
+        if early is not None and early in self.previous:
+            self._handle(early, None)
 
     def _handle(self, signum, frame):
         # Repeats are ignored: on preemption slurmd and torchrun's agent both send
@@ -95,10 +102,12 @@ class StopOnSignal(TrainerCallback):
         nonfinite = getattr(self.trainer, "first_nonfinite_step", None)
         alone = not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
             or torch.distributed.get_world_size() == 1
-        if step % self.check_steps and step != last_step and not must_check:
+        polled = not (step % self.check_steps) or step == last_step or must_check
+        if not polled and not (alone and self.received):
             # Every rank skips the same steps; the last one, and any that saves or evaluates, is checked,
-            # so no signal goes unseen and no non-finite weights are written.
-            return (self.received or 0) if alone else 0, None  # alone: its own flag, no tensor, no sync
+            # so no signal goes unseen and no non-finite weights are written. Alone, a signal is acted on
+            # at once, so the non-finite flag is read with it: a stop must not checkpoint a diverged model.
+            return 0, None
         first = nonfinite() if nonfinite is not None else None
         if alone:
             bad = int(first) if first is not None else -1
@@ -129,6 +138,18 @@ class StopOnSignal(TrainerCallback):
                         "checkpoint", signal_name(agreed), "" if self.received else " by another rank",
                         state.global_step)
         return control
+
+    def stop_before_training(self, device, step: int) -> bool:
+        """A signal that came during start-up (launch, model loading, data
+        preparation), agreed over ranks now: the run stops before its first
+        step, with nothing new to checkpoint, and requeues as after any step."""
+        agreed, _ = self._agreed(device, step, step, must_check=True)
+        if not agreed:
+            return False
+        self.stop_signal, self.stopped_at = agreed, step
+        log.warning("%s received during start-up%s: stopping before training (at step %d) on every rank",
+                    signal_name(agreed), "" if self.received else " by another rank", step)
+        return True
 
     @property
     def stopped(self) -> bool:

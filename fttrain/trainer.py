@@ -74,21 +74,32 @@ class NonfiniteWatch:
     micro-batch) or gradient norm is not finite: no sync here. The stop-signal
     poll (``fttrain.preemption.StopOnSignal``) reads it with its own all-reduce,
     and the run stops before that step's weights are checkpointed or saved.
-    Under fp16 an infinite gradient norm is the loss scaler skipping a step
-    (normal); only the loss counts there."""
 
+    Under fp16 the loss scaler skips a step whose gradients overflow and
+    lowers its scale: a non-finite gradient norm, or a few non-finite losses in
+    a row, is that working. Only ``FP16_NONFINITE_STREAK`` non-finite losses in
+    a row (the scale has then fallen by 2^64) count as a divergence there."""
+
+    FP16_NONFINITE_STREAK = 64  # micro-batches
     _first_nonfinite = None  # int64 tensor: the first such step, -1 while every value was finite
+    _streak = None  # fp16: non-finite losses in a row
 
     def _note_nonfinite(self, value) -> None:
         step = self.state.global_step + 1  # the step being taken
-        if self._first_nonfinite is None:
-            self._first_nonfinite = torch.tensor(-1, dtype=torch.long, device=self.args.device)
-        if not isinstance(value, torch.Tensor):
-            if value is not None and not math.isfinite(float(value)) and int(self._first_nonfinite) < 0:
-                self._first_nonfinite.fill_(step)  # DeepSpeed hands the norm over as a float: already on the host
+        first = self.first_nonfinite_step()
+        if value is None:
             return
-        bad = ~torch.isfinite(value.detach()).all()
-        first = self._first_nonfinite
+        if not isinstance(value, torch.Tensor):  # DeepSpeed hands the norm over as a float: already on the host
+            if not math.isfinite(float(value)):
+                self._first_nonfinite = torch.where(first < 0, torch.full_like(first, step), first)
+            return
+        if hasattr(value, "full_tensor"):  # FSDP2's gradient norm is a (replicated) DTensor
+            value = value.full_tensor()
+        bad = ~torch.isfinite(value.detach()).all().to(first.device)
+        if self.args.fp16:
+            self._streak = torch.where(bad, (self._streak if self._streak is not None else 0) + 1,
+                                       torch.zeros_like(first))
+            bad = self._streak >= self.FP16_NONFINITE_STREAK
         self._first_nonfinite = torch.where(bad & (first < 0), torch.full_like(first, step), first)
 
     def first_nonfinite_step(self):
@@ -267,32 +278,38 @@ class StepWatchdog(TrainerCallback):
 
     Each rank arms ``faulthandler``'s watchdog (a C thread: it fires even while
     the main thread is stuck in a collective or in C code holding the GIL) at
-    the start of every optimizer step and disarms it at the end. A step that
-    runs past ``trainer.step_timeout_seconds`` writes every thread's Python
-    stack to ``stacks/rank<r>.txt`` and exits that process with status 1; the
-    launcher then ends the other ranks, whose own watchdogs have written theirs
-    if they were waiting on it. Evals and checkpoint saves between steps are
-    not timed. ``heartbeat/rank<r>.json`` holds each rank's last finished step
-    and its time, for ``fttrain.slurm`` and for people watching a job."""
+    the start of every optimizer step but its first in this process (which
+    compiles and warms up) and disarms it at the end. A step that runs past
+    ``trainer.step_timeout_seconds`` appends ``Timeout (h:mm:ss)!`` and every
+    thread's Python stack to ``stacks/rank<r>.txt`` and exits that process with
+    status 1; the launcher then ends the other ranks, whose own watchdogs have
+    written theirs if they were waiting on it. Evals and checkpoint saves
+    between steps, and the data loading before a step, are not timed (a
+    collective's own timeout, dist.timeout_minutes, bounds those).
+
+    ``heartbeat/rank<r>.json`` holds each rank's last finished step and its
+    time (``fttrain status``): one small write in place per step."""
 
     def __init__(self, run_dir: Path, rank: int, timeout_seconds):
         self.run_dir, self.rank, self.timeout = Path(run_dir), rank, timeout_seconds
         self.stacks = None
+        self.beat_fd = None
+        self.steps_seen = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         (self.run_dir / "heartbeat").mkdir(parents=True, exist_ok=True)
+        self.beat_fd = os.open(self.run_dir / "heartbeat" / f"rank{self.rank}.json", os.O_WRONLY | os.O_CREAT, 0o644)
         if self.timeout:
             (self.run_dir / "stacks").mkdir(exist_ok=True)
-            self.stacks = open(self.run_dir / "stacks" / f"rank{self.rank}.txt", "w")
+            # Appended: the stacks of an earlier hang of this run stay for the resumed job to show.
+            self.stacks = open(self.run_dir / "stacks" / f"rank{self.rank}.txt", "a")
         self._beat(state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.stacks is not None:
+        self.steps_seen += 1
+        if self.stacks is not None and self.steps_seen > 1:
             import faulthandler
 
-            self.stacks.write(f"step {state.global_step + 1} ran past trainer.step_timeout_seconds={self.timeout} "
-                              f"on rank {self.rank} (pid {os.getpid()}); every thread's stack:\n")
-            self.stacks.flush()
             faulthandler.dump_traceback_later(self.timeout, repeat=False, file=self.stacks, exit=True)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -300,8 +317,6 @@ class StepWatchdog(TrainerCallback):
             import faulthandler
 
             faulthandler.cancel_dump_traceback_later()
-            self.stacks.seek(0)
-            self.stacks.truncate()
         self._beat(state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -321,12 +336,15 @@ class StepWatchdog(TrainerCallback):
                 except OSError:
                     pass
             self.stacks = None
+        if self.beat_fd is not None:
+            os.close(self.beat_fd)
+            self.beat_fd = None
 
     def _beat(self, step: int) -> None:
-        path = self.run_dir / "heartbeat" / f"rank{self.rank}.json"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"rank": self.rank, "step": step, "time": time.time(), "pid": os.getpid()}))
-        os.replace(tmp, path)
+        if self.beat_fd is None:
+            return
+        line = json.dumps({"rank": self.rank, "step": step, "time": round(time.time(), 3), "pid": os.getpid()})
+        os.pwrite(self.beat_fd, line.ljust(160).encode(), 0)  # the same length each time: never a torn tail
 
 
 class NothingLeftToTrain(Exception):
@@ -341,17 +359,43 @@ class ResumePlan(TrainerCallback):
       a finished run, the schedule continues as if the run had been planned
       that long from the start (the Trainer's schedules are closed-form
       functions of the step and the total). Same plan: the same value.
+    * A changed trainer.learning_rate applies from the next step (the
+      scheduler's saved base rates are scaled by new / saved, so LoRA+'s
+      per-group ratios stay): resuming a diverged run's last good checkpoint
+      with a lower rate does what it says.
     * A checkpoint of the last planned step (a run killed during its final
       eval or save) trains nothing more: the Trainer would take one step past
       max_steps, as it tests for the end only after a step."""
 
+    SCHEDULE = "fttrain_schedule.json"  # in each checkpoint: the learning rate it was trained with
+
+    def __init__(self):
+        self.checkpoint = None  # set by the recipe when it resumes
+
     def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
         if not state.global_step or not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
             return
+        saved = self._saved_rate()
+        if saved and saved != args.learning_rate:
+            scale = args.learning_rate / saved
+            lr_scheduler.base_lrs = [base * scale for base in lr_scheduler.base_lrs]
+            for group, base in zip(lr_scheduler.optimizer.param_groups, lr_scheduler.base_lrs):
+                group["initial_lr"] = base
+            import logging
+
+            logging.getLogger("fttrain").info("trainer.learning_rate is %g, the checkpoint was trained at %g: the "
+                                              "schedule goes on at the new rate", args.learning_rate, saved)
         lrs = [base * f(lr_scheduler.last_epoch) for f, base in zip(lr_scheduler.lr_lambdas, lr_scheduler.base_lrs)]
         for group, lr in zip(lr_scheduler.optimizer.param_groups, lrs):
             group["lr"] = lr
         lr_scheduler._last_lr = lrs
+
+    def _saved_rate(self):
+        path = Path(self.checkpoint) / self.SCHEDULE if self.checkpoint else None
+        try:
+            return float(json.loads(path.read_text())["learning_rate"]) if path else None
+        except (OSError, ValueError, KeyError):
+            return None
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.max_steps and state.global_step >= state.max_steps:

@@ -59,6 +59,19 @@ def test_the_stop_poll_carries_a_non_finite_step_and_blocks_that_save():
     poll.restore()
 
 
+def test_a_signal_alone_reads_the_non_finite_flag_so_it_never_checkpoints_a_diverged_model():
+    from fttrain.preemption import StopOnSignal
+
+    poll = StopOnSignal(["SIGUSR1"], [], check_steps=5)
+    poll.trainer = SimpleNamespace(first_nonfinite_step=lambda: torch.tensor(2))
+    poll._handle(signal.SIGUSR1, None)
+    control = SimpleNamespace(should_save=False, should_evaluate=False, should_training_stop=False)
+    poll.on_step_end(SimpleNamespace(device="cpu"), SimpleNamespace(global_step=3, max_steps=20), control)
+    assert poll.diverged_at == 2 and not control.should_save and control.should_training_stop
+    assert poll.stopped_at is None  # a divergence, not a clean stop to resume from
+    poll.restore()
+
+
 def test_non_finite_weights_are_found_before_the_final_save():
     from fttrain.recipes.base import nonfinite_weights
 
@@ -601,7 +614,7 @@ def test_a_stalled_rank_ends_the_job_within_the_timeout_with_its_stacks_on_disk(
     assert r.returncode != 0
     assert took < 150, took  # start-up, two steps, then the 20 s timeout; never the hour the rank sleeps
     stacks = (tmp_path / "hung" / "stacks" / "rank1.txt").read_text()
-    assert "step 3 ran past trainer.step_timeout_seconds=20 on rank 1" in stacks
+    assert "Timeout (0:00:20)!" in stacks
     assert "in stalled" in stacks  # the hung rank's Python stack, down to the function that hangs
     beat = json.loads((tmp_path / "hung" / "heartbeat" / "rank1.json").read_text())
     assert beat["step"] == 2 and beat["rank"] == 1
@@ -619,3 +632,56 @@ def test_a_step_that_ends_in_time_leaves_a_heartbeat_and_no_stacks(tmp_path):
     dog.on_train_end(None, state, None)
     assert json.loads((tmp_path / "heartbeat" / "rank0.json").read_text())["step"] == 1
     assert not (tmp_path / "stacks").exists()
+
+
+@pytest.mark.slow
+def test_a_stop_signal_during_start_up_stops_before_the_first_step(tmp_path):
+    """USR1 while the process still imports: remembered (not fatal), and the run stops before training."""
+    proc = subprocess.Popen([sys.executable, "-m", "fttrain", *BASE], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    time.sleep(1.0)  # python -m fttrain takes seconds to import; its first statement installs the early handlers
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    run_dir = run_dir_of(tmp_path)
+    log = (run_dir / "train_rank0.log").read_text()
+    assert "SIGUSR1 received during start-up: stopping before training (at step 0)" in log
+    assert not (run_dir / "COMPLETE").exists() and checkpoint_steps(run_dir) == []
+    assert not (run_dir / "train_log.jsonl").exists() and "stopped after step 0" in log  # no step was taken
+
+
+def test_status_reads_the_run_directory(tmp_path):
+    from fttrain.outputs import RunLock, run_status
+
+    run_dir = fake_checkpoints(tmp_path / "run")
+    (run_dir / "heartbeat").mkdir()
+    for rank, (step, t) in enumerate([(12, 1000.0), (11, 460.0)]):
+        (run_dir / "heartbeat" / f"rank{rank}.json").write_text(json.dumps(
+            {"rank": rank, "step": step, "time": t, "pid": 100 + rank}))
+    (run_dir / "stacks").mkdir()
+    (run_dir / "stacks" / "rank1.txt").write_text("Timeout (0:00:20)!\nThread 0x01 (most recent call first):\n")
+    lock = RunLock(run_dir)
+    try:
+        text = run_status(run_dir, now=1010.0)
+    finally:
+        lock.release()
+    assert f"{run_dir}: running (pid {os.getpid()}" in text
+    assert "newest whole checkpoint: checkpoint-4" in text
+    assert "rank 0: step 12 done 10 s ago" in text and "rank 1: step 11 done 550 s ago" in text
+    assert "rank1: Timeout (0:00:20)!" in text
+    assert run_status(run_dir).startswith(f"{run_dir}: not running")  # the lock was released
+
+
+@pytest.mark.slow
+def test_resuming_a_good_checkpoint_with_a_lower_rate_applies_it(finished, tmp_path):
+    """What the divergence message advises: resume_from=<last good checkpoint> with a lower learning rate."""
+    run_dir = unfinished_copy(finished, tmp_path)
+    ckpt = run_dir / "checkpoints" / "checkpoint-4"
+    r = run_cli(BASE + ["trainer.max_steps=6", "trainer.save_steps=2", "trainer.save_total_limit=0",
+                        "trainer.learning_rate=1e-4", f"resume_from={ckpt}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "trainer.learning_rate is 0.0001, the checkpoint was trained at 0.001" in (
+        run_dir / "train_rank0.log").read_text()
+    old = {row["step"]: row["learning_rate"] for row in train_log(finished) if "loss" in row}
+    new = {row["step"]: row["learning_rate"] for row in train_log(run_dir) if "loss" in row}
+    assert [new[s] for s in (5, 6)] == pytest.approx([old[s] / 10 for s in (5, 6)], rel=1e-9)

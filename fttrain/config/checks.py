@@ -8,6 +8,7 @@ reported at once.
 
 from __future__ import annotations
 
+import signal
 from typing import List
 
 from omegaconf import DictConfig
@@ -168,7 +169,8 @@ def check_config(cfg: DictConfig) -> None:
             "accumulation is derived from the global batch"
         )
     if trainer.max_steps == 0:
-        problems.append("trainer.max_steps=0 would train nothing: set it > 0, or -1 to train trainer.num_epochs")
+        problems.append("trainer.max_steps=0 is ambiguous (a step count of zero, or transformers' 'use num_epochs'): "
+                        "set it > 0 to train that many steps, or -1 to train trainer.num_epochs")
     elif trainer.max_steps < 0 and trainer.num_epochs <= 0:
         problems.append("set trainer.max_steps > 0 or trainer.num_epochs > 0")
     problems += schedule_and_tracker_problems(trainer, cfg.logger)
@@ -183,7 +185,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigCheckError(problems)
 
 
-UNCATCHABLE = (9, 19)  # SIGKILL, SIGSTOP: no handler can run
+UNCATCHABLE = (int(signal.SIGKILL), int(signal.SIGSTOP))  # no handler can run
 
 
 def run_name_problems(cfg: DictConfig) -> List[str]:
@@ -230,6 +232,8 @@ def schedule_and_tracker_problems(trainer, logger) -> List[str]:
     installed = set(get_available_reporting_integrations())
     pip_names = {"azure_ml": "azureml-core", "flyte": "flytekit", "comet_ml": "comet-ml"}  # where not the same
     for tracker in logger.report_to:
+        if tracker in ("none", "all"):  # transformers' own words: no tracker, every installed one
+            continue
         if tracker not in INTEGRATION_TO_CALLBACK:
             out.append(f"logger.report_to: {tracker!r} is not a tracker transformers reports to; one of "
                        f"{sorted(INTEGRATION_TO_CALLBACK)}")

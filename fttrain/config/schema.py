@@ -278,11 +278,12 @@ class TrainerConfig:
     # all-reduce read back on the host: a sync). A stop then waits up to this
     # many steps, so slurm.signal_seconds must cover them and a checkpoint.
     stop_check_steps: int = bounded(5, lo=1)
-    # A step (forward, backward, update; not evals or saves) running longer than
-    # this is a hang: that rank writes every thread's stack to stacks/rank<r>.txt
-    # and exits, and the launcher ends the job. null: no limit. Keep it above
-    # the first step (compilation) and the slowest collective's timeout.
-    step_timeout_seconds: Optional[int] = bounded(1800, lo=1)
+    # A step (forward, backward, update; not evals, saves or a process's first
+    # step, which compiles) running longer than this is a hang: that rank writes
+    # every thread's stack to stacks/rank<r>.txt and exits, and the launcher ends
+    # the job. null: no limit. Keep it above the slowest real step and below
+    # dist.timeout_minutes, so the stacks are written before a collective gives up.
+    step_timeout_seconds: Optional[int] = bounded(1200, lo=1)
     dataloader_num_workers: int = bounded(0, lo=0)
     seed: int = bounded(42, lo=0, hi=2**32 - 1)
     # Each rank writes ranks/rank<r>.json: the sample ids it trained on and a

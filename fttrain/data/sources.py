@@ -266,18 +266,19 @@ def open_rows(source: str, split: str = "train", csv_as_text: bool = False) -> R
     name = source
     if source.startswith("builtin:"):
         source = resolve_builtin(source)
-    if source.endswith(FILE_SUFFIXES) or os.path.isfile(source):
+    kind = source.lower()
+    if kind.endswith(FILE_SUFFIXES) or os.path.isfile(source):
         if not os.path.exists(source):
             raise DataError(f"data file not found: {source}")
-        if not source.endswith(FILE_SUFFIXES):
+        if not kind.endswith(FILE_SUFFIXES):
             suffix = "".join(os.path.basename(source).partition(".")[1:]) or "none"
             raise DataError(f"{source}: fttrain reads {', '.join(FILE_SUFFIXES)} files, not this suffix ({suffix}); "
                             "rename the file if it is one of them, or decompress it first (gunzip, unzstd)")
-        if source.endswith(".jsonl"):
+        if kind.endswith(".jsonl"):
             return JsonlSource(source)
-        if source.endswith(".parquet"):
+        if kind.endswith(".parquet"):
             return ParquetSource(source)
-        if source.endswith(".json"):
+        if kind.endswith(".json"):
             return ListSource(source, _load_json(source))
         return ArrowTableSource(source, _read_csv(source, csv_as_text))
     if os.path.isdir(source) and not any(os.scandir(source)):

@@ -84,6 +84,7 @@ class Recipe:
         fill_fsdp_wrap_classes(self.args, self.model, self.cfg.dist)
         self.trainer = self.build_trainer()
         self.trainer.keep_checkpoints = self.cfg.trainer.save_total_limit  # applied after each complete save
+        self.trainer.manifest_hashes = self.cfg.trainer.verify_checkpoints == "hash"
         self.plan_check.trainer = self.trainer
         self.stop_on_signal.trainer = self.trainer  # its non-finite steps are polled with the stop signals
         for cb in self.hooks.callbacks:
@@ -290,10 +291,11 @@ class Recipe:
 
         self.step_timer = StepTimer()
         self.watchdog = StepWatchdog(self.run_dir, self.args.process_index, self.cfg.trainer.step_timeout_seconds)
+        self.resume_plan = ResumePlan()
         self.plan_check = PlanCheck(self.cfg.dist, getattr(self.model.config, "num_hidden_layers", None),
                                     self._record_plan, checkpointing=self.cfg.trainer.gradient_checkpointing)
         return [*self.hooks.callbacks, JsonlLogCallback(self.run_dir / "train_log.jsonl"), self.step_timer,
-                self.plan_check, self.stop_on_signal, self.watchdog, ResumePlan(), *task_callbacks]
+                self.plan_check, self.stop_on_signal, self.watchdog, self.resume_plan, *task_callbacks]
 
     def _record_plan(self, realised: dict) -> None:
         """The verified plan, with the DeepSpeed JSON as run (auto values filled), in plan.json."""
@@ -329,11 +331,11 @@ class Recipe:
         cfg = self.cfg
         resume = cfg.resume_from
         if resume == "auto":
-            latest = latest_checkpoint(self.run_dir, hashes=cfg.trainer.verify_checkpoints == "hash")
-            resume = str(latest) if latest else None
+            resume = self.checkpoint_to_resume()
             if resume is None and self.is_main:
                 log.info("resume_from=auto: no complete checkpoint in %s yet, starting from step 0",
                          self.run_dir / "checkpoints")
+        self.resume_plan.checkpoint = resume
         if resume is not None:
             from fttrain.trainer import JsonlLogCallback
 
@@ -343,6 +345,8 @@ class Recipe:
                     cb.resume_step = step
             log.info("resuming from %s (step %d)", resume, step)
             self.before_resume(Path(resume), step)
+        if self.stop_on_signal.stop_before_training(self.args.device, checkpoint_step(resume) if resume else 0):
+            return  # finish_stopped requeues if asked; a resume starts where this run would have
         start = time.time()
         from fttrain.trainer import NothingLeftToTrain
 
@@ -350,6 +354,9 @@ class Recipe:
             self.trainer.train(resume_from_checkpoint=resume)
         except NothingLeftToTrain as done:
             log.info("%s is the last planned step (%s): nothing left to train; evaluating and saving", resume, done)
+            trainer = self.trainer  # what the Trainer's own end of training would have done
+            trainer.is_in_train = False
+            trainer.control = trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
         finally:
             self.watchdog.close()  # a failed step must not leave a watchdog armed in this process
         self.train_seconds = time.time() - start
@@ -359,6 +366,28 @@ class Recipe:
             return
         self.eval_metrics = self.trainer.evaluate() if self.has_eval() else {}
         self.after_training()
+
+    def checkpoint_to_resume(self):
+        """resume_from=auto: the newest checkpoint that verifies, chosen by rank 0 (one
+        reading of the files) and told to every rank, so all resume from the same one."""
+        from fttrain.checkpoints import CheckpointError, complete_checkpoints
+
+        def choose():
+            found = latest_checkpoint(self.run_dir, hashes=self.cfg.trainer.verify_checkpoints == "hash")
+            if found is None and complete_checkpoints(self.run_dir):
+                return CheckpointError(
+                    f"no checkpoint in {self.run_dir / 'checkpoints'} passes verification (each is named above with "
+                    "what is wrong): resume_from=PATH one you trust, or start over with overwrite=true")
+            return str(found) if found else None
+
+        chosen = [choose() if self.is_main else None]
+        if self.args.world_size > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(chosen, from_process=0)
+        if isinstance(chosen[0], CheckpointError):
+            raise chosen[0]
+        return chosen[0]
 
     def before_resume(self, checkpoint: Path, step: int) -> None:
         """The task's own state from the checkpoint it resumes from (a data stream's position)."""
@@ -442,6 +471,8 @@ class Recipe:
             "world_size": self.args.world_size,
             "global_batch_size": self.global_batch,
             "steps": trainer.state.global_step,
+            # what was planned: resume_from=auto continues a finished run only when the plan grew
+            "planned": {"max_steps": self.cfg.trainer.max_steps, "num_epochs": self.cfg.trainer.num_epochs},
             "train_step_seconds": step_s,  # inside optimizer steps; what tokens/s divides by
             # the first of them in this process: torch.compile's compilation (trainer.compile) and warm-up
             "first_step_seconds": self.step_timer.first_step_seconds,
@@ -491,8 +522,14 @@ def nonfinite_weights(trainer) -> str:
     """The first trainable tensor (of this rank's shard) holding NaN or inf, agreed
     over ranks: '' when all are finite. One pass over the trainable weights."""
     model = trainer.accelerator.unwrap_model(trainer.model)
+
+    def local(p):  # this rank's part, without a collective: ZeRO-3's ds_tensor shard, FSDP2's local shard
+        if getattr(p, "ds_tensor", None) is not None:
+            return p.ds_tensor
+        return p.to_local() if hasattr(p, "to_local") else p
+
     name = next((n for n, p in model.named_parameters()
-                 if p.requires_grad and p.numel() and not bool(torch.isfinite(p.detach()).all())), "")
+                 if p.requires_grad and local(p).numel() and not bool(torch.isfinite(local(p).detach()).all())), "")
     flag = torch.tensor([1.0 if name else 0.0], device=trainer.args.device)
     if trainer.args.world_size > 1:
         flag = trainer.accelerator.reduce(flag, reduction="sum")
