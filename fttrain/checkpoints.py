@@ -184,6 +184,16 @@ class AtomicCheckpoints:
     def _get_output_dir(self, trial):
         return os.path.join(self.args.output_dir, STAGING)
 
+    # Loading a checkpoint that verified can still fail: one written by another model, method or
+    # plan than this run's. Said as such, naming the checkpoint, instead of a traceback.
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        with _loading(resume_from_checkpoint, "the weights"):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        with _loading(checkpoint, "the optimizer and scheduler state"):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+
     def _save_checkpoint(self, model, trial):
         name = f"checkpoint-{self.state.global_step}"
         staging = Path(self.args.output_dir) / STAGING
@@ -246,6 +256,27 @@ def warn_if_short_of_space(folder: Path) -> None:
     if free < need * 1.05:
         log.warning("%s has %.0f MiB free and the last checkpoint took %.0f MiB: the next save will likely fail "
                     "(free space, or lower trainer.save_total_limit)", folder, free / 2**20, need / 2**20)
+
+
+class _loading:
+    """Turns an error while loading part of a checkpoint into a CheckpointError naming it."""
+
+    def __init__(self, checkpoint, what: str):
+        self.checkpoint, self.what = checkpoint, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is None or self.checkpoint is None or not isinstance(error, Exception) \
+                or isinstance(error, FttrainError):
+            return False
+        raise CheckpointError(
+            f"resuming from {self.checkpoint} failed while loading {self.what}: {type(error).__name__}: "
+            f"{str(error)[:600]}. The checkpoint's files are intact, so it was most likely written by a run with "
+            "another model, PEFT method or settings (peft.r, target modules, dist plan) than this one: resume with "
+            "the settings it was written with, or start over with overwrite=true"
+        ) from error
 
 
 def _agreed_failure(accelerator, error: Optional[BaseException]) -> Optional[BaseException]:

@@ -685,3 +685,13 @@ def test_resuming_a_good_checkpoint_with_a_lower_rate_applies_it(finished, tmp_p
     old = {row["step"]: row["learning_rate"] for row in train_log(finished) if "loss" in row}
     new = {row["step"]: row["learning_rate"] for row in train_log(run_dir) if "loss" in row}
     assert [new[s] for s in (5, 6)] == pytest.approx([old[s] / 10 for s in (5, 6)], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_a_whole_checkpoint_of_another_setup_is_refused_naming_it(finished, tmp_path):
+    """Its files verify, but it was written with peft.r=16 and this run asks for r=4."""
+    run_dir = unfinished_copy(finished, tmp_path)
+    r = run_cli(BASE + ["trainer.max_steps=6", "trainer.save_steps=2", "peft.r=4", "resume_from=auto"], cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"resuming from {run_dir / 'checkpoints' / 'checkpoint-6'} failed while loading the weights" in r.stderr
+    assert "size mismatch" in r.stderr and not (run_dir / "COMPLETE").exists()
