@@ -59,6 +59,19 @@ def cli() -> None:
         raise SystemExit(2) from None
 
 
+def several_options_chosen(choices) -> str:
+    """GROUP=[a,b] merges both options into one node, lists replaced by the last
+    (logger=[mlflow,tensorboard] would report to tensorboard alone): refused."""
+    from fttrain.config.schema import GROUP_SCHEMAS
+
+    groups = [g for g in GROUP_SCHEMAS if g not in choices]
+    if not groups:
+        return ""
+    hint = " (several trackers: logger.report_to=[mlflow,tensorboard])" if "logger" in groups else ""
+    return (f"{', '.join(groups)}: one option per config group; a list of options is merged into one config, "
+            f"the last list winning{hint}")
+
+
 def run_dir_problem(args) -> str:
     """A run directory given on the command line (output_root=, hydra.run.dir=) that
     cannot be created or written: said here, before Hydra fails on it with a traceback.
@@ -109,6 +122,9 @@ def _main(cfg: DictConfig):
     from fttrain.env import distributed_env_from_slurm
 
     distributed_env_from_slurm()  # one srun task per rank (Hydra's Slurm launcher): RANK etc. from Slurm
+    several = several_options_chosen(HydraConfig.get().runtime.choices)
+    if several:
+        raise FttrainError(several)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     metrics = run(cfg, run_dir, list(HydraConfig.get().overrides.task)) or {}
     # Returned for Hydra sweepers (Optuna optimises this value).

@@ -2,6 +2,7 @@
 
     python -m fttrain.export RUN_DIR [--out DIR] [--dtype fp32|bf16|fp16] [--tolerance T]
     python -m fttrain.export --adapter a=RUN_A --adapter b=RUN_B --weights a=0.7,b=0.3 --out DIR
+    python -m fttrain.export RUN_DIR --no-merge --out DIR --push-to-hub user/name [--private]
 
 1. Load the base and the adapter as trained (a QLoRA base in 4/8-bit, as in
    training) and record its logits on held-out inputs (the run's eval
@@ -25,7 +26,13 @@ Prompt, prefix and P-tuning, LLaMA-Adapter and bottleneck adapters cannot be
 folded into weights; export says so, and ``--keep-unmerged`` copies the
 adapter folder as is. Several LoRA adapters can be combined with peft's
 ``add_weighted_adapter`` (``--weights``, ``--combination``) and exported the
-same way.
+same way. ``--no-merge`` exports the adapter as trained, loadable with plain
+peft from any folder.
+
+Every export writes a model card (``README.md``: base, method, data, metrics,
+command, versions; fttrain/model_card.py). ``--push-to-hub REPO`` uploads the
+exported folder with huggingface_hub; offline or without a token it refuses
+before doing any work.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from fttrain.methods import METHODS
 from fttrain.models.adapted import adapter_method, load_for_inference, model_folder
 from fttrain.models.load import DTYPES, load_causal_lm
 from fttrain.atomic import publish_dir
+from fttrain.model_card import hub_problem, push, run_dir_of, write_card
 
 log = logging.getLogger("fttrain.export")
 # Largest |logit difference| accepted per dtype: merging changes the order of
@@ -157,6 +165,7 @@ def _publish(model, tokenizer, out: Path, ref_logits, inputs, tolerance: float, 
             f"{gate['argmax_agreement']:.3f}); nothing was written to {out}"
         )
     (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_card(tmp, run_dir_of(Path(report["adapter"])) if "adapter" in report else None, report)
     publish_dir(tmp, out)
     return report
 
@@ -168,25 +177,28 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def export_merged(path, out, base: Optional[str] = None, dtype: str = "fp32", qlora_base: str = "dequantized",
                   tolerance: Optional[float] = None, n_inputs: int = 8, keep_unmerged: bool = False,
-                  overwrite: bool = False) -> dict:
+                  overwrite: bool = False, no_merge: bool = False) -> dict:
     folder = model_folder(path)
     out = Path(out)
     _check_out(out, overwrite)
     method = adapter_method(folder)
     declared = METHODS.get(method)
-    if declared is not None and declared.merge_note:
-        if not keep_unmerged:
-            raise ExportError(
-                f"peft={method} cannot be merged into the base weights: {declared.merge_note}. Use the adapter with "
-                f"its base (python -m fttrain.generate {path}), or pass --keep-unmerged to export the adapter as is"
-            )
+    if declared is not None and declared.merge_note and not (keep_unmerged or no_merge):
+        raise ExportError(
+            f"peft={method} cannot be merged into the base weights: {declared.merge_note}. Use the adapter with "
+            f"its base (python -m fttrain.generate {path}), or pass --keep-unmerged to export the adapter as is"
+        )
+    if no_merge or (declared is not None and declared.merge_note):
+        # The adapter as trained, with its tokenizer and a card: loadable with plain peft from any folder.
         tmp = out.with_name(out.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
         shutil.copytree(folder, tmp)
+        report = {"method": method, "merged": False, "adapter": str(folder)}
+        write_card(tmp, run_dir_of(folder), report)
         publish_dir(tmp, out)
         log.warning("peft=%s kept unmerged: %s holds the adapter; load it on its base", method, out)
-        return {"method": method, "merged": False}
+        return report
     if (folder / "config.json").exists() and not (folder / "adapter_config.json").exists():
         raise ExportError(f"{folder} is already a whole model (peft={method}): nothing to merge; "
                           "load it with AutoModelForCausalLM.from_pretrained")
@@ -270,6 +282,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tolerance", type=float, help=f"largest |logit difference| accepted (default {DEFAULT_TOLERANCE})")
     parser.add_argument("--gate-inputs", type=int, default=8, help="held-out inputs the gate compares on")
     parser.add_argument("--keep-unmerged", action="store_true", help="copy adapters that cannot be merged as they are")
+    parser.add_argument("--no-merge", action="store_true",
+                        help="export the adapter as trained (with tokenizer and model card), merging nothing")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the exported folder to this Hub repo")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                         help="an adapter to combine (repeat); needs --weights")
@@ -280,6 +296,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if args.push_to_hub and hub_problem():  # before any work: an upload that cannot happen is said first
+            raise ExportError(hub_problem())
         if args.adapter:
             adapters = _pairs(args.adapter, "--adapter")
             if not args.weights or not args.out:
@@ -294,14 +312,16 @@ def main(argv=None) -> int:
             folder = model_folder(args.path)
             out = args.out or (folder.parent / "merged" if folder.name == "model" else Path(f"{folder}_merged"))
             report = export_merged(args.path, out, args.base, args.dtype, args.qlora_base, args.tolerance,
-                                   args.gate_inputs, args.keep_unmerged, args.overwrite)
+                                   args.gate_inputs, args.keep_unmerged, args.overwrite, args.no_merge)
+        if report.get("merged", True):
+            print(f"exported to {out}: max |logit diff| {report['max_abs_logit_diff']:.3g} "
+                  f"(tolerance {report['tolerance']:g}), argmax agreement {report['argmax_agreement']:.3f}")
+        else:
+            print(f"adapter kept unmerged in {out}")
+        if args.push_to_hub:
+            print(f"uploaded {out} to {push(Path(out), args.push_to_hub, args.private)}")
     except FttrainError as e:
         return errors.report("fttrain.export", e)
-    if report.get("merged", True):
-        print(f"exported to {out}: max |logit diff| {report['max_abs_logit_diff']:.3g} "
-              f"(tolerance {report['tolerance']:g}), argmax agreement {report['argmax_agreement']:.3f}")
-    else:
-        print(f"adapter kept unmerged in {out}")
     return 0
 
 

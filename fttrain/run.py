@@ -72,6 +72,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> dict:
         return recipe.save()
     finally:
         # Also after a failed setup: the next in-process run (a sweep's trial) installs its own handlers.
+        trackers = getattr(recipe, "trackers", None)  # still open: the run failed, or a signal stopped it
+        if trackers is not None:
+            trackers.end("KILLED" if getattr(recipe.stop_on_signal, "stopped", False) else "FAILED")
         stop = getattr(recipe, "stop_on_signal", None)  # absent when the launch checks failed
         if stop is not None:
             stop.restore()

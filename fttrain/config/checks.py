@@ -229,16 +229,30 @@ def schedule_and_tracker_problems(trainer, logger) -> List[str]:
     from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
                                                              get_available_reporting_integrations)
 
+    from fttrain.trackers import TRACKERS, missing_package, passed_to_transformers
+
+    for tracker in logger.report_to:
+        if tracker in TRACKERS:  # fed by fttrain.trackers
+            pip = missing_package(tracker)
+            if pip:
+                out.append(f"logger.report_to: {tracker} is not installed ({pip})")
+    others = passed_to_transformers(logger.report_to)
     installed = set(get_available_reporting_integrations())
     pip_names = {"azure_ml": "azureml-core", "flyte": "flytekit", "comet_ml": "comet-ml"}  # where not the same
-    for tracker in logger.report_to:
-        if tracker in ("none", "all"):  # transformers' own words: no tracker, every installed one
+    for tracker in others if isinstance(others, list) else []:
+        if tracker == "all":  # transformers' word for every installed integration
             continue
         if tracker not in INTEGRATION_TO_CALLBACK:
-            out.append(f"logger.report_to: {tracker!r} is not a tracker transformers reports to; one of "
-                       f"{sorted(INTEGRATION_TO_CALLBACK)}")
+            out.append(f"logger.report_to: {tracker!r} is not a tracker fttrain or transformers reports to; one of "
+                       f"{sorted(set(INTEGRATION_TO_CALLBACK) | set(TRACKERS))}")
         elif tracker not in installed:
             out.append(f"logger.report_to: {tracker} is not installed (pip install {pip_names.get(tracker, tracker)})")
+    if "mlflow" in logger.report_to and not out and (logger.tracking_uri or "sqlite:").startswith("sqlite:"):
+        import importlib.util
+
+        if not (importlib.util.find_spec("sqlalchemy") and importlib.util.find_spec("alembic")):
+            out.append("logger.report_to: mlflow's local SQLite store needs sqlalchemy and alembic "
+                       "(pip install mlflow, or logger.tracking_uri=http://your-server:5000)")
     return out
 
 

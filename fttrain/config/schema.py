@@ -295,8 +295,18 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    report_to: List[str] = field(default_factory=list)  # tensorboard | wandb | mlflow
+    """Where metrics go besides the run dir (fttrain/trackers.py says what each tracker gets)."""
+
+    # mlflow | wandb | tensorboard (fed by fttrain.trackers; several at once:
+    # logger.report_to=[mlflow,tensorboard]); any other integration transformers
+    # knows (comet_ml, clearml, ...) is passed to it as is.
+    report_to: List[str] = field(default_factory=list)
+    # MLflow experiment / W&B project. null: MLflow uses the experiment's name,
+    # W&B $WANDB_PROJECT or "fttrain". A Hydra sweep adds "-sweep" (MLflow) / groups its trials (W&B).
     project: Optional[str] = None
+    # MLflow server or store; null: sqlite:///<output_root>/mlflow.db, shared by every run there
+    # (for Slurm sweeps whose trials run at once on a shared file system, use a server: http://host:5000).
+    tracking_uri: Optional[str] = None
     progress_bar: bool = True
 
 

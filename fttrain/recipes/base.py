@@ -15,7 +15,6 @@ Every rank runs this; only rank 0 writes shared files.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -196,9 +195,8 @@ class Recipe:
         cls, extra = self.training_args_class(), self.task_training_args()
         cfg, rt, t = self.cfg, self.runtime, self.cfg.trainer
         has_eval = cfg.data.eval is not None or cfg.data.eval_fraction > 0
-        report_to = list(cfg.logger.report_to) or "none"
-        if cfg.logger.project and "wandb" in (report_to if isinstance(report_to, list) else []):
-            os.environ.setdefault("WANDB_PROJECT", cfg.logger.project)
+        from fttrain.trackers import passed_to_transformers
+
         kwargs = dict(
             output_dir=str(self.run_dir / "checkpoints"),
             run_name=cfg.name,
@@ -235,7 +233,7 @@ class Recipe:
             remove_unused_columns=False,
             dataloader_num_workers=t.dataloader_num_workers,
             disable_tqdm=not cfg.logger.progress_bar,
-            report_to=report_to,
+            report_to=passed_to_transformers(cfg.logger.report_to),  # MLflow, W&B, TensorBoard: fttrain.trackers
         )
         kwargs.update(extra)
         return (cls or TrainingArguments)(**kwargs)
@@ -287,15 +285,19 @@ class Recipe:
     def callbacks(self, *task_callbacks) -> List:
         """Method callbacks first (LISA adds its layer draw to the log line the
         JSONL logger writes), then the output contract's, then the task's."""
+        from fttrain.trackers import RunTrackers, TrackerCallback, ours
         from fttrain.trainer import JsonlLogCallback, ResumePlan, StepTimer, StepWatchdog
 
+        self.trackers = RunTrackers(ours(self.cfg.logger.report_to), self.run_dir)
+        tracking = [TrackerCallback(self.trackers, self.cfg)] if self.trackers.names else []
         self.step_timer = StepTimer()
         self.watchdog = StepWatchdog(self.run_dir, self.args.process_index, self.cfg.trainer.step_timeout_seconds)
         self.resume_plan = ResumePlan()
         self.plan_check = PlanCheck(self.cfg.dist, getattr(self.model.config, "num_hidden_layers", None),
                                     self._record_plan, checkpointing=self.cfg.trainer.gradient_checkpointing)
-        return [*self.hooks.callbacks, JsonlLogCallback(self.run_dir / "train_log.jsonl"), self.step_timer,
-                self.plan_check, self.stop_on_signal, self.watchdog, self.resume_plan, *task_callbacks]
+        return [*self.hooks.callbacks, JsonlLogCallback(self.run_dir / "train_log.jsonl"), *tracking,
+                self.step_timer, self.plan_check, self.stop_on_signal, self.watchdog, self.resume_plan,
+                *task_callbacks]
 
     def _record_plan(self, realised: dict) -> None:
         """The verified plan, with the DeepSpeed JSON as run (auto values filled), in plan.json."""
@@ -337,11 +339,12 @@ class Recipe:
                          self.run_dir / "checkpoints")
         self.resume_plan.checkpoint = resume
         if resume is not None:
+            from fttrain.trackers import TrackerCallback
             from fttrain.trainer import JsonlLogCallback
 
             step = checkpoint_step(resume)
             for cb in self.trainer.callback_handler.callbacks:
-                if isinstance(cb, JsonlLogCallback):
+                if isinstance(cb, (JsonlLogCallback, TrackerCallback)):
                     cb.resume_step = step
             log.info("resuming from %s (step %d)", resume, step)
             self.before_resume(Path(resume), step)
@@ -486,6 +489,7 @@ class Recipe:
         outputs.plot_loss_curve(log_rows, run_dir / "loss_curve.png")
         atomic.write_json(run_dir / "metrics.json", metrics)
         outputs.mark_complete(run_dir)
+        self.trackers.finish(metrics, trainer.state.global_step)
         log.info("metrics: %s", {k: metrics.get(k) for k in outputs.METRIC_KEYS})
         self.log_task_summary(metrics)
         log.info("run directory: %s", run_dir)
