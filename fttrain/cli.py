@@ -7,6 +7,7 @@
     fttrain status RUN_DIR                                           running or not, checkpoint, ranks' last steps
     fttrain export RUN_DIR --out DIR [--merge]                       merged or adapter model for serving
     fttrain generate RUN_DIR --prompt TEXT                           sample from a trained run
+    fttrain compare RUN_DIR [EXPORTED_DIR ...] [--base PATH]         base vs tuned: size, memory, speed, quality
     fttrain numerics RUN_DIR                                         compare numerics of saved outputs
     fttrain consolidate CHECKPOINT                                   merge sharded weights
     fttrain bench +exp=tiny_sft [--chats 3000] [--steps 40]          speed against TRL and a raw loop
@@ -35,6 +36,7 @@ COMMANDS: Dict[str, str] = {
     "status": "fttrain.outputs",
     "export": "fttrain.export",
     "generate": "fttrain.generate",
+    "compare": "fttrain.compare",
     "numerics": "fttrain.numerics",
     "consolidate": "fttrain.consolidate",
     "bench": "fttrain.bench",

@@ -103,12 +103,14 @@ def peak_memory_bytes(use_cpu: bool) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def rss_bytes() -> int:
-    """This process's resident memory now (Linux; 0 where /proc is missing)."""
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory now (Linux; 0 where /proc is missing). field="VmHWM":
+    its peak, which unlike ru_maxrss does not carry the parent's peak into a child started by
+    fork and exec (Linux keeps the larger across exec)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass

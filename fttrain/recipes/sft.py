@@ -45,6 +45,16 @@ def render_marked_sample(tokenizer, row) -> str:
     )
 
 
+def prepared_data(cfg, tokenizer, chat_template, fresh_tag=None):
+    """The run's prepared rows, from the cache when an identical preparation is there.
+    ``fttrain compare`` rebuilds a finished run's eval split with it, so every model is
+    scored on the rows and loss mask the run evaluated on."""
+    assistant_only = bool(getattr(cfg.task, "assistant_only_loss", False))
+    return prepare_data_cached(cfg.data, tokenizer, chat_template, assistant_only, cache_dir(),
+                               blocks=bool(getattr(cfg.task, "concatenate", False)), policy=mask_policy(cfg.task),
+                               fresh_tag=fresh_tag)
+
+
 class SFTRecipe(Recipe):
     """Tasks ``sft`` (chats, instructions, prompt/completion) and ``pt`` (raw text)."""
 
@@ -66,8 +76,7 @@ class SFTRecipe(Recipe):
         blocks = self.concatenates
         rss, start = rss_bytes(), time.perf_counter()
         # Prepared once per node into the cache (with streaming: the eval split only).
-        self.data = prepare_data_cached(cfg.data, self.tokenizer, self.chat_template, assistant_only, cache_dir(),
-                                        blocks=blocks, policy=mask_policy(cfg.task), fresh_tag=self.launch_token)
+        self.data = prepared_data(cfg, self.tokenizer, self.chat_template, fresh_tag=self.launch_token)
         self.data_report = self.data.report
         if streams(cfg.data):
             self.stream = open_stream(cfg.data, self.tokenizer, self.chat_template, assistant_only, blocks=blocks,
