@@ -114,7 +114,7 @@ def plan(paths: List[str], base: Optional[str]) -> List[Dict]:
 
 
 # ---------------------------------------------------------------- eval set
-def eval_set(run_dir: Path) -> Dict:
+def eval_set(run_dir: Path, base: Optional[str] = None) -> Dict:
     """The run's eval split, prepared as the run prepared it (same cache entry when it is
     still there): where it is, the chat template, and what the run scored exact match on."""
     from omegaconf import OmegaConf
@@ -130,7 +130,11 @@ def eval_set(run_dir: Path) -> Dict:
         raise CompareError(f"{run_dir}: task={cfg.task.name} is not trained on a token loss; compare scores "
                            f"causal LMs trained with task={' or task='.join(scored)}")
     info = run_dir / "run_info.json"
-    model_path = json.loads(info.read_text())["model_path"] if info.exists() else resolve_model_path(cfg.model)
+    model_path = base or (json.loads(info.read_text())["model_path"] if info.exists() else
+                          resolve_model_path(cfg.model))
+    if os.path.isabs(model_path) and not os.path.isdir(model_path):
+        raise CompareError(f"{run_dir}: its base model {model_path} is not there any more (moved or deleted); "
+                           "pass --base PATH where it is now")
     # The tokenizer and template as the recipe sets them up (Recipe.setup_chat_template): they are in the cache key.
     tokenizer, _ = load_tokenizer(cfg.model, model_path)
     template = resolve_chat_template(cfg.data.chat_template, tokenizer)
@@ -393,7 +397,7 @@ def main(argv=None) -> int:
                                "scores every model")
         settings = {"dtype": args.dtype, "device": args.device, "runs": args.runs,
                     "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "eval_rows": args.eval_rows,
-                    "eval": eval_set(run)}
+                    "eval": eval_set(run, models[0]["path"])}
         rows = []
         for m in models:
             print(f"fttrain compare: measuring {m['name']} ({m['kind']}) ...", file=sys.stderr, flush=True)

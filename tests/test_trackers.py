@@ -5,11 +5,12 @@ event reader) and compared with train_log.jsonl and metrics.json."""
 import json
 import math
 import struct
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import config_error, run_cli, train_log
+from conftest import REPO, config_error, run_cli, train_log
 
 ALL = "logger.report_to=[mlflow,tensorboard,wandb]"
 OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
@@ -266,3 +267,19 @@ def test_a_failed_run_ends_its_tracker_run_as_failed(tmp_path):
     assert proc.returncode == 2 and "diverged" in proc.stderr, proc.stderr[-3000:]
     _, run = mlflow_run(tmp_path / "outputs" / "tiny_sft")
     assert run.info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_only_the_main_process_logs_under_two_ranks(tmp_path):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "launch" / "cpu_2proc.yaml"), "--main_process_port", "29541"]
+    proc = run_cli(["+exp=tiny_sft", "trainer.max_steps=3", "logger.report_to=[mlflow,tensorboard]"], cwd=tmp_path,
+                   launcher=launcher)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir = tmp_path / "outputs" / "tiny_sft"
+    client, run = mlflow_run(run_dir)
+    assert len(client.search_runs([run.info.experiment_id])) == 1 and run.data.tags["world_size"] == "2"
+    assert_same(mlflow_values(client, run), logged_values(run_dir))
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert steps == [r["step"] for r in train_log(run_dir) if "loss" in r]  # each step once: one process logged
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
