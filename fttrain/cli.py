@@ -5,9 +5,10 @@
     fttrain slurm OVERRIDES [--submit] [--array]                     render / submit a Slurm job
     fttrain sweep DIR                                                summarise a sweep
     fttrain status RUN_DIR                                           running or not, checkpoint, ranks' last steps
-    fttrain export RUN_DIR --out DIR [--merge]                       merged or adapter model for serving
+    fttrain export RUN_DIR --out DIR [--no-merge] [--push-to-hub R]  merged or adapter model, model card
     fttrain generate RUN_DIR --prompt TEXT                           sample from a trained run
     fttrain compare RUN_DIR [EXPORTED_DIR ...] [--base PATH]         base vs tuned: size, memory, speed, quality
+    fttrain eval RUN_DIR --tasks hellaswag,arc_easy [--limit N]      lm-evaluation-harness benchmarks
     fttrain numerics RUN_DIR                                         compare numerics of saved outputs
     fttrain consolidate CHECKPOINT                                   merge sharded weights
     fttrain bench +exp=tiny_sft [--chats 3000] [--steps 40]          speed against TRL and a raw loop
@@ -37,6 +38,7 @@ COMMANDS: Dict[str, str] = {
     "export": "fttrain.export",
     "generate": "fttrain.generate",
     "compare": "fttrain.compare",
+    "eval": "fttrain.harness",
     "numerics": "fttrain.numerics",
     "consolidate": "fttrain.consolidate",
     "bench": "fttrain.bench",

@@ -106,6 +106,15 @@ def card_text(run_dir: Optional[Path], report: dict) -> str:
         lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in shown]
         lines.append("")
+    harness = _read_json(run_dir / "eval_harness.json") if run_dir else {}
+    if harness.get("results"):
+        from fttrain.harness import table
+
+        lines += ["## Benchmarks (lm-evaluation-harness)", "",
+                  f"lm_eval {harness.get('lm_eval', {}).get('lm_eval', '?')} on the run's model"
+                  + (f", the first {harness['limit']} docs of each task" if harness.get("limit") else "")
+                  + (", chat template applied" if harness.get("apply_chat_template") else "") + ":", "",
+                  table(harness), ""]
     if cfg:
         import shlex
 

@@ -33,7 +33,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -145,14 +145,32 @@ def topology_problems(cfg: DictConfig) -> List[str]:
     return problems
 
 
+QUERY_TIMEOUT_S = 60  # sinfo / squeue wait this long for slurmctld before the check gives up on them
+
+
+def slurm_query(args: List[str]) -> Tuple[Optional[str], Optional[str]]:
+    """(stdout, None), or (None, why) when the command is missing, fails or hangs
+    (slurmctld down): a problem to report with the others, never a traceback."""
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=QUERY_TIMEOUT_S)
+    except FileNotFoundError:
+        return None, (f"{args[0]} is not on PATH here, so the cluster cannot be checked or the job submitted: "
+                      "run this where Slurm's commands are (a login node), or leave out --submit to only render")
+    except subprocess.TimeoutExpired:
+        return None, f"{args[0]} did not answer in {QUERY_TIMEOUT_S} s (is slurmctld up? scontrol ping says)"
+    if done.returncode != 0:
+        return None, f"{args[0]} failed: {(done.stderr or done.stdout).strip()}"
+    return done.stdout, None
+
+
 def cluster_problems(s) -> List[str]:
     """What sinfo says about the partition: it exists, has the nodes, GPUs and CPUs asked for."""
     if not s.partition:
         return []
-    done = subprocess.run(["sinfo", "-h", "-p", s.partition, "-o", "%D %c %G"], capture_output=True, text=True)
-    if done.returncode != 0:
-        return [f"sinfo failed: {(done.stderr or done.stdout).strip()}"]
-    lines = [l.split() for l in done.stdout.splitlines() if l.strip()]
+    out, why = slurm_query(["sinfo", "-h", "-p", s.partition, "-o", "%D %c %G"])
+    if why:
+        return [why]
+    lines = [l.split() for l in out.splitlines() if l.strip()]
     if not lines:
         return [f"slurm.partition={s.partition}: no such partition on this cluster (sinfo -s lists them)"]
     nodes = sum(int(l[0]) for l in lines)
@@ -171,9 +189,11 @@ def cluster_problems(s) -> List[str]:
 def queued_problems(run_dir: Path) -> List[str]:
     """A queued or running job of this run reads job/ at start and at every
     requeue: rendering again would change what it trains."""
-    done = subprocess.run(["squeue", "-h", "-o", "%i %o"], capture_output=True, text=True)
+    out, why = slurm_query(["squeue", "-h", "-o", "%i %o"])
+    if why:
+        return [why]
     scripts = {str(run_dir / "job.sbatch"), str(run_dir.parent / "array.sbatch")}
-    jobs = [line.split()[0] for line in done.stdout.splitlines() if len(line.split()) > 1 and line.split()[1] in scripts]
+    jobs = [line.split()[0] for line in out.splitlines() if len(line.split()) > 1 and line.split()[1] in scripts]
     if jobs:
         return [f"job(s) {', '.join(jobs)} of this run are queued or running and read {run_dir}/job at each "
                 "(re)start; scancel them first, or choose name=..."]

@@ -188,14 +188,17 @@ class WandbTracker(Tracker):
                           "project": ctx.project or os.environ.get("WANDB_PROJECT") or "fttrain",
                           "dir": str(ctx.run_dir)}
         self.attach(saved, name=ctx.run_name, group=ctx.group, tags=[f"{k}:{v}" for k, v in ctx.tags.items()])
-        return saved
+        # An offline run stays offline when continued later (a resume, fttrain eval) without WANDB_MODE set.
+        return {**saved, "mode": "offline" if self.run.offline else "online"}
 
     def attach(self, saved, **init):
         import wandb
 
         # Online, or offline (files under <run>/wandb, `wandb sync` later) with WANDB_MODE=offline.
+        mode = os.environ.get("WANDB_MODE") or saved.get("mode")
         self.run = wandb.init(project=saved["project"], id=saved["id"], resume="allow", dir=saved["dir"],
-                              reinit="create_new", settings=wandb.Settings(silent=True, console="off"), **init)
+                              reinit="create_new", settings=wandb.Settings(silent=True, console="off"),
+                              **({"mode": mode} if mode else {}), **init)
 
     def log_params(self, params):
         self.run.config.update(params, allow_val_change=True)
@@ -392,8 +395,10 @@ class TrackerCallback(TrainerCallback):
 
 
 def log_to_run(run_dir: Path, metrics: Dict[str, float], step: int = 0) -> List[str]:
-    """Add numbers measured after a run (``fttrain eval``) to the tracker runs it
-    logged to (``trackers.json``), at ``step``; returns the trackers written to."""
+    """Add final numbers measured after a run (``fttrain eval``) to the tracker runs
+    it logged to (``trackers.json``), at ``step``, as the run's own final metrics
+    are; returns the trackers written to. One that cannot be reached (no W&B login,
+    a server gone) is skipped with a warning: the numbers are in the run dir."""
     record_path = Path(run_dir) / RECORD
     values = numbers(metrics)
     if not record_path.exists() or not values:
@@ -401,11 +406,16 @@ def log_to_run(run_dir: Path, metrics: Dict[str, float], step: int = 0) -> List[
     done = []
     for name, saved in json.loads(record_path.read_text()).items():
         if name not in TRACKERS or missing_package(name):
-            log.warning("%s: not adding to the %s run (not installed here)", run_dir, name)
+            log.warning("%s: not adding to the %s run (%s is not installed here)", run_dir, name, name)
             continue
         tracker = TRACKERS[name]()
-        tracker.attach(saved)
-        tracker.log_metrics(values, step)
-        tracker.end(None)
+        try:
+            tracker.attach(saved)
+            tracker.log_final(values, step)
+            tracker.end(None)
+        except Exception as e:
+            log.warning("%s: could not add to the %s run (%s: %s); the numbers are in the run dir", run_dir, name,
+                        type(e).__name__, e)
+            continue
         done.append(name)
     return done

@@ -51,6 +51,19 @@ def test_the_card_names_base_method_data_metrics_command_and_versions(tmp_path):
     assert f"fttrain {fttrain.__version__}" in card and "peft 9.9" in card and "precision bf16" in card
 
 
+def test_the_card_shows_the_runs_benchmark_results(tmp_path):
+    from fttrain.model_card import card_text
+
+    run = fake_run(tmp_path)
+    assert "lm-evaluation-harness" not in card_text(run, {"method": "lora"})
+    (run / "eval_harness.json").write_text(json.dumps({
+        "results": {"arc_easy": {"alias": "arc_easy", "acc,none": 0.61, "acc_stderr,none": 0.01}},
+        "versions": {"arc_easy": 1.0}, "n-shot": {"arc_easy": 0}, "limit": 100, "lm_eval": {"lm_eval": "0.4.13"}}))
+    card = card_text(run, {"method": "lora"})
+    assert "lm_eval 0.4.13 on the run's model, the first 100 docs of each task" in card
+    assert "| arc_easy | 1.0 | 0 | acc | 0.6100 | 0.0100 |" in card
+
+
 def test_a_local_base_is_not_claimed_as_a_hub_base_model(tmp_path):
     from fttrain.model_card import card_text
 

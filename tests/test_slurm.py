@@ -111,6 +111,17 @@ def test_bad_input_is_refused_before_sbatch(overrides, message, tmp_path, capsys
     assert not called
 
 
+def test_submitting_where_slurm_is_not_installed_says_so(tmp_path, capsys, monkeypatch):
+    from fttrain import slurm
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sinfo, squeue or sbatch
+    assert slurm.main(["+exp=tiny_sft", "slurm.partition=gpu", "--submit"]) == 2
+    err = capsys.readouterr().err
+    assert "sinfo is not on PATH here" in err and "leave out --submit to only render" in err
+    assert "Traceback" not in err
+
+
 # ------------------------------------------------------------------ sweeps without Slurm
 @pytest.mark.slow
 def test_local_sweep_survives_a_failed_trial_and_summarises(tmp_path):

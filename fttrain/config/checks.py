@@ -174,6 +174,7 @@ def check_config(cfg: DictConfig) -> None:
     elif trainer.max_steps < 0 and trainer.num_epochs <= 0:
         problems.append("set trainer.max_steps > 0 or trainer.num_epochs > 0")
     problems += schedule_and_tracker_problems(trainer, cfg.logger)
+    problems += harness_problems(cfg)
     if trainer.eval_steps is not None and data.eval is None and data.eval_fraction == 0:
         problems.append("trainer.eval_steps is set but there is no eval data (data.eval or data.eval_fraction)")
 
@@ -254,6 +255,26 @@ def schedule_and_tracker_problems(trainer, logger) -> List[str]:
             out.append("logger.report_to: mlflow's local SQLite store needs sqlalchemy and alembic "
                        "(pip install mlflow, or logger.tracking_uri=http://your-server:5000)")
     return out
+
+
+def harness_problems(cfg: DictConfig) -> List[str]:
+    """harness.tasks can run after training: a causal LM, whole on the main process, lm_eval and its tasks here."""
+    harness = cfg.get("harness")
+    if harness is None or not harness.tasks:
+        return []
+    from fttrain.plan import shards_weights
+
+    task = task_of(cfg.task)
+    if task.encoder or task.peft_task_type != "CAUSAL_LM":
+        lms = sorted(t.name for t in TASKS.values() if not t.encoder and t.peft_task_type == "CAUSAL_LM")
+        return [f"harness.tasks: lm-evaluation-harness scores causal LMs; task={task.name} trains a "
+                f"{task.peft_task_type} head (it evaluates task={' or task='.join(lms)})"]
+    if shards_weights(cfg.dist):
+        return ["harness.tasks: this dist plan shards the weights over the ranks, so no process holds the model "
+                "to evaluate after training; run fttrain eval RUN_DIR once the run is saved"]
+    from fttrain.harness import config_problems
+
+    return config_problems(harness)
 
 
 def check_tokenizer_template(cfg: DictConfig, tokenizer, template) -> None:

@@ -310,6 +310,25 @@ class LoggerConfig:
     progress_bar: bool = True
 
 
+# ------------------------------------------------------------------ harness
+@dataclass
+class HarnessConfig:
+    """lm-evaluation-harness on the trained model once it is saved (fttrain/harness.py);
+    ``fttrain eval RUN_DIR`` runs the same later, or on an export."""
+
+    # lm_eval task, group or tag names (hellaswag, arc_easy, mmlu) or globs; empty: no evaluation.
+    # e.g. python -m fttrain +exp=demo 'harness.tasks=[arc_easy]' harness.limit=100
+    tasks: List[str] = field(default_factory=list)
+    include_path: Optional[str] = None  # a folder of your own task YAMLs (local data: dataset_path: json)
+    # The first N docs of each task: minutes instead of hours, but not a score to set beside published ones.
+    limit: Optional[int] = bounded(None, lo=1)
+    num_fewshot: Optional[int] = bounded(None, lo=0)  # null: each task's own
+    batch_size: int = bounded(8, lo=1)  # requests per forward pass: more is faster until memory runs out
+    # Instruct models: prompts go through the tokenizer's chat template, as the model was tuned to read them.
+    apply_chat_template: bool = False
+    system_instruction: Optional[str] = None  # a system prompt before each prompt (the one the model was tuned with)
+
+
 # ------------------------------------------------------------------ slurm
 @dataclass
 class SlurmConfig:
@@ -368,6 +387,8 @@ class FTConfig:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     slurm: SlurmConfig = MISSING
+    # Not a config group: harness.tasks=[...] on the command line (HarnessConfig).
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
 
 
 GROUP_SCHEMAS: Dict[str, Dict[str, Any]] = {

@@ -14,6 +14,7 @@ Every rank runs this; only rank 0 writes shared files.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -488,12 +489,28 @@ class Recipe:
         log_rows = [{"step": r.get("step"), **r} for r in trainer.state.log_history]
         outputs.plot_loss_curve(log_rows, run_dir / "loss_curve.png")
         atomic.write_json(run_dir / "metrics.json", metrics)
-        outputs.mark_complete(run_dir)
-        self.trackers.finish(metrics, trainer.state.global_step)
+        outputs.mark_complete(run_dir)  # model and metrics are whole: a failed evaluation below keeps them
+        try:
+            metrics.update(self.evaluate_harness())
+        finally:
+            self.trackers.finish(metrics, trainer.state.global_step)
         log.info("metrics: %s", {k: metrics.get(k) for k in outputs.METRIC_KEYS})
         self.log_task_summary(metrics)
         log.info("run directory: %s", run_dir)
         return metrics
+
+    def evaluate_harness(self) -> dict:
+        """harness.tasks: lm-evaluation-harness on the trained model in memory (the other
+        ranks have returned); its flat numbers join metrics.json. fttrain/harness.py."""
+        if not self.cfg.harness.tasks:
+            return {}
+        from fttrain.harness import after_training
+
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        flat = after_training(model, self.tokenizer, self.cfg.harness, self.run_dir)
+        metrics_path = self.run_dir / "metrics.json"
+        atomic.write_json(metrics_path, {**json.loads(metrics_path.read_text()), **flat})  # written just above
+        return flat
 
     def save_extra_files(self, folder: Path) -> None:
         """Task files that belong with the model (label maps, reward functions)."""
