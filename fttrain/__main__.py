@@ -9,6 +9,7 @@ from fttrain.early_signals import catch_early
 
 catch_early()  # before the imports below, which take seconds: a stop signal then is remembered, not fatal
 
+import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from fttrain.config.schema import register_configs  # noqa: E402
 from fttrain.env import is_main_process  # noqa: E402
 from fttrain.errors import FttrainError, report  # noqa: E402
+from fttrain.harness import HarnessError  # noqa: E402
 from fttrain.run import run  # noqa: E402
 from fttrain.paths import CONF_DIR  # noqa: E402
 
@@ -108,6 +110,10 @@ def main(cfg: DictConfig):
     try:
         return _main(cfg)
     except FttrainError as e:
+        if multirun and isinstance(e, HarnessError):  # trained and complete; only its benchmark failed
+            log.error("%s", e)
+            return _objective(cfg, json.loads((Path(HydraConfig.get().runtime.output_dir) / "metrics.json")
+                                              .read_text()))
         if multirun:  # one failed trial must not end the sweep: recorded, the sweep goes on
             return _trial_failed(e)
         raise SystemExit(report("fttrain", e))
@@ -127,7 +133,11 @@ def _main(cfg: DictConfig):
         raise FttrainError(several)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     metrics = run(cfg, run_dir, list(HydraConfig.get().overrides.task)) or {}
-    # Returned for Hydra sweepers (Optuna optimises this value).
+    return _objective(cfg, metrics)
+
+
+def _objective(cfg: DictConfig, metrics: dict) -> float:
+    """Returned for Hydra sweepers (Optuna optimises this value)."""
     value = metrics.get(cfg.objective)
     if value is None:
         log.warning("objective=%s is not among the run's metrics; returning nan to the sweeper", cfg.objective)

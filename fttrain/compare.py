@@ -59,13 +59,13 @@ class CompareError(FttrainError, ValueError):
 # ------------------------------------------------------------ what to compare
 def describe(arg: str) -> Dict:
     """One model given on the command line: its folder, kind, run and the base it names."""
-    from fttrain.models.adapted import adapter_base, folder_kind, model_folder
+    from fttrain.models.adapted import adapter_base, folder_kind, model_folder, run_dir_of
 
     folder = model_folder(arg)  # refuses a missing path, naming it
     if not folder.is_dir():
         raise CompareError(f"{arg}: not a folder; give a run directory, an adapter folder or a model folder")
     kind = folder_kind(folder)  # refuses a folder that holds no model, naming it
-    run = folder.parent if folder.name == "model" and (folder.parent / "config.yaml").exists() else None
+    run = run_dir_of(folder)
     named = None
     if kind != "full":
         try:

@@ -50,10 +50,10 @@ import torch
 from fttrain import errors
 from fttrain.errors import FttrainError
 from fttrain.methods import METHODS
-from fttrain.models.adapted import adapter_method, load_for_inference, model_folder
+from fttrain.models.adapted import adapter_method, load_for_inference, model_folder, run_dir_of
 from fttrain.models.load import DTYPES, load_causal_lm
 from fttrain.atomic import publish_dir
-from fttrain.model_card import hub_problem, push, run_dir_of, write_card
+from fttrain.model_card import hub_problem, push, write_card
 
 log = logging.getLogger("fttrain.export")
 # Largest |logit difference| accepted per dtype: merging changes the order of

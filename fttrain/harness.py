@@ -79,15 +79,26 @@ def _indexed(include_path: Optional[str]):
     # (the config check, then the run's evaluation).
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(verbosity="ERROR", include_path=include_path)
+    return TaskManager(include_path=include_path)
+
+
+def expand(tasks: Sequence[str], manager) -> List[str]:
+    """Names as given; a glob (arc_*, mmlu_*) becomes the tasks it matches. Only tasks:
+    matching groups as well would run a group and its own members twice."""
+    import fnmatch
+
+    out = []
+    for name in tasks:
+        out += sorted(fnmatch.filter(manager.all_subtasks, name)) if any(c in name for c in "*?[") else [name]
+    return list(dict.fromkeys(out))
 
 
 def unknown_tasks(tasks: Sequence[str], manager) -> List[str]:
-    """One line per name that is no task, group or tag here, with the nearest names."""
+    """One line per name that is no task, group or tag here (a glob: that matches no task), with the nearest."""
     known = manager.all_tasks
     out = []
     for name in tasks:
-        if not manager.match_tasks([name]):  # also a glob: arc_* is known when it matches one
+        if not expand([name], manager) or name not in known and not any(c in name for c in "*?["):
             near = difflib.get_close_matches(name, known, n=3)
             out.append(f"{name!r} is not a task lm_eval knows here" +
                        (f" (did you mean {', '.join(near)}?)" if near else
@@ -111,27 +122,35 @@ def config_problems(harness) -> List[str]:
 
 # ------------------------------------------------------------------ running
 def evaluate(model, tokenizer, tasks: Sequence[str], include_path: Optional[str] = None,
-             limit: Optional[float] = None, num_fewshot: Optional[int] = None, batch_size: int = 8,
+             limit: Optional[float] = None, num_fewshot: Optional[int] = None, batch_size: Optional[int] = None,
              apply_chat_template: bool = False, system_instruction: Optional[str] = None, seed: int = 0,
              manager=None):
     """lm_eval's simple_evaluate on an already loaded model; returns (record, samples)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    from fttrain.config.schema import HarnessConfig
+
+    batch_size = batch_size or HarnessConfig.batch_size
     manager = manager or task_manager(include_path)  # indexing every task lm_eval ships takes seconds
     unknown = unknown_tasks(tasks, manager)
     if unknown:
         raise HarnessError("; ".join(unknown))
-    tasks = list(dict.fromkeys(m for t in tasks for m in (sorted(manager.match_tasks([t])) or [t])))  # globs
+    tasks = expand(tasks, manager)
     model.eval()
     # HFLM takes the loaded model (a PeftModel keeps its adapter unmerged) and runs on the device it is on.
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     started = time.perf_counter()
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                  task_manager=manager, log_samples=True, apply_chat_template=apply_chat_template,
-                                  system_instruction=system_instruction,
-                                  random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                  fewshot_random_seed=seed)
+    try:
+        # (peft's prompt and p-tuning put virtual-token positions before the logits; lm_eval allows for them.)
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=True,
+            apply_chat_template=apply_chat_template, system_instruction=system_instruction,
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    except (FttrainError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # a task's data missing or not downloadable offline, a task definition lm_eval refuses
+        raise HarnessError(f"lm_eval could not evaluate {', '.join(tasks)}: {type(e).__name__}: {e}") from e
     samples = out.pop("samples", {}) or {}
     configs = out.get("configs", {})
     record = {
@@ -206,37 +225,48 @@ def table(record: Dict) -> str:
                 if "_stderr" in metric or not isinstance(value, (int, float)) or isinstance(value, bool) \
                         or metric in NOT_METRICS:
                     continue
-                err = metrics.get(f"{metric}_stderr,{filt}")
+                err = metrics.get(f"{metric}_stderr,{filt}")  # a number, "N/A" or absent
+                err = err if isinstance(err, str) else "-" if err is None else f"{err:.4f}"
                 name = metric if filt in ("", "none") else f"{metric} ({filt})"
                 rows.append(f"| {task} | {record['versions'].get(task, '-')} | {record['n-shot'].get(task, '-')} | "
-                            f"{name} | {value:.4f} | {err if isinstance(err, str) else '-' if err is None else f'{err:.4f}'} |")
+                            f"{name} | {value:.4f} | {err} |")
     return "\n".join(rows)
 
 
 # ------------------------------------------------------------------ a run's result
+def add_to_metrics(run_dir: Path, flat: Dict[str, float]) -> int:
+    """The flat numbers into a finished run's metrics.json, replacing an earlier
+    evaluation's (other tasks, another limit) whole; returns the run's step count."""
+    path = run_dir / "metrics.json"
+    if not path.exists():
+        return 0
+    metrics = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("harness/")}
+    atomic.write_json(path, {**metrics, **flat})
+    return int(metrics.get("steps") or 0)
+
+
 def record_in_run(run_dir: Path, record: Dict) -> Dict[str, float]:
-    """Add the flat numbers to a finished run's metrics.json and to its tracker runs."""
+    """``fttrain eval`` on a run: its metrics.json and its tracker runs gain the flat numbers."""
     from fttrain.trackers import log_to_run
 
     flat = flat_metrics(record)
-    metrics_path = run_dir / "metrics.json"
-    step = 0
-    if metrics_path.exists():
-        metrics = json.loads(metrics_path.read_text())
-        step = int(metrics.get("steps") or 0)
-        # This evaluation's numbers replace an earlier one's (other tasks, another limit) whole.
-        metrics = {k: v for k, v in metrics.items() if not k.startswith("harness/")}
-        atomic.write_json(metrics_path, {**metrics, **flat})
+    step = add_to_metrics(run_dir, flat)
     done = log_to_run(run_dir, {f"final/{k}": v for k, v in flat.items()}, step)
     if done:
         log.info("harness results added to the %s run(s)", ", ".join(done))
     return flat
 
 
+def rerun_command(run_dir: Path, harness) -> str:
+    return f"fttrain eval {run_dir}" + (f" --tasks {','.join(harness.tasks)}" if harness.tasks else "")
+
+
 def after_training(model, tokenizer, harness, run_dir: Path) -> Dict[str, float]:
     """The post-training step (harness.tasks): on the trained model in memory, main process.
-    Returns the flat numbers; a failure is written to eval_harness_error.txt and raised."""
-    (run_dir / ERROR).unlink(missing_ok=True)
+    Returns the flat numbers, also written to metrics.json. Until it succeeds,
+    eval_harness_error.txt says it has not (a job killed meanwhile leaves it)."""
+    atomic.write_text(run_dir / ERROR, f"started {time.strftime('%Y-%m-%dT%H:%M:%S%z')} and not finished (stopped "
+                                       f"or killed?); run it again: {rerun_command(run_dir, harness)}\n")
     try:
         record, samples = evaluate(model, tokenizer, list(harness.tasks), harness.include_path, harness.limit,
                                    harness.num_fewshot, harness.batch_size, harness.apply_chat_template,
@@ -244,13 +274,16 @@ def after_training(model, tokenizer, harness, run_dir: Path) -> Dict[str, float]
     except Exception as e:
         atomic.write_text(run_dir / ERROR, f"{type(e).__name__}: {e}\n")
         raise HarnessError(
-            f"the evaluation after training failed ({type(e).__name__}: {e}); the run itself is complete and "
-            f"saved in {run_dir}/model. Run it again with: fttrain eval {run_dir} --tasks {','.join(harness.tasks)}"
-            + (f" --include-path {harness.include_path}" if harness.include_path else "")) from e
+            f"the evaluation after training failed ({e if isinstance(e, HarnessError) else f'{type(e).__name__}: {e}'})"
+            f"; the run itself is complete and saved in {run_dir}/model. Run it again with: "
+            f"{rerun_command(run_dir, harness)} (it reads the run's other harness settings)") from e
     record.update({"model": str(run_dir / "model"), "when": "after training"})
     write(run_dir, record, samples)
+    flat = flat_metrics(record)
+    add_to_metrics(run_dir, flat)
+    (run_dir / ERROR).unlink()
     log.info("lm-evaluation-harness:\n%s", table(record))
-    return flat_metrics(record)
+    return flat
 
 
 # -------------------------------------------------------------------- CLI
@@ -262,15 +295,15 @@ def main(argv=None) -> int:
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("path", help="a run directory, an adapter folder or a merged/whole model")
     parser.add_argument("--tasks", help="comma-separated lm_eval tasks, groups or globs (default: the run's "
-                                        "harness.tasks)")
-    parser.add_argument("--include-path", help="a folder of your own task YAMLs (default: the run's)")
+                                        "harness.tasks, with its other harness.* settings)")
+    parser.add_argument("--include-path", help="a folder of your own task YAMLs")
     parser.add_argument("--limit", type=float, help="the first N docs per task (< 1: that fraction); a quick "
                                                     "look, not a score to compare with published ones")
     parser.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's)")
-    parser.add_argument("--batch-size", type=int, help="requests per forward pass (default: the run's, or 8)")
+    parser.add_argument("--batch-size", type=int, help="requests per forward pass (default: 8)")
     parser.add_argument("--apply-chat-template", action="store_true",
                         help="prompts through the tokenizer's chat template (instruct models)")
-    parser.add_argument("--system-instruction", help="a system prompt before each prompt (default: the run's)")
+    parser.add_argument("--system-instruction", help="a system prompt before each prompt")
     parser.add_argument("--base", help="the base model of an adapter folder that names none")
     parser.add_argument("--out", type=Path, help="results file (default: MODEL_OR_RUN/eval_harness.json)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
@@ -292,24 +325,30 @@ def main(argv=None) -> int:
 def run_eval(args) -> int:
     import torch
 
-    from fttrain.models.adapted import load_for_inference, model_folder, run_config
+    from omegaconf import OmegaConf
+
+    from fttrain.config.schema import HarnessConfig
+    from fttrain.models.adapted import load_for_inference, model_folder, run_dir_of
 
     folder = model_folder(args.path)  # refuses a missing path, naming it
-    run_cfg = run_config(folder)
-    run_dir = folder.parent if run_cfg is not None else None
-    saved = run_cfg.get("harness") if run_cfg is not None else None  # older runs have no harness settings
-    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()] or list(getattr(saved, "tasks", []) or [])
-    if not tasks:
-        raise HarnessError("no tasks: give --tasks (e.g. --tasks hellaswag,arc_easy)")
-    include_path = args.include_path or getattr(saved, "include_path", None)
-    limit = args.limit if args.limit is not None else getattr(saved, "limit", None)
-    limit = int(limit) if limit is not None and float(limit) >= 1 else limit
-    num_fewshot = args.num_fewshot if args.num_fewshot is not None else getattr(saved, "num_fewshot", None)
-    batch_size = args.batch_size or getattr(saved, "batch_size", None) or 8
-    chat = args.apply_chat_template or bool(getattr(saved, "apply_chat_template", False))
-    system = args.system_instruction or getattr(saved, "system_instruction", None)
-    manager = task_manager(include_path)
-    unknown = unknown_tasks(tasks, manager)  # before the model loads
+    run_dir = run_dir_of(folder)  # RUN/model; an export (RUN/merged) writes its results beside itself
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if tasks:  # what the command line says, nothing of the run's
+        h = HarnessConfig(tasks=tasks, include_path=args.include_path, limit=args.limit, num_fewshot=args.num_fewshot,
+                          batch_size=args.batch_size or HarnessConfig.batch_size,
+                          apply_chat_template=args.apply_chat_template, system_instruction=args.system_instruction)
+    else:  # the run's own harness.* (the flags given still win)
+        saved = OmegaConf.load(run_dir / "config.yaml").get("harness") if run_dir else None
+        if not saved or not saved.get("tasks"):
+            raise HarnessError("no tasks: give --tasks (e.g. --tasks hellaswag,arc_easy)" +
+                               ("" if run_dir else "; only a run directory brings its own (harness.tasks)"))
+        h = HarnessConfig(**{**OmegaConf.to_container(saved), **{k: v for k, v in (
+            ("include_path", args.include_path), ("limit", args.limit), ("num_fewshot", args.num_fewshot),
+            ("batch_size", args.batch_size), ("system_instruction", args.system_instruction)) if v is not None},
+            **({"apply_chat_template": True} if args.apply_chat_template else {})})
+    limit = int(h.limit) if h.limit is not None and float(h.limit) >= 1 else h.limit
+    manager = task_manager(h.include_path)
+    unknown = unknown_tasks(h.tasks, manager)  # before the model loads
     if unknown:
         raise HarnessError("; ".join(unknown))
     try:
@@ -319,9 +358,9 @@ def run_eval(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not loaded.quantized:
         loaded.model.to(device)
-    print(f"fttrain eval: {folder} ({loaded.kind}) on {', '.join(tasks)}", file=sys.stderr, flush=True)
-    record, samples = evaluate(loaded.model, loaded.tokenizer, tasks, include_path, limit, num_fewshot, batch_size,
-                               chat, system, manager=manager)
+    print(f"fttrain eval: {folder} ({loaded.kind}) on {', '.join(h.tasks)}", file=sys.stderr, flush=True)
+    record, samples = evaluate(loaded.model, loaded.tokenizer, list(h.tasks), h.include_path, limit, h.num_fewshot,
+                               h.batch_size, h.apply_chat_template, h.system_instruction, manager=manager)
     record.update({"model": str(folder), "kind": loaded.kind, "base": loaded.base_path, "dtype": args.dtype,
                    "device": device, "when": "fttrain eval"})
     path = write(folder if run_dir is None else run_dir, record, samples, args.out)

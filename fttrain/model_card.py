@@ -112,7 +112,8 @@ def card_text(run_dir: Optional[Path], report: dict) -> str:
 
         lines += ["## Benchmarks (lm-evaluation-harness)", "",
                   f"lm_eval {harness.get('lm_eval', {}).get('lm_eval', '?')} on the run's model"
-                  + (f", the first {harness['limit']} docs of each task" if harness.get("limit") else "")
+                  + (f", the first {harness['limit']} docs of each task" if (harness.get("limit") or 0) >= 1 else
+                     f", the first {harness['limit']:.0%} of each task's docs" if harness.get("limit") else "")
                   + (", chat template applied" if harness.get("apply_chat_template") else "") + ":", "",
                   table(harness), ""]
     if cfg:
@@ -136,11 +137,6 @@ def write_card(folder: Path, run_dir: Optional[Path], report: dict) -> Path:
     path.write_text(card_text(run_dir, report))
     return path
 
-
-def run_dir_of(adapter_folder: Path) -> Optional[Path]:
-    """The run dir around a run's model/ folder, else None."""
-    parent = Path(adapter_folder).parent
-    return parent if (parent / "config.yaml").exists() else None
 
 
 def push(folder: Path, repo: str, private: bool) -> str:

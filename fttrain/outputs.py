@@ -162,9 +162,13 @@ def guard_run_dir(run_dir: Path, overwrite: bool, resume_from, hashes: bool = Tr
         )
 
 
+# What was measured on a finished run's model: a continued or replaced run has another model.
+MEASURED_ON_MODEL = ("eval_harness.json", "eval_harness_samples.jsonl", "eval_harness_error.txt")
+
+
 def unmark_complete(run_dir: Path) -> None:
     """A directory being rewritten (resume, overwrite) is not complete until the end."""
-    for name in (COMPLETE, "metrics.json"):
+    for name in (COMPLETE, "metrics.json", *MEASURED_ON_MODEL):
         p = run_dir / name
         if p.exists():
             p.unlink()
@@ -175,11 +179,12 @@ def clear_previous_run(run_dir: Path) -> None:
     stale checkpoint picked by a later resume, an old COMPLETE) passes for
     the new run's. model/ is swapped for the new one when that is saved."""
     unmark_complete(run_dir)
-    for name in ("samples.jsonl", "train_log.jsonl", "data_report.json"):
+    # trackers.json: the new run starts tracker runs of its own rather than continuing the old one's.
+    for name in ("samples.jsonl", "train_log.jsonl", "data_report.json", "trackers.json"):
         p = run_dir / name
         if p.exists():
             p.unlink()
-    for name in ("checkpoints", "ranks", "model.old", "model.tmp"):
+    for name in ("checkpoints", "ranks", "model.old", "model.tmp", "tensorboard", "compare"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
 
 

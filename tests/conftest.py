@@ -85,3 +85,41 @@ def run_cli(args, cwd, timeout=600, launcher=None, env=None):
     cmd = (launcher or [sys.executable]) + ["-m", "fttrain"] + list(args)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def fttrain_command(args, cwd, env=None):
+    """`fttrain ARGS` as a user runs it (the console script's module; `python -m fttrain` alone is train)."""
+    return subprocess.run([sys.executable, "-m", "fttrain.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+# The example lm-evaluation-harness tasks (local data, YAML) and the settings the learned run evaluates with.
+HARNESS_TASKS = REPO / "examples" / "harness_tasks"
+HARNESS_LIMIT = 6
+HARNESS_SYSTEM = "You reverse sequences of letters."
+HARNESS = ["harness.tasks=[reverse_letters]", f"harness.include_path={HARNESS_TASKS}", f"harness.limit={HARNESS_LIMIT}",
+           "harness.apply_chat_template=true", f"harness.system_instruction='{HARNESS_SYSTEM}'", "harness.batch_size=4"]
+
+
+@pytest.fixture(scope="session")
+def learned_run(tmp_path_factory):
+    """One LoRA run trained long enough to learn (24 steps at 3e-3), with exact match
+    scored, evaluated with the example harness tasks after training, tracked by
+    TensorBoard and MLflow, and exported merged to RUN/merged. Shared by
+    test_compare and test_harness; `after` keeps its files as training left them."""
+    cwd = tmp_path_factory.mktemp("learned")
+    proc = run_cli(["+exp=tiny_sft", "trainer.max_steps=24", "trainer.learning_rate=3e-3",
+                    "task.generation_eval.exact_match_samples=4", "logger.report_to=[tensorboard,mlflow]", *HARNESS],
+                   cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = cwd / "outputs" / "tiny_sft"
+    after = cwd / "after_training"
+    after.mkdir()
+    for name in ("eval_harness.json", "eval_harness_samples.jsonl", "metrics.json"):
+        (after / name).write_bytes((run / name).read_bytes())
+    import shutil
+
+    shutil.copytree(run / "tensorboard", after / "tensorboard")
+    proc = fttrain_command(["export", str(run), "--out", str(run / "merged")], cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {"cwd": cwd, "run": run, "merged": run / "merged", "after": after}

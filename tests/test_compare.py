@@ -2,36 +2,20 @@
 measured side by side on the run's own eval set."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import run_cli
+from conftest import fttrain_command
 from fttrain.export import DEFAULT_TOLERANCE
 
 NEW_TOKENS = 6
 
 
-def command(args, cwd):
-    """`fttrain ARGS` as a user runs it (`python -m fttrain` alone is `fttrain train`)."""
-    return subprocess.run([sys.executable, "-m", "fttrain.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
 @pytest.fixture(scope="module")
-def compared(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("compare")
-    # More steps than test_train's 6 at a higher rate, so that the adapter clearly learns the task.
-    proc = run_cli(["+exp=tiny_sft", "trainer.max_steps=24", "trainer.learning_rate=3e-3",
-                    "task.generation_eval.exact_match_samples=4"], cwd=cwd)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    run_dir = cwd / "outputs" / "tiny_sft"
-    proc = command(["export", str(run_dir), "--out", str(cwd / "merged")], cwd=cwd)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    proc = command(["compare", str(run_dir), str(cwd / "merged"), "--runs", "2", "--prompt-tokens", "16",
-                    "--new-tokens", str(NEW_TOKENS)], cwd=cwd)
+def compared(learned_run):
+    run_dir, merged = learned_run["run"], learned_run["merged"]
+    proc = fttrain_command(["compare", str(run_dir), str(merged), "--runs", "2", "--prompt-tokens", "16",
+                            "--new-tokens", str(NEW_TOKENS)], cwd=learned_run["cwd"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = run_dir / "compare"
     report = json.loads((out / "compare.json").read_text())
@@ -99,13 +83,13 @@ def test_markdown_table_and_chart(compared):
 
 def test_bad_input_is_refused_naming_the_path(tmp_path):
     missing = tmp_path / "no_such_run"
-    proc = command(["compare", str(missing)], cwd=tmp_path)
+    proc = fttrain_command(["compare", str(missing)], cwd=tmp_path)
     assert proc.returncode == 2 and str(missing) in proc.stderr and "Traceback" not in proc.stderr
 
     not_a_model = tmp_path / "notes"
     not_a_model.mkdir()
     (not_a_model / "readme.txt").write_text("hello")
-    proc = command(["compare", str(not_a_model)], cwd=tmp_path)
+    proc = fttrain_command(["compare", str(not_a_model)], cwd=tmp_path)
     assert proc.returncode == 2 and str(not_a_model) in proc.stderr and "Traceback" not in proc.stderr
 
 

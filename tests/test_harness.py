@@ -3,29 +3,15 @@
 of examples/harness_tasks (local JSON data, YAML task definitions, offline)."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import compose_error, config_error, run_cli
+from conftest import (HARNESS_LIMIT as LIMIT, HARNESS_SYSTEM as SYSTEM, HARNESS_TASKS as EXAMPLES, compose_error,
+                      config_error, fttrain_command as command, run_cli)
 from fttrain.export import DEFAULT_TOLERANCE
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "harness_tasks"
 TASKS = ["reverse_letters_choice", "reverse_letters_gen"]
-LIMIT = 6
-SYSTEM = "You reverse sequences of letters."
-HARNESS = ["harness.tasks=[reverse_letters]", f"harness.include_path={EXAMPLES}", f"harness.limit={LIMIT}",
-           "harness.apply_chat_template=true", f"harness.system_instruction='{SYSTEM}'", "harness.batch_size=4"]
-
-
-def command(args, cwd):
-    """`fttrain ARGS` as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "fttrain.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def samples(path):
@@ -92,35 +78,67 @@ def test_eval_refuses_a_missing_path_and_an_unknown_task_before_loading(tmp_path
     assert "'no_such_task_anywhere' is not a task lm_eval knows here" in proc.stderr
 
 
+def test_prompt_tuning_logits_are_read_at_the_input_positions(tiny_dir, tokenizer):
+    """peft's prompt tuning puts its virtual tokens' positions before the logits;
+    lm_eval (0.4.13) allows for them and scores the continuation's own positions."""
+    import peft
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    n = 4
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                                peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)).eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2)
+    request = ("Reverse: a b c\n", "c b a")
+    context, continuation = lm._encode_pair(*request)  # lm_eval's own tokens for the request
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([context + continuation])).logits[0].float()
+    assert logits.shape[0] == n + len(context) + len(continuation)
+    logprobs = torch.log_softmax(logits[n:], -1)  # one row per input token
+    want = sum(float(logprobs[len(context) - 1 + i, t]) for i, t in enumerate(continuation))
+
+    got = lm.loglikelihood([Instance("loglikelihood", {}, request, 0)], disable_tqdm=True)[0][0]
+    assert got == pytest.approx(want, abs=1e-4)
+    shifted = sum(float(torch.log_softmax(logits, -1)[len(context) - 1 + i, t]) for i, t in enumerate(continuation))
+    assert abs(shifted - want) > 1e-3  # reading the rows n positions early would be another number
+
+
+def test_a_new_or_continued_run_drops_the_old_models_results(tmp_path):
+    from fttrain import outputs
+
+    for clear in (outputs.unmark_complete, outputs.clear_previous_run):
+        for name in ("eval_harness.json", "eval_harness_samples.jsonl", "eval_harness_error.txt", "COMPLETE"):
+            (tmp_path / name).write_text("{}")
+        clear(tmp_path)
+        assert not list(tmp_path.glob("eval_harness*")) and not (tmp_path / "COMPLETE").exists()
+
+
 # ------------------------------------------------------------------ on a trained run
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory, tiny_dir):
-    """A LoRA run evaluated after training, then `fttrain eval` on it (its own settings),
-    on its merged export and on the base."""
-    cwd = tmp_path_factory.mktemp("harness")
-    proc = run_cli(["+exp=tiny_sft", "trainer.max_steps=12", "trainer.learning_rate=3e-3",
-                    "logger.report_to=[tensorboard,mlflow]", *HARNESS], cwd=cwd)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    run = cwd / "outputs" / "tiny_sft"
-    after = {"record": json.loads((run / "eval_harness.json").read_text()), "samples": samples(
-        run / "eval_harness_samples.jsonl"), "metrics": json.loads((run / "metrics.json").read_text())}
-    shutil.copytree(run / "tensorboard", cwd / "tensorboard_after_training")
-    proc = command(["export", str(run), "--out", str(cwd / "merged")], cwd=cwd)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def evaluated(learned_run, tiny_dir):
+    """The shared learned run (evaluated after training), then `fttrain eval` on it (its
+    own settings), on its merged export and on the base."""
+    cwd, run, merged, kept = learned_run["cwd"], learned_run["run"], learned_run["merged"], learned_run["after"]
+    after = {"record": json.loads((kept / "eval_harness.json").read_text()),
+             "samples": samples(kept / "eval_harness_samples.jsonl"),
+             "metrics": json.loads((kept / "metrics.json").read_text())}
     # No task options: the run's harness.* settings are used.
     proc = command(["eval", str(run)], cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-4000:]
     flags = ["--tasks", "reverse_letters", "--include-path", str(EXAMPLES), "--limit", str(LIMIT),
              "--apply-chat-template", "--system-instruction", SYSTEM]
-    proc = command(["eval", str(cwd / "merged"), *flags], cwd=cwd)
+    proc = command(["eval", str(merged), *flags], cwd=cwd)  # RUN/merged: its results stay its own
     assert proc.returncode == 0, proc.stderr[-4000:]
     proc = command(["eval", str(tiny_dir), *flags, "--out", str(cwd / "base.json")], cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return {"run": run, "cwd": cwd, "after": after,
+    return {"run": run, "cwd": cwd, "after": after, "tensorboard_after": kept / "tensorboard",
             "eval": {"record": json.loads((run / "eval_harness.json").read_text()),
                      "samples": samples(run / "eval_harness_samples.jsonl")},
-            "merged": {"record": json.loads((cwd / "merged" / "eval_harness.json").read_text()),
-                       "samples": samples(cwd / "merged" / "eval_harness_samples.jsonl")},
+            "merged": {"record": json.loads((merged / "eval_harness.json").read_text()),
+                       "samples": samples(merged / "eval_harness_samples.jsonl")},
             "base": {"record": json.loads((cwd / "base.json").read_text()),
                      "samples": samples(cwd / "base_samples.jsonl")}}
 
@@ -140,7 +158,7 @@ def test_the_record_holds_results_versions_and_task_hashes(evaluated):
         assert len(record["task_hashes"][task]) == 64 and len(record["config_sha256"][task]) == 64
     assert record["when"] == "after training" and record["system_instruction"] == SYSTEM
     prompts = [json.loads(line)["arguments"][0][0] for line in
-               (evaluated["run"] / "eval_harness_samples.jsonl").read_text().splitlines()]
+               (evaluated["cwd"] / "after_training" / "eval_harness_samples.jsonl").read_text().splitlines()]
     assert all(SYSTEM in p and "<|start_header_id|>assistant" in p for p in prompts)  # through the chat template
 
 
@@ -161,7 +179,9 @@ def test_eval_on_the_saved_run_scores_what_training_scored(evaluated):
     harness the same requests (task hashes) and the same answers."""
     after, again = evaluated["after"], evaluated["eval"]
     assert again["record"]["task_hashes"] == after["record"]["task_hashes"]
+    # RUN/eval_harness.json is the run's model's, written by fttrain eval RUN (not by the later eval of RUN/merged).
     assert again["record"]["kind"] == "peft" and again["record"]["when"] == "fttrain eval"
+    assert again["record"]["limit"] == LIMIT and again["record"]["system_instruction"] == SYSTEM  # the run's own
     lls, lls_again = choice_lls(after["samples"]), choice_lls(again["samples"])
     assert lls.keys() == lls_again.keys() and len(lls) == LIMIT
     for key in lls:
@@ -188,7 +208,7 @@ def test_the_trackers_get_the_numbers_after_training_and_from_fttrain_eval(evalu
     metrics = evaluated["after"]["metrics"]
     steps = metrics["steps"]
     key = "final/harness/reverse_letters_choice/acc"
-    _, values = tensorboard_values(evaluated["cwd"] / "tensorboard_after_training")
+    _, values = tensorboard_values(evaluated["tensorboard_after"])
     assert values[(key, steps)] == pytest.approx(metrics["harness/reverse_letters_choice/acc"])
     client, run = mlflow_run(evaluated["run"])
     history = client.get_metric_history(run.info.run_id, key)
@@ -208,14 +228,20 @@ def test_a_failed_evaluation_keeps_the_trained_run_and_fttrain_eval_completes_it
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
         "doc_to_choice: '{{[a, b]}}'\ndoc_to_target: 0\nmetadata:\n  version: 1.0\n")
     proc = run_cli(["+exp=tiny_sft", "harness.tasks=[gone_data]", f"harness.include_path={broken}"], cwd=tmp_path)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr[-2000:]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     run = tmp_path / "outputs" / "tiny_sft"
     assert "the evaluation after training failed" in proc.stderr and f"fttrain eval {run}" in proc.stderr
     assert (run / "COMPLETE").exists() and (run / "model" / "adapter_model.safetensors").exists()
     assert "deleted.jsonl" in (run / "eval_harness_error.txt").read_text()
     assert not (run / "eval_harness.json").exists()
+    proc = command(["eval", str(run)], cwd=tmp_path)  # the run's own settings: the data is still missing
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "lm_eval could not evaluate gone_data" in proc.stderr and "deleted.jsonl" in proc.stderr
+    # --tasks: the command line's settings alone, none of the run's (its include_path, with the broken task).
     proc = command(["eval", str(run), "--tasks", "reverse_letters_choice", "--include-path", str(EXAMPLES),
                     "--limit", "2"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert not (run / "eval_harness_error.txt").exists()
+    assert json.loads((run / "eval_harness.json").read_text())["tasks"] == ["reverse_letters_choice"]
     assert "harness/reverse_letters_choice/acc" in json.loads((run / "metrics.json").read_text())
+

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, config_error, run_cli, train_log
+from conftest import HARNESS_TASKS, REPO, config_error, fttrain_command, run_cli, train_log
 
 ALL = "logger.report_to=[mlflow,tensorboard,wandb]"
 OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
@@ -270,13 +270,23 @@ def test_a_failed_run_ends_its_tracker_run_as_failed(tmp_path):
 
 
 @pytest.mark.slow
-def test_only_the_main_process_logs_under_two_ranks(tmp_path):
+def test_only_the_main_process_logs_and_evaluates_under_two_ranks(tmp_path):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 str(REPO / "launch" / "cpu_2proc.yaml"), "--main_process_port", "29541"]
-    proc = run_cli(["+exp=tiny_sft", "trainer.max_steps=3", "logger.report_to=[mlflow,tensorboard]"], cwd=tmp_path,
-                   launcher=launcher)
+    harness = ["harness.tasks=[reverse_letters_choice]", f"harness.include_path={HARNESS_TASKS}", "harness.limit=4"]
+    proc = run_cli(["+exp=tiny_sft", "trainer.max_steps=3", "logger.report_to=[mlflow,tensorboard]", *harness],
+                   cwd=tmp_path, launcher=launcher)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir = tmp_path / "outputs" / "tiny_sft"
+    # lm-evaluation-harness after training: once, on rank 0, on the model DDP trained, as the saved one scores.
+    assert "lm-evaluation-harness" in (run_dir / "train_rank0.log").read_text()
+    assert "lm-evaluation-harness" not in (run_dir / "train_rank1.log").read_text()
+    proc = fttrain_command(["eval", str(run_dir), "--out", str(tmp_path / "again.json")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    after, again = (json.loads(p.read_text()) for p in (run_dir / "eval_harness.json", tmp_path / "again.json"))
+    assert after["n-samples"]["reverse_letters_choice"]["effective"] == 4
+    assert again["task_hashes"] == after["task_hashes"]
+    assert again["results"] == after["results"]
     client, run = mlflow_run(run_dir)
     assert len(client.search_runs([run.info.experiment_id])) == 1 and run.data.tags["world_size"] == "2"
     assert_same(mlflow_values(client, run), logged_values(run_dir))

@@ -49,6 +49,13 @@ def model_folder(path) -> Path:
     return path
 
 
+def run_dir_of(folder: Path) -> Optional[Path]:
+    """The run directory a model folder is the ``model/`` of; None for anything else
+    (an export such as RUN/merged is not the run's model, though it sits in the run)."""
+    folder = Path(folder)
+    return folder.parent if folder.name == "model" and (folder.parent / "config.yaml").exists() else None
+
+
 def run_config(folder: Path):
     """The run's config.yaml next to model/, if this folder came from a run."""
     from omegaconf import OmegaConf

@@ -14,7 +14,6 @@ Every rank runs this; only rank 0 writes shared files.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -504,13 +503,22 @@ class Recipe:
         ranks have returned); its flat numbers join metrics.json. fttrain/harness.py."""
         if not self.cfg.harness.tasks:
             return {}
+        import gc
+
         from fttrain.harness import after_training
 
-        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        flat = after_training(model, self.tokenizer, self.cfg.harness, self.run_dir)
-        metrics_path = self.run_dir / "metrics.json"
-        atomic.write_json(metrics_path, {**json.loads(metrics_path.read_text()), **flat})  # written just above
-        return flat
+        # Training is over and saved: a stop signal (scancel, preemption) now ends the process at once,
+        # leaving eval_harness_error.txt, instead of being noted for a step that never comes.
+        self.stop_on_signal.restore()
+        trainer = self.trainer
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        # The optimizer's state (for full fine-tuning, twice the weights) is not needed to evaluate.
+        trainer.accelerator.free_memory()
+        trainer.optimizer = trainer.lr_scheduler = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return after_training(model, self.tokenizer, self.cfg.harness, self.run_dir)
 
     def save_extra_files(self, folder: Path) -> None:
         """Task files that belong with the model (label maps, reward functions)."""
