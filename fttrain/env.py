@@ -117,6 +117,24 @@ def rss_bytes(field: str = "VmRSS") -> int:
     return 0
 
 
+def library_versions() -> dict:
+    """The installed versions of the libraries a run is built on (run_info.json, eval_harness.json)."""
+    import importlib.metadata
+
+    import accelerate
+    import peft
+    import torch
+    import transformers
+
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "peft": peft.__version__, "accelerate": accelerate.__version__}
+    try:  # the installed version, without importing TRL into a run that does not use it
+        versions["trl"] = importlib.metadata.version("trl")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return versions
+
+
 def distributed_env_from_slurm() -> None:
     """Under ``srun`` with one task per rank (Hydra's submitit launcher with
     tasks_per_node > 1), torch.distributed's variables from Slurm's. A launcher

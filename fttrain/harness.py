@@ -82,6 +82,10 @@ def _indexed(include_path: Optional[str]):
     return TaskManager(include_path=include_path)
 
 
+def is_glob(name: str) -> bool:
+    return any(c in name for c in "*?[")
+
+
 def expand(tasks: Sequence[str], manager) -> List[str]:
     """Names as given; a glob (arc_*, mmlu_*) becomes the tasks it matches. Only tasks:
     matching groups as well would run a group and its own members twice."""
@@ -89,7 +93,7 @@ def expand(tasks: Sequence[str], manager) -> List[str]:
 
     out = []
     for name in tasks:
-        out += sorted(fnmatch.filter(manager.all_subtasks, name)) if any(c in name for c in "*?[") else [name]
+        out += sorted(fnmatch.filter(manager.all_subtasks, name)) if is_glob(name) else [name]
     return list(dict.fromkeys(out))
 
 
@@ -98,7 +102,7 @@ def unknown_tasks(tasks: Sequence[str], manager) -> List[str]:
     known = manager.all_tasks
     out = []
     for name in tasks:
-        if not expand([name], manager) or name not in known and not any(c in name for c in "*?["):
+        if not expand([name], manager) or name not in known and not is_glob(name):
             near = difflib.get_close_matches(name, known, n=3)
             out.append(f"{name!r} is not a task lm_eval knows here" +
                        (f" (did you mean {', '.join(near)}?)" if near else
@@ -180,32 +184,32 @@ def task_hashes(samples: Dict[str, List[Dict]]) -> Dict[str, str]:
 
 def versions() -> Dict[str, str]:
     import lm_eval
-    import peft
-    import torch
-    import transformers
 
     import fttrain
+    from fttrain.env import library_versions
 
-    return {"lm_eval": lm_eval.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "fttrain": fttrain.__version__}
+    return {"lm_eval": lm_eval.__version__, **library_versions(), "fttrain": fttrain.__version__}
+
+
+def reported_numbers(record: Dict):
+    """(task, metric, filter, value, the task's row) for every number lm_eval reported,
+    tasks then groups: alias, "N/A" stderrs and the count of docs left out."""
+    for table_name in ("results", "groups"):
+        for task, metrics in record.get(table_name, {}).items():
+            for key, value in metrics.items():
+                metric, _, filt = key.partition(",")
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and metric not in NOT_METRICS:
+                    yield task, metric, filt, value, metrics
 
 
 def flat_metrics(record: Dict) -> Dict[str, float]:
     """``harness/<task>/<metric>`` for every number lm_eval reported (filter "none" left out of the name)."""
-    flat = {}
-    for table in ("results", "groups"):
-        for task, metrics in record.get(table, {}).items():
-            for key, value in metrics.items():
-                metric, _, filt = key.partition(",")
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or metric in NOT_METRICS:
-                    continue  # alias, "N/A" stderrs, the count of docs
-                name = metric if filt in ("", "none") else f"{metric}_{filt}"
-                flat[f"harness/{task}/{name}"] = float(value)
-    return flat
+    return {f"harness/{task}/{metric if filt in ('', 'none') else f'{metric}_{filt}'}": float(value)
+            for task, metric, filt, value, _ in reported_numbers(record)}
 
 
 def write(folder: Path, record: Dict, samples: Dict[str, List[Dict]], out: Optional[Path] = None) -> Path:
-    """eval_harness.json and the samples beside it; a finished run's metrics.json gains the flat numbers."""
+    """eval_harness.json (or out) and the samples beside it."""
     path = Path(out) if out else folder / RESULTS
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"task": task, **row}, default=str) for task, rows in samples.items() for row in rows]
@@ -218,18 +222,14 @@ def write(folder: Path, record: Dict, samples: Dict[str, List[Dict]], out: Optio
 def table(record: Dict) -> str:
     """Markdown: one row per task and metric (lm_eval's own layout)."""
     rows = ["| task | version | n-shot | metric | value | stderr |", "|---|---|---|---|---|---|"]
-    for table_name in ("results", "groups"):
-        for task, metrics in record.get(table_name, {}).items():
-            for key, value in metrics.items():
-                metric, _, filt = key.partition(",")
-                if "_stderr" in metric or not isinstance(value, (int, float)) or isinstance(value, bool) \
-                        or metric in NOT_METRICS:
-                    continue
-                err = metrics.get(f"{metric}_stderr,{filt}")  # a number, "N/A" or absent
-                err = err if isinstance(err, str) else "-" if err is None else f"{err:.4f}"
-                name = metric if filt in ("", "none") else f"{metric} ({filt})"
-                rows.append(f"| {task} | {record['versions'].get(task, '-')} | {record['n-shot'].get(task, '-')} | "
-                            f"{name} | {value:.4f} | {err} |")
+    for task, metric, filt, value, metrics in reported_numbers(record):
+        if "_stderr" in metric:  # shown beside its metric
+            continue
+        err = metrics.get(f"{metric}_stderr,{filt}")  # a number, "N/A" or absent
+        err = err if isinstance(err, str) else "-" if err is None else f"{err:.4f}"
+        name = metric if filt in ("", "none") else f"{metric} ({filt})"
+        rows.append(f"| {task} | {record['versions'].get(task, '-')} | {record['n-shot'].get(task, '-')} | "
+                    f"{name} | {value:.4f} | {err} |")
     return "\n".join(rows)
 
 

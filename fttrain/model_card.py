@@ -138,7 +138,6 @@ def write_card(folder: Path, run_dir: Optional[Path], report: dict) -> Path:
     return path
 
 
-
 def push(folder: Path, repo: str, private: bool) -> str:
     """Upload an exported folder to the Hub repo (created when missing); returns its URL."""
     from huggingface_hub import HfApi

@@ -161,19 +161,11 @@ def _differences(a, b, path=""):
 
 
 def write_run_info(cfg: DictConfig, run_dir: Path, recipe) -> None:
-    import accelerate
-    import peft
     import torch
-    import transformers
 
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
-                "peft": peft.__version__, "accelerate": accelerate.__version__}
-    import importlib.metadata
+    from fttrain.env import library_versions
 
-    try:  # the installed version, without importing TRL into a run that does not use it
-        versions["trl"] = importlib.metadata.version("trl")
-    except importlib.metadata.PackageNotFoundError:
-        pass
+    versions = library_versions()
     info = {
         "name": cfg.name,
         "task": cfg.task.name,
