@@ -125,8 +125,8 @@ def eval_set(run_dir: Path, base: Optional[str] = None) -> Dict:
     from fttrain.tasks import TASKS, task_of
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    if not task_of(cfg.task).token_loss:
-        scored = sorted(t.name for t in TASKS.values() if t.token_loss)
+    if not task_of(cfg.task).token_rows:
+        scored = sorted(t.name for t in TASKS.values() if t.token_rows)
         raise CompareError(f"{run_dir}: task={cfg.task.name} is not trained on a token loss; compare scores "
                            f"causal LMs trained with task={' or task='.join(scored)}")
     info = run_dir / "run_info.json"

@@ -70,6 +70,39 @@ class PretrainTaskConfig(TaskConfig):
     generation_eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
 
 
+# How the student's distribution is pulled towards the teacher's (fttrain/distill.py).
+DistillLoss = choices("DistillLoss", ("forward_kl", "reverse_kl", "jsd"), __name__)
+
+
+@dataclass
+class DistillTaskConfig(SFTTaskConfig):
+    """Knowledge distillation: a student learns a teacher's next-token distributions on
+    the trained tokens of SFT data, mixed with its own cross-entropy on the labels."""
+
+    name: str = "distill"
+    # A hub id, a model folder, or an fttrain run or export (a run's adapter is
+    # loaded on its base, unmerged). The teacher must share the student's tokenizer.
+    teacher: str = ""
+    teacher_adapter: Optional[str] = None  # a peft adapter folder put on the teacher
+    # forward_kl: KL(teacher || student), mass-covering, the classic recipe;
+    # reverse_kl: KL(student || teacher), mode-seeking (a small student keeps the
+    # teacher's main answer rather than spreading over all of them);
+    # jsd: generalized Jensen-Shannon at jsd_beta, between the two.
+    loss: DistillLoss = DistillLoss.forward_kl
+    # > 1 softens both distributions so the teacher's ranking of unlikely tokens
+    # teaches too; the term is multiplied by temperature^2 so its gradients keep their scale.
+    temperature: float = bounded(1.0, lo=0, lo_open=True)
+    alpha: float = bounded(0.5, lo=0, hi=1)  # weight of the teacher term; (1 - alpha) on the labels' cross-entropy
+    jsd_beta: float = bounded(0.5, lo=0, hi=1, lo_open=True, hi_open=True)  # loss=jsd: the teacher's share of the mixture
+    # The teacher's k most likely tokens per position, renormalised (forward_kl only):
+    # what precompute_teacher stores. None: the whole vocabulary.
+    top_k: Optional[int] = bounded(None, lo=1)
+    # Run the teacher once over the training rows before training and keep its
+    # top_k logits on disk (trained tokens x top_k x 6 bytes); the teacher is then
+    # freed, and every epoch reads them. Needs top_k.
+    precompute_teacher: bool = False
+
+
 # TRL 1.16's DPO losses (DPOConfig.loss_type): what task.loss_type may list.
 DPOLoss = choices("DPOLoss", ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
                                "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"),
@@ -246,6 +279,29 @@ def sft_problems(cfg) -> List[str]:
     return out
 
 
+def distill_problems(cfg) -> List[str]:
+    from fttrain.plan import shards_weights
+
+    task, out = cfg.task, sft_problems(cfg)
+    loss = getattr(task.loss, "value", task.loss)
+    if not task.teacher:
+        out.append("task.teacher is required: a hub id, a model folder, or an fttrain run or export")
+    if task.top_k is not None and loss != "forward_kl":
+        out.append(f"task.top_k={task.top_k} with task.loss={loss}: a teacher cut to its top tokens defines only the "
+                   "forward KL (the student's mass outside them has no teacher probability); use loss=forward_kl")
+    if task.precompute_teacher and task.top_k is None:
+        out.append("task.precompute_teacher=true needs task.top_k: the whole vocabulary per token is too much to store")
+    if task.precompute_teacher and cfg.data.streaming:
+        out.append("task.precompute_teacher=true with data.streaming=true: streamed rows are never all there to "
+                   "score in advance; stream with the teacher online (precompute_teacher=false)")
+    if shards_weights(cfg.dist):
+        out.append("task=distill with a plan that shards the weights (ZeRO-3, FSDP): the teacher is not part of the "
+                   "sharded engine, so every "
+                   "rank would hold it whole outside the plan; use dist=ddp, zero1 or zero2 (the teacher is "
+                   "replicated on each rank, in eval mode, without gradients)")
+    return out
+
+
 def no_problems(cfg) -> List[str]:
     return []
 
@@ -311,13 +367,19 @@ class Task:
     # trained on the causal LM's token cross-entropy from the model's forward in
     # fttrain's trainer, so trainer.loss may change how it is computed
     token_loss: bool = False
+    # causal-LM rows with a loss mask (sft, pt, distill): compare scores a model on them
+    token_rows: bool = False
 
 
+SFT_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
 TASKS: Dict[str, Task] = {t.name: t for t in (
     # causal LM on formatted, masked, packed tokens
-    Task("sft", SFTTaskConfig, ("alpaca", "sharegpt", "messages", "prompt_completion", "text"), "sft:SFTRecipe",
-         packs=True, token_loss=True, check=sft_problems),
-    Task("pt", PretrainTaskConfig, ("text",), "sft:SFTRecipe", packs=True, token_loss=True),
+    Task("sft", SFTTaskConfig, SFT_FORMATS, "sft:SFTRecipe", packs=True, token_loss=True, token_rows=True,
+         check=sft_problems),
+    Task("pt", PretrainTaskConfig, ("text",), "sft:SFTRecipe", packs=True, token_loss=True, token_rows=True),
+    # a student on SFT rows, its loss from the teacher's logits and the labels (fttrain/distill.py)
+    Task("distill", DistillTaskConfig, SFT_FORMATS, "distill:DistillRecipe", packs=True, token_rows=True,
+         check=distill_problems),
     # TRL's preference trainers
     Task("dpo", DPOTaskConfig, ("preference",), "preference:PreferenceRecipe", trl=True, check=dpo_problems,
          trl_trainer=TrlTrainer("trl:DPOTrainer", "trl:DPOConfig", dpo_args, reference=True)),

@@ -23,6 +23,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Dict
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -204,6 +205,13 @@ class FTTrainer(AtomicCheckpoints, NonfiniteWatch, MethodParamGroups, TokenCount
         return self._flops_per_token * inputs["input_ids"].numel() if "input_ids" in inputs else 0
 
     # ------------------------------------------------------------- eval
+    def eval_sums(self, model, inputs) -> Dict[str, torch.Tensor]:
+        """One eval batch's terms summed over its trained tokens ("loss" first);
+        evaluate reports each divided by the trained tokens of every rank."""
+        # num_items_in_batch=1 turns the model's mean into a sum over tokens.
+        one = torch.tensor(1, device=inputs["input_ids"].device)
+        return {"loss": model(**inputs, use_cache=False, num_items_in_batch=one).loss}
+
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         """Loss = sum of token losses / number of trained tokens, over all ranks."""
@@ -219,7 +227,7 @@ class FTTrainer(AtomicCheckpoints, NonfiniteWatch, MethodParamGroups, TokenCount
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        total, names = None, []
         for i in range(num_batches):
             chunk = mine[i * bs:(i + 1) * bs]
             inputs = self._prepare_inputs(self.data_collator(chunk or rows[:1]))
@@ -227,19 +235,20 @@ class FTTrainer(AtomicCheckpoints, NonfiniteWatch, MethodParamGroups, TokenCount
             for key in ("num_real_tokens", "num_trained_tokens", "stream_pos"):
                 inputs.pop(key, None)
             n = (inputs["labels"][..., 1:] != IGNORE).sum()
-            # num_items_in_batch=1 turns the model's mean into a sum over tokens.
             with self.compute_loss_context_manager():
-                out = model(**inputs, use_cache=False, num_items_in_batch=torch.tensor(1, device=n.device))
+                sums = self.eval_sums(model, inputs)
+            if total is None:
+                names, total = list(sums), torch.zeros(len(sums) + 1, dtype=torch.float64, device=self.args.device)
             if chunk and n > 0:
-                total += torch.stack([out.loss.double(), n.double()])
+                total += torch.stack([*(sums[k].double() for k in names), n.double()])
         total = self.accelerator.reduce(total, reduction="sum")
         if was_training:
             model.train()
-        loss = float(total[0] / total[1].clamp(min=1))
-        metrics = {f"{metric_key_prefix}_loss": loss}
+        tokens = total[-1].clamp(min=1)
+        metrics = {f"{metric_key_prefix}_{k}": float(total[j] / tokens) for j, k in enumerate(names)}
         # Per trained token; for task=pt the usual language-modelling number.
-        metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(loss, 50.0))
-        metrics[f"{metric_key_prefix}_tokens"] = int(total[1])
+        metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(metrics[f"{metric_key_prefix}_loss"], 50.0))
+        metrics[f"{metric_key_prefix}_tokens"] = int(total[-1])
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics

@@ -14,7 +14,7 @@ import time
 
 from fttrain import atomic
 from fttrain.config.checks import packing_on
-from fttrain.config.schema import flattens_packed_rows, value_of
+from fttrain.config.schema import flattens_packed_rows
 from fttrain.data.packing import PackedCollator, PaddingCollator
 from fttrain.data.pipeline import MAX_PATTERN_SAMPLES, mask_policy, prepare_data_cached, streams
 from fttrain.data.streaming import open_stream
@@ -156,28 +156,43 @@ class SFTRecipe(Recipe):
         return load_model(self.cfg.model, self.model_path, precision, quantization_config=quantization_config)
 
     def build_trainer(self):
-        from fttrain.trainer import AtTrainBegin, FTTrainer
+        from fttrain.trainer import AtTrainBegin
 
-        pad = self.tokenizer.pad_token_id
-        if self.batch_unit == "packed rows":
-            collator = PackedCollator(pad, flatten=flattens_packed_rows(self.cfg.model.attn_implementation))
-        else:
-            collator = PaddingCollator(pad)
-        trainer = FTTrainer(
+        trainer_cls, task_kwargs = self.trainer_setup()
+        train_rows, eval_rows = self.training_rows()
+        trainer = trainer_cls(
             model=self.model,
             args=self.args,
-            train_dataset=self.stream if self.stream is not None else self.data.train.rows,
-            eval_dataset=self.data.eval.rows if self.data.eval else None,
-            data_collator=collator,
+            train_dataset=train_rows,
+            eval_dataset=eval_rows,
+            data_collator=self.make_collator(),
             processing_class=self.tokenizer,
             callbacks=self.callbacks(AtTrainBegin(self._generations_before)),
             rank_records=self.cfg.trainer.rank_records,
             param_groups=self.hooks.param_groups,
+            **task_kwargs,
         )
         if self.stream is not None:
             trainer.tracks_stream = True
             trainer.checkpoint_extras = (lambda folder: self.stream.save_state(folder, trainer.stream_consumed),)
         return trainer
+
+    def trainer_setup(self):
+        """(trainer class, its task keywords): distillation adds its teacher."""
+        from fttrain.trainer import FTTrainer
+
+        return FTTrainer, {}
+
+    def training_rows(self):
+        """(train, eval) datasets the trainer reads."""
+        return (self.stream if self.stream is not None else self.data.train.rows,
+                self.data.eval.rows if self.data.eval else None)
+
+    def make_collator(self):
+        pad = self.tokenizer.pad_token_id
+        if self.batch_unit == "packed rows":
+            return PackedCollator(pad, flatten=flattens_packed_rows(self.cfg.model.attn_implementation))
+        return PaddingCollator(pad)
 
     # ------------------------------------------------------------ train
     before = after = None  # generation results, set during train()

@@ -1,0 +1,370 @@
+"""Knowledge distillation (``task=distill``): the losses, the teacher, and the trainer.
+
+Each trained token t (a position whose next token is trained, exactly the
+tokens the cross-entropy counts) gives the student's and the teacher's
+next-token distributions at temperature T, s = softmax(z_s / T) and
+p = softmax(z_t / T). The step's loss over the trained tokens N is
+
+    loss = [ (1 - alpha) * sum_t CE(z_s, label_t) + alpha * T^2 * sum_t D(p_t, s_t) ] / N
+
+with D one of (task.loss)
+
+    forward_kl   KL(p || s) = sum_v p_v (log p_v - log s_v)      covers every teacher mode
+    reverse_kl   KL(s || p) = sum_v s_v (log s_v - log p_v)      seeks the main mode
+    jsd          b KL(p || m) + (1 - b) KL(s || m),  m = b p + (1 - b) s,  b = task.jsd_beta
+
+N is the trained tokens of the whole optimizer step on all ranks (the Trainer's
+num_items_in_batch), so the loss is normalised as fttrain's cross-entropy is:
+the same for 1 rank as for 2 at one global batch. T^2 keeps the gradient of the
+teacher term on the scale of the cross-entropy's as T changes (Hinton et al.).
+
+task.top_k keeps the teacher's k most likely tokens per position, renormalised
+(forward KL only: outside them the teacher has no probability), and is what
+``precompute_teacher`` stores: k int32 ids + k fp16 logits = 6k bytes per trained
+token (k=32 and 10M trained tokens: 1.8 GiB), after which the teacher is freed.
+
+Memory: the teacher's logits for a micro-batch exist once, [tokens, vocab], and
+only the trained positions are kept (fp32: 4 x vocab bytes a trained token;
+at a 128k vocabulary and 8k trained tokens, 4 GiB beside the student's own).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fttrain.data.tokenize import IGNORE
+from fttrain.errors import FttrainError
+from fttrain.trainer import FTTrainer
+
+log = logging.getLogger("fttrain")
+
+
+class DistillError(FttrainError, ValueError):
+    pass
+
+
+# ------------------------------------------------------------------ losses
+@dataclass(frozen=True)
+class DistillLossSpec:
+    kind: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    temperature: float = 1.0
+    alpha: float = 0.5  # weight of the teacher term
+    jsd_beta: float = 0.5
+    top_k: Optional[int] = None
+
+    @classmethod
+    def of(cls, task) -> "DistillLossSpec":
+        return cls(str(getattr(task.loss, "value", task.loss)), float(task.temperature), float(task.alpha),
+                   float(task.jsd_beta), None if task.top_k is None else int(task.top_k))
+
+
+def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str,
+                     temperature: float = 1.0, jsd_beta: float = 0.5) -> torch.Tensor:
+    """[N, V] student and teacher logits -> [N] divergence per token, in fp32, times T^2."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if kind == "forward_kl":
+        d = (p.exp() * (p - s)).sum(-1)
+    elif kind == "reverse_kl":
+        d = (s.exp() * (s - p)).sum(-1)
+    elif kind == "jsd":
+        b = torch.tensor(jsd_beta, dtype=s.dtype, device=s.device)
+        m = torch.logsumexp(torch.stack([p + torch.log(b), s + torch.log1p(-b)]), dim=0)
+        d = b * (p.exp() * (p - m)).sum(-1) + (1 - b) * (s.exp() * (s - m)).sum(-1)
+    else:
+        raise ValueError(f"unknown distillation loss {kind!r}")
+    return d * temperature ** 2
+
+
+def top_k_forward_kl(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logits: torch.Tensor,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """KL(p_k || s) per token with p_k the teacher renormalised over its top-k ids:
+    sum_j p_j (log p_j - log s_{id_j}), the student normalised over its whole vocabulary."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, teacher_ids.long())
+    p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return (p.exp() * (p - s)).sum(-1) * temperature ** 2
+
+
+def trained_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[B, L] labels -> [B, L-1] mask of the positions whose next token is trained
+    (logits[t] predicts labels[t+1], as the causal LM's loss shifts them)."""
+    return labels[..., 1:] != IGNORE
+
+
+def at_trained(logits: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, L, V] -> [N, width]: the trained positions' logits, row-major, vocabulary cut to width."""
+    return logits[:, :-1][mask][..., :width]
+
+
+# ------------------------------------------------------------------ the teacher
+def teacher_location(task) -> str:
+    """task.teacher as a loadable path: a run directory's model/ or export, a folder, or a hub id."""
+    from fttrain.models.adapted import model_folder
+
+    path = Path(task.teacher)
+    return str(model_folder(path)) if path.exists() else task.teacher
+
+
+def load_teacher_tokenizer(task):
+    from transformers import AutoTokenizer
+
+    from fttrain.models.adapted import adapter_base, folder_kind
+
+    where = teacher_location(task)
+    folder = Path(where)
+    if folder.exists() and not (folder / "tokenizer_config.json").exists() and folder_kind(folder) != "full":
+        where = adapter_base(folder, None)
+    try:
+        return AutoTokenizer.from_pretrained(where)
+    except OSError as e:  # neither a folder here nor a hub id reachable from here
+        raise DistillError(f"task.teacher={task.teacher}: no such folder ({folder.resolve()}), and not a model the hub "
+                           f"serves from here: {str(e).splitlines()[0]}") from None
+
+
+def vocabulary_problem(student_tok, teacher_tok, teacher_name: str) -> Optional[str]:
+    """Why the two tokenizers cannot be distilled between, or None: the token ids must mean
+    the same strings, or the teacher's probability of id i says nothing about the student's id i."""
+    a, b = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if a == b:
+        return None
+    only_s = sorted(set(a) - set(b), key=a.get)
+    only_t = sorted(set(b) - set(a), key=b.get)
+    moved = sorted((t for t in set(a) & set(b) if a[t] != b[t]), key=a.get)
+    parts = [f"the student has {len(a)} tokens, the teacher {teacher_name} has {len(b)}"]
+    if only_s:
+        parts.append(f"{len(only_s)} only in the student's (e.g. {only_s[:3]})")
+    if only_t:
+        parts.append(f"{len(only_t)} only in the teacher's (e.g. {only_t[:3]})")
+    if moved:
+        parts.append(f"{len(moved)} with other ids (e.g. {moved[0]!r}: {a[moved[0]]} vs {b[moved[0]]})")
+    return ("task=distill needs a teacher with the student's tokenizer: " + "; ".join(parts) +
+            ". Distil between models of one family (same tokenizer), or pick another teacher")
+
+
+def load_teacher(task, dtype: torch.dtype, device) -> torch.nn.Module:
+    """The teacher in eval mode, without gradients, on ``device``: a whole model,
+    or a run's base with its adapter (unmerged, as it was trained), plus
+    task.teacher_adapter if given."""
+    from fttrain.models.adapted import load_for_inference
+    from fttrain.models.load import load_causal_lm
+
+    where = teacher_location(task)
+    if Path(where).exists():
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        model = load_for_inference(where, dtype=name).model
+    else:
+        model = load_causal_lm(where, dtype)
+    if task.teacher_adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, task.teacher_adapter)
+    model.requires_grad_(False)
+    model.eval()
+    if getattr(model, "hf_device_map", None) is None and not getattr(model, "is_loaded_in_4bit", False):
+        model.to(device)
+    return model
+
+
+def vocab_width(student, teacher, tokenizer) -> int:
+    """The logit columns both models score: all of them when the heads agree, else the
+    tokenizer's tokens (families pad their embeddings to different multiples)."""
+    ws = student.get_output_embeddings().weight.shape[0]
+    wt = teacher.get_output_embeddings().weight.shape[0]
+    if ws == wt:
+        return ws
+    n = len(tokenizer)
+    if n > min(ws, wt):
+        raise DistillError(f"the tokenizer has {n} tokens but the student scores {ws} and the teacher {wt}")
+    log.info("distill: the student's head has %d rows and the teacher's %d; the %d tokenizer tokens are compared",
+             ws, wt, n)
+    return n
+
+
+# ------------------------------------------------------------------ precomputed top-k
+TOPK_FILE = "teacher_topk.json"
+
+
+@torch.no_grad()
+def precompute_top_k(teacher, rows, k: int, folder: Path, batch_size: int, pad_id: int, device,
+                     source: Dict) -> Dict:
+    """The teacher's top-k logits at every trained position of every sample of a
+    prepared split, in sample order: ids.npy [P, k] int32, logits.npy [P, k] fp16,
+    offsets.npy [samples + 1] into them. Rows built from these samples (packed or
+    not) read their positions in order, so a batch's trained positions match."""
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = np.zeros(rows.num_samples + 1, dtype=np.int64)
+    samples = [rows.sample(i) for i in range(rows.num_samples)]
+    for i, smp in enumerate(samples):
+        counts[i + 1] = sum(1 for x in smp["labels"][1:] if x != IGNORE)
+    offsets = np.cumsum(counts)
+    total = int(offsets[-1])
+    ids = np.lib.format.open_memmap(folder / "ids.npy", mode="w+", dtype=np.int32, shape=(total, k))
+    logits = np.lib.format.open_memmap(folder / "logits.npy", mode="w+", dtype=np.float16, shape=(total, k))
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start:start + batch_size]
+        width = max(len(s["input_ids"]) for s in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for j, s in enumerate(batch):
+            n = len(s["input_ids"])
+            input_ids[j, :n], labels[j, :n], attention[j, :n] = torch.tensor(s["input_ids"]), \
+                torch.tensor(s["labels"]), 1
+        out = teacher(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
+        top = out[:, :-1][trained_positions(labels).to(device)].float().topk(k, dim=-1)
+        a, b = int(offsets[start]), int(offsets[start + len(batch)])
+        ids[a:b] = top.indices.cpu().numpy().astype(np.int32)
+        logits[a:b] = top.values.cpu().numpy().astype(np.float16)
+    ids.flush()
+    logits.flush()
+    np.save(folder / "offsets.npy", offsets)
+    meta = {"k": k, "samples": rows.num_samples, "positions": total, "bytes": total * k * 6, "split": str(rows.folder),
+            "source": source}
+    (folder / TOPK_FILE).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def read_top_k(folder: Path, rows, k: int, source: Dict) -> Optional["TopKStore"]:
+    """The store in folder if it was computed for these rows, k and teacher (source), else None."""
+    meta_file = folder / TOPK_FILE
+    if not meta_file.exists():
+        return None
+    meta = json.loads(meta_file.read_text())
+    if (meta.get("k"), meta.get("samples"), meta.get("split"), meta.get("source")) != \
+            (k, rows.num_samples, str(rows.folder), source):
+        return None
+    return TopKStore(folder)
+
+
+class TopKStore:
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.ids = np.load(folder / "ids.npy", mmap_mode="r")
+        self.logits = np.load(folder / "logits.npy", mmap_mode="r")
+        self.offsets = np.load(folder / "offsets.npy")
+
+    def __reduce__(self):
+        return TopKStore, (str(self.folder),)
+
+    def of_samples(self, members) -> Tuple[np.ndarray, np.ndarray]:
+        spans = [(int(self.offsets[i]), int(self.offsets[i + 1])) for i in members]
+        return (np.concatenate([self.ids[a:b] for a, b in spans]),
+                np.concatenate([self.logits[a:b] for a, b in spans]))
+
+
+class WithTeacherTopK:
+    """A prepared split whose rows also carry the teacher's top-k at their trained positions."""
+
+    def __init__(self, rows, store: TopKStore):
+        self.rows, self.store = rows, store
+
+    def __len__(self):
+        return len(self.rows)
+
+    def members(self, r: int):
+        if self.rows.layout == "packed":
+            return self.rows.row_members[int(self.rows.row_offsets[r]):int(self.rows.row_offsets[r + 1])]
+        return [r]
+
+    def __getitem__(self, r):
+        if isinstance(r, slice):
+            return [self[i] for i in range(*r.indices(len(self)))]
+        r = int(r) % len(self)
+        row = self.rows[r]
+        row["teacher_ids"], row["teacher_logits"] = self.store.of_samples(self.members(r))
+        return row
+
+    def __getattr__(self, name):  # lengths(), num_tokens, folder ... of the rows
+        return getattr(self.rows, name)
+
+
+class TopKCollator:
+    """The task's collator, plus the rows' teacher top-k concatenated in row order."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, rows):
+        extra = [(r.pop("teacher_ids", None), r.pop("teacher_logits", None)) for r in rows]
+        batch = self.collator(rows)
+        if extra and extra[0][0] is not None:
+            batch["teacher_ids"] = torch.from_numpy(np.concatenate([e[0] for e in extra]))
+            batch["teacher_logits"] = torch.from_numpy(np.concatenate([e[1] for e in extra]).astype(np.float32))
+        return batch
+
+
+# ------------------------------------------------------------------ the trainer
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+class DistillTrainer(FTTrainer):
+    """FTTrainer whose loss mixes the labels' cross-entropy with a divergence from the teacher."""
+
+    def __init__(self, *args, teacher, spec: DistillLossSpec, width: int, **kwargs):
+        super().__init__(*args, compute_loss_func=self.distill_loss, **kwargs)
+        self.teacher, self.spec, self.width = teacher, spec, width
+        self._teacher_view = None
+
+    def teacher_view(self, inputs):
+        """What the loss needs of the teacher for this batch: (ids, logits) of its top-k
+        at the trained positions, or its logits there ([N, width]) with ids None."""
+        ids, logits = inputs.pop("teacher_ids", None), inputs.pop("teacher_logits", None)
+        if ids is not None:
+            return ids, logits
+        if self.teacher is None:
+            raise DistillError("the batch has no precomputed teacher logits and no teacher is loaded")
+        with torch.no_grad():
+            out = self.teacher(**{k: inputs[k] for k in MODEL_INPUTS if k in inputs}, use_cache=False).logits
+            chosen = at_trained(out, trained_positions(inputs["labels"]), self.width)
+            del out
+            if self.spec.top_k is not None:
+                top = chosen.float().topk(self.spec.top_k, dim=-1)
+                return top.indices, top.values
+        return None, chosen
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._teacher_view = self.teacher_view(inputs)
+        try:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        finally:
+            self._teacher_view = None
+
+    def loss_sums(self, logits, labels, view, spec: DistillLossSpec):
+        """(summed cross-entropy, summed teacher divergence) over the trained tokens."""
+        mask = trained_positions(labels)
+        student = at_trained(logits, mask, self.width)
+        ce = F.cross_entropy(student.float(), labels[..., 1:][mask], reduction="sum")
+        ids, teacher = view
+        if ids is not None:
+            kd = top_k_forward_kl(student, ids, teacher, spec.temperature).sum()
+        else:
+            kd = token_divergence(student, teacher, spec.kind, spec.temperature, spec.jsd_beta).sum()
+        return ce, kd
+
+    def distill_loss(self, outputs, labels, num_items_in_batch=None):
+        ce, kd = self.loss_sums(outputs.logits, labels, self._teacher_view, self.spec)
+        n = num_items_in_batch if num_items_in_batch is not None else trained_positions(labels).sum()
+        if torch.is_tensor(n):
+            n = n.to(ce.device)
+        return ((1 - self.spec.alpha) * ce + self.spec.alpha * kd) / n
+
+    def eval_sums(self, model, inputs) -> Dict[str, torch.Tensor]:
+        """eval_loss: the labels' cross-entropy, as every causal-LM run reports it;
+        eval_teacher_kl: KL(teacher || student) at temperature 1 (top-k renormalised
+        when the teacher is cut to top_k), the distance distillation closes."""
+        view = self.teacher_view(inputs)
+        labels = inputs["labels"]
+        out = model(**{k: inputs[k] for k in MODEL_INPUTS if k in inputs}, use_cache=False)
+        at_t1 = DistillLossSpec("forward_kl", 1.0, self.spec.alpha, self.spec.jsd_beta, self.spec.top_k)
+        ce, kl = self.loss_sums(out.logits, labels, view, at_t1)
+        return {"loss": ce, "teacher_kl": kl}
+
