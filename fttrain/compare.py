@@ -178,6 +178,19 @@ def eval_loss(model, items: List[Dict], pad_id: int, device, batch_size: int = 8
     return total / max(tokens, 1), tokens
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), capped at exp(50): an untrained model's loss must not overflow the table."""
+    return float(torch.tensor(min(loss, 50.0)).exp())
+
+
+def quality(model, rows, pad_id: int, device, limit: Optional[int] = None) -> Dict:
+    """Eval loss per trained token and perplexity on the first ``limit`` held-out rows
+    (fttrain compare's quality columns; fttrain export --quantize's gate)."""
+    items = eval_items(rows, limit)
+    loss, tokens = eval_loss(model, items, pad_id, device)
+    return {"eval_loss": loss, "eval_tokens": tokens, "eval_rows": len(items), "perplexity": perplexity(loss)}
+
+
 # ----------------------------------------------------------------- latency
 def _sync(device) -> None:
     if str(device).startswith("cuda"):
@@ -270,10 +283,7 @@ def measure(model: Dict, settings: Dict) -> Dict:
 
     ev = settings["eval"]
     rows = PreparedRows(ev["split"])
-    items = eval_items(rows, settings["eval_rows"])
-    row["eval_loss"], row["eval_tokens"] = eval_loss(net, items, tokenizer.pad_token_id, device)
-    row["eval_rows"] = len(items)
-    row["perplexity"] = float(torch.tensor(min(row["eval_loss"], 50.0)).exp())
+    row.update(quality(net, rows, tokenizer.pad_token_id, device, settings["eval_rows"]))
     row["exact_match"] = None
     n = min(ev["exact_match_rows"], settings["eval_rows"] or ev["exact_match_rows"])
     if n > 0:

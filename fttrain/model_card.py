@@ -93,6 +93,13 @@ def card_text(run_dir: Optional[Path], report: dict) -> str:
         lines.append(f"- merge check: largest |logit difference| to the adapter model "
                      f"{report['max_abs_logit_diff']:.3g} (tolerance {report['tolerance']:g}), "
                      f"argmax agreement {report['argmax_agreement']:.3f}")
+    if "quantization" in report:
+        from fttrain.export import quantization_summary
+
+        q = report["quantization"]
+        lines.append(f"- weight-only quantised, {quantization_summary(q)}")
+        if q.get("load_note"):
+            lines.append(f"- loading it: {q['load_note']}")
     lines.append("")
     if data_report:
         lines += ["## Data", "", "| split | source | rows | kept | tokens | trained tokens |", "|---|---|---|---|---|---|"]
