@@ -270,7 +270,8 @@ def _publish(model, tokenizer, out: Path, ref_logits, inputs, tolerance: float, 
         tmp = qtmp
     del reloaded
     (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_card(tmp, run_dir_of(Path(report["adapter"])) if "adapter" in report else None, report)
+    source = report.get("adapter") or report.get("model")
+    write_card(tmp, run_dir_of(Path(source)) if source else None, report)
     publish_dir(tmp, out)
     return report
 
@@ -374,9 +375,10 @@ def export_merged(path, out, base: Optional[str] = None, dtype: str = "fp32", ql
         publish_dir(tmp, out)
         log.warning("peft=%s kept unmerged: %s holds the adapter; load it on its base", method, out)
         return report
-    if (folder / "config.json").exists() and not (folder / "adapter_config.json").exists():
+    whole = (folder / "config.json").exists() and not (folder / "adapter_config.json").exists()
+    if whole and quantize is None:
         raise ExportError(f"{folder} is already a whole model (peft={method}): nothing to merge; "
-                          "load it with AutoModelForCausalLM.from_pretrained")
+                          "load it with AutoModelForCausalLM.from_pretrained (or quantise it: --quantize FORMAT)")
 
     quantize_with = None if quantize is None else quantize_settings(folder, quantize, quantize_tolerance, eval_rows,
                                                                     base)
@@ -386,7 +388,9 @@ def export_merged(path, out, base: Optional[str] = None, dtype: str = "fp32", ql
     loaded = load_for_inference(folder, base=base, dtype=dtype, quantized=False if original else None)
     inputs = gate_inputs(loaded.tokenizer, folder, n_inputs)
     ref = logits_of(loaded.model, inputs)
-    report = {"method": method, "merged": True, "dtype": dtype, "base": loaded.base_path, "adapter": str(folder)}
+    # A whole model (full fine-tuning, distillation) has nothing to merge: it is saved at --dtype and quantised.
+    report = {"method": method, "merged": not whole, "dtype": dtype, "base": loaded.base_path,
+              ("model" if whole else "adapter"): str(folder)}
     model = loaded.model
     if loaded.quantized:
         from peft import PeftModel
@@ -402,7 +406,7 @@ def export_merged(path, out, base: Optional[str] = None, dtype: str = "fp32", ql
         report["quantized_forward_gap"] = compare(trained, ref)["max_abs_logit_diff"]
     elif original:
         report["merged_into"] = "original 16-bit base (differs from the trained 4-bit base by its quantisation error)"
-    merged = merge_adapter(model)
+    merged = model if whole else merge_adapter(model)
     return _publish(merged, loaded.tokenizer, out, ref, inputs, tolerance, report, torch_dtype, quantize_with)
 
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import config_error, run_cli
+from conftest import config_error, fttrain_command, run_cli
 
 from fttrain.data.tokenize import IGNORE
 from fttrain.distill import at_trained, token_divergence, top_k_forward_kl, trained_positions
@@ -119,6 +119,14 @@ def test_a_distilled_student_beats_the_same_student_on_labels_alone(teacher_run,
     assert runs["distilled"]["eval_teacher_kl"] < 0.9 * runs["labels"]["eval_teacher_kl"]
     assert runs["distilled"]["eval_loss"] < runs["labels"]["eval_loss"] - 0.03
     assert runs["distilled"]["total_params"] < _metrics(teacher_run)["total_params"] / 4
+    # A whole model (nothing to merge) still exports quantised, gated on the same rows.
+    out = tmp_path / "student-int8"
+    proc = fttrain_command(["export", str(tmp_path / "outputs" / "distilled"), "--out", str(out), "--quantize", "int8"],
+                           cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["merged"] is False and report["quantization"]["format"] == "int8"
+    assert report["quantization"]["reference"]["eval_loss"] == pytest.approx(runs["distilled"]["eval_loss"], rel=1e-4)
 
 
 @pytest.mark.slow
