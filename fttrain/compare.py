@@ -178,6 +178,15 @@ def eval_loss(model, items: List[Dict], pad_id: int, device, batch_size: int = 8
     return total / max(tokens, 1), tokens
 
 
+def held_out_quality(model, rows, limit: Optional[int], pad_id: int, device) -> Dict:
+    """Eval loss per trained token on the first ``limit`` held-out samples, and its perplexity."""
+    items = eval_items(rows, limit)
+    loss, tokens = eval_loss(model, items, pad_id, device)
+    # exp() capped at e^50: an untrained or broken model reports a huge, finite perplexity.
+    return {"eval_loss": loss, "eval_tokens": tokens, "eval_rows": len(items),
+            "perplexity": float(torch.tensor(min(loss, 50.0)).exp())}
+
+
 # ----------------------------------------------------------------- latency
 def _sync(device) -> None:
     if str(device).startswith("cuda"):
@@ -270,10 +279,7 @@ def measure(model: Dict, settings: Dict) -> Dict:
 
     ev = settings["eval"]
     rows = PreparedRows(ev["split"])
-    items = eval_items(rows, settings["eval_rows"])
-    row["eval_loss"], row["eval_tokens"] = eval_loss(net, items, tokenizer.pad_token_id, device)
-    row["eval_rows"] = len(items)
-    row["perplexity"] = float(torch.tensor(min(row["eval_loss"], 50.0)).exp())
+    row.update(held_out_quality(net, rows, settings["eval_rows"], tokenizer.pad_token_id, device))
     row["exact_match"] = None
     n = min(ev["exact_match_rows"], settings["eval_rows"] or ev["exact_match_rows"])
     if n > 0:
