@@ -21,21 +21,26 @@ Transformers' Llama-family configs have one head count and one intermediate
 size for all layers, so every layer loses the same number: K KV groups (one KV
 head with all the query heads that share it, so the grouped-query ratio stays
 whole; with as many KV heads as query heads a group is one head) and N MLP
-channels, each layer choosing its least important ones on calibration rows.
+channels, each layer choosing its least important ones on calibration rows
+from the training split.
 The config keeps ``head_dim`` explicit (hidden_size / num_attention_heads no
 longer gives it). Structured pruning runs first; ``--sparsity`` then prunes
 what is left.
 
-Data: the eval split of the run SRC comes from (or of ``--run RUN`` for a
-plain model folder), rebuilt as ``fttrain compare`` rebuilds it. Its first
-``--calibration-rows`` samples choose what structured pruning removes; eval
-loss and perplexity are measured on its first ``--eval-rows`` samples (all by
-default), so with a small split the two overlap.
+Data: the run SRC comes from (or ``--run RUN`` for a plain model folder),
+prepared as ``fttrain compare`` rebuilds it. ``--calibration-rows`` samples of
+its training split, evenly spaced over it, choose what structured pruning
+removes; eval loss and perplexity are measured on the first ``--eval-rows``
+samples (all by default) of its eval split. Calibration never sees the rows
+the model is scored on: ranking on the eval rows would keep what those rows
+need and flatter the pruned model's eval loss. A streaming run has no
+prepared training rows, so it can only be pruned unstructured.
 
 DIR is written as DIR.tmp, reloaded with plain ``AutoModelForCausalLM`` and
 scored from there, then renamed: safetensors weights, config, tokenizer and
 ``prune_report.json`` (source and pruned: parameters, sparsity, size on disk,
-eval loss, perplexity; what was removed; the recovery command). The recovery
+eval loss, perplexity; what was removed and how many samples of which split
+calibrated it; the recovery command). The recovery
 is a normal fttrain run on DIR, e.g.
 ``python -m fttrain +exp=tiny_sft model=local model.name_or_path=DIR name=DIR_recover``.
 """
@@ -74,7 +79,7 @@ class Source:
     tokenizer: object
     folder: Path  # the model or adapter folder SRC names
     kind: str  # "full", or "peft" for an adapter merged into its base here
-    run: Optional[Path]  # the run whose eval split scores it
+    run: Optional[Path]  # the run whose training split calibrates and eval split scores it
     size_bytes: Optional[int]  # weight files it needs on disk (an adapter: base + adapter)
 
 
@@ -107,8 +112,8 @@ def load_source(src, run: Optional[str] = None, dtype: str = "fp32") -> Source:
     else:
         data_run = run_of(folder)
         if data_run is None:
-            raise PruneError(f"{src} is not from a run: pass --run RUN, a run whose eval split calibrates "
-                             "and scores the model")
+            raise PruneError(f"{src} is not from a run: pass --run RUN, a run whose training split calibrates "
+                             "and whose eval split scores the model")
     if kind == "bottleneck":
         raise PruneError(f"{folder}: bottleneck adapters cannot be merged into the weights; prune the base "
                          "and train the adapter again")
@@ -183,6 +188,31 @@ def magnitude_prune(model, sparsity: float, scope: str) -> None:
 
 
 # -------------------------------------------------------------- structured
+def training_rows(run: Path, eval_split: str):
+    """The run's training split, from the preparation its eval split (compare's rebuild) was opened from."""
+    from fttrain.data.pipeline import PreparedData
+
+    data = PreparedData.open(Path(eval_split).parent)
+    if data.train is None:
+        raise PruneError(f"{run}: its training rows are not prepared (data.streaming=true makes them as they are "
+                         "read); --heads and --mlp-channels calibrate on them, so only --sparsity can prune it")
+    return data.train.rows
+
+
+def calibration_items(rows, count: int) -> List[Dict]:
+    """``count`` training samples evenly spaced over the split (all of them when it has no more).
+
+    Evenly spaced, not the first ``count``: a data file is often grouped by source or
+    topic, and the first rows alone would rank heads and channels for that one part.
+    Packed rows are unpacked into their samples (the eval split is scored the same way);
+    pretraining blocks stay blocks.
+    """
+    blocks = rows.layout == "blocks"
+    n = len(rows) if blocks else rows.num_samples
+    picked = [k * n // count for k in range(count)] if count < n else list(range(n))
+    return [rows[i] if blocks else {**rows.sample(i), "sample_ids": [i]} for i in picked]
+
+
 @torch.no_grad()
 def importance(model, items: List[Dict], pad_id: int, batch_size: int = 8) -> Dict[str, torch.Tensor]:
     """Per layer, how much each KV group and each MLP channel adds to the residual stream.
@@ -298,6 +328,9 @@ def table(report: Dict) -> str:
     lines = [f"eval: {report['eval_rows']} rows ({report['eval_tokens']} trained tokens) of the eval split of "
              f"{report['run']}", "",
              "| model | params | sparsity (decoder Linear weights) | size (MiB) | eval loss | perplexity |", "|---|---|---|---|---|---|"]
+    if "structured" in report:
+        lines[1:1] = [f"calibration: {report['structured']['calibration_rows']} samples of the "
+                      f"{report['structured']['calibration_split']} split"]
     for name in ("source", "pruned"):
         r = report[name]
         lines.append(f"| {name} | {r['params']:,} | {r['sparsity']:.3f} | {size(r)} | {r['eval_loss']:.4f} | "
@@ -349,7 +382,7 @@ def prune(src, out, sparsity: Optional[float] = None, scope: str = "global", hea
           run: Optional[str] = None, calibration_rows: int = 8, eval_rows: Optional[int] = None, dtype: str = "fp32",
           overwrite: bool = False) -> Dict:
     """Prune SRC into ``out``; returns the report written there as prune_report.json."""
-    from fttrain.compare import eval_items, eval_set, held_out_quality, weight_bytes
+    from fttrain.compare import eval_set, held_out_quality, weight_bytes
     from fttrain.data.store import PreparedRows
     from fttrain.models.load import load_causal_lm, DTYPES
 
@@ -360,18 +393,21 @@ def prune(src, out, sparsity: Optional[float] = None, scope: str = "global", hea
     source = load_source(src, run, dtype)
     decoder_layers(source.model)  # refuses another layout before any work
     check_structure(source.model.config, heads, mlp_channels)
-    rows = PreparedRows(eval_set(source.run)["split"])
+    eval_split = eval_set(source.run)["split"]
+    rows = PreparedRows(eval_split)
     pad_id, device = source.tokenizer.pad_token_id, "cpu"
     report = {"source_path": str(source.folder), "source_kind": source.kind, "run": str(source.run), "dtype": dtype,
               "source": describe(source.model, source.size_bytes,
                                  held_out_quality(source.model, rows, eval_rows, pad_id, device))}
     model = source.model
     if heads or mlp_channels:
-        scores = importance(model, eval_items(rows, calibration_rows), pad_id)
+        train = training_rows(source.run, eval_split)
+        calibration = calibration_items(train, calibration_rows)
+        scores = importance(model, calibration, pad_id)
         groups, chans = least_important(scores["heads"], heads), least_important(scores["channels"], mlp_channels)
         model = shrink(model, groups, chans)
         report["structured"] = {"removed_kv_groups": groups, "removed_mlp_channels": chans,
-                                "calibration_rows": len(eval_items(rows, calibration_rows)),
+                                "calibration_split": "train", "calibration_rows": len(calibration),
                                 **{k: getattr(model.config, k) for k in ("num_attention_heads", "num_key_value_heads",
                                                                           "head_dim", "intermediate_size")}}
     if sparsity:
@@ -412,8 +448,10 @@ def main(argv=None) -> int:
     parser.add_argument("--scope", default="global", choices=SCOPES, help="global: one ranking over all weights; layer: per matrix")
     parser.add_argument("--heads", type=int, default=0, help="KV groups (or heads, without GQA) removed per layer")
     parser.add_argument("--mlp-channels", type=int, default=0, help="MLP intermediate channels removed per layer")
-    parser.add_argument("--run", help="the run whose eval split calibrates and scores (needed for a plain folder)")
-    parser.add_argument("--calibration-rows", type=int, default=8, help="eval samples that rank heads and channels")
+    parser.add_argument("--run", help="the run whose training split calibrates and eval split scores (needed for a "
+                        "plain folder)")
+    parser.add_argument("--calibration-rows", type=int, default=8,
+                        help="training samples, evenly spaced over the split, that rank heads and channels")
     parser.add_argument("--eval-rows", type=int, help="score the first N eval samples (default: all)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the pruned weights")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

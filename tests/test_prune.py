@@ -66,20 +66,79 @@ def test_structured_pruning_equals_the_original_with_those_parts_masked(learned_
 
 
 @pytest.mark.slow
+def test_structured_pruning_calibrates_on_training_rows_not_the_scored_ones(learned_run, structured):
+    """The removed parts are the ranking on evenly spaced training samples: the eval rows the
+    report scores never choose them (ranking on those would flatter the pruned eval loss)."""
+    _, report = structured
+    from fttrain.compare import eval_items, eval_set
+    from fttrain.data.store import PreparedRows
+    from fttrain.prune import calibration_items, importance, least_important, load_source, training_rows
+
+    assert report["structured"]["calibration_split"] == "train"
+    assert report["structured"]["calibration_rows"] == 8
+    source = load_source(learned_run["merged"])
+    split = eval_set(source.run)["split"]
+    train, held_out = training_rows(source.run, split), PreparedRows(split)
+    assert train.folder != held_out.folder and train.num_samples > 8
+
+    def removed(items):
+        scores = importance(source.model, items, source.tokenizer.pad_token_id)
+        return least_important(scores["channels"], CHANNELS)
+
+    assert report["structured"]["removed_mlp_channels"] == removed(calibration_items(train, 8))
+    assert report["structured"]["removed_mlp_channels"] != removed(eval_items(held_out, 8))
+    assert report["structured"]["removed_mlp_channels"] != removed([{**train.sample(i), "sample_ids": [i]}
+                                                                     for i in range(8)])  # not the first 8
+
+
+@pytest.mark.slow
 def test_structured_pruning_removes_the_parts_that_matter_least(learned_run, structured):
     """The importance ranking beats its opposite: removing the most important parts costs more."""
     _, report = structured
-    from fttrain.compare import eval_items, eval_set, held_out_quality
+    from fttrain.compare import eval_set, held_out_quality
     from fttrain.data.store import PreparedRows
-    from fttrain.prune import importance, load_source, shrink
+    from fttrain.prune import calibration_items, importance, load_source, shrink, training_rows
 
     source = load_source(learned_run["merged"])
-    rows = PreparedRows(eval_set(source.run)["split"])
-    scores = importance(source.model, eval_items(rows, 8), source.tokenizer.pad_token_id)
+    split = eval_set(source.run)["split"]
+    rows = PreparedRows(split)
+    scores = importance(source.model, calibration_items(training_rows(source.run, split), 8),
+                        source.tokenizer.pad_token_id)
     worst = shrink(source.model, scores["heads"].topk(HEADS, dim=1).indices.tolist(),
                    scores["channels"].topk(CHANNELS, dim=1).indices.tolist())
     worst_loss = held_out_quality(worst, rows, None, source.tokenizer.pad_token_id, "cpu")["eval_loss"]
     assert report["source"]["eval_loss"] < report["pruned"]["eval_loss"] < worst_loss
+
+
+class Rows:
+    """A split of ``n`` one-token samples, sample i being token i."""
+
+    def __init__(self, n, layout="samples"):
+        self.n, self.layout = n, layout
+        self.num_samples = n
+
+    def __len__(self):
+        return self.n
+
+    def sample(self, i):
+        return {"input_ids": [i], "labels": [i]}
+
+    def __getitem__(self, i):
+        return {"input_ids": [i], "labels": [i], "sample_ids": [i]}
+
+
+@pytest.mark.parametrize("n, count, picked", [
+    (100, 4, [0, 25, 50, 75]),  # spread over the split, not the first four
+    (10, 3, [0, 3, 6]),
+    (5, 8, [0, 1, 2, 3, 4]),  # a split smaller than asked for: all of it
+])
+def test_calibration_samples_are_evenly_spaced_over_the_split(n, count, picked):
+    from fttrain.prune import calibration_items
+
+    for layout in ("samples", "blocks"):
+        items = calibration_items(Rows(n, layout), count)
+        assert [item["input_ids"][0] for item in items] == picked
+        assert [item["sample_ids"] for item in items] == [[i] for i in picked]
 
 
 @pytest.mark.slow
@@ -124,6 +183,7 @@ def test_cli_prunes_an_adapter_run_and_scores_it_like_the_run(learned_run, tmp_p
     report = json.loads((out / "prune_report.json").read_text())
     assert not (tmp_path / "pruned.tmp").exists()
     assert "| pruned |" in proc.stdout and "model.name_or_path=" in proc.stdout
+    assert "calibration: 8 samples of the train split" in proc.stdout
     # The adapter merged in memory scores what the run itself measured on its eval split.
     assert report["source"]["eval_loss"] == pytest.approx(json.loads((run / "metrics.json").read_text())["eval_loss"],
                                                           abs=1e-3)
