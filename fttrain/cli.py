@@ -9,6 +9,7 @@
     fttrain generate RUN_DIR --prompt TEXT                           sample from a trained run
     fttrain compare RUN_DIR [EXPORTED_DIR ...] [--base PATH]         base vs tuned: size, memory, speed, quality
     fttrain eval RUN_DIR --tasks hellaswag,arc_easy [--limit N]      lm-evaluation-harness benchmarks
+    fttrain prune SRC --out DIR [--sparsity S] [--heads K]           sparser or smaller, scored, recovery command
     fttrain numerics RUN_DIR                                         compare numerics of saved outputs
     fttrain consolidate CHECKPOINT                                   merge sharded weights
     fttrain bench +exp=tiny_sft [--chats 3000] [--steps 40]          speed against TRL and a raw loop
@@ -39,6 +40,7 @@ COMMANDS: Dict[str, str] = {
     "generate": "fttrain.generate",
     "compare": "fttrain.compare",
     "eval": "fttrain.harness",
+    "prune": "fttrain.prune",
     "numerics": "fttrain.numerics",
     "consolidate": "fttrain.consolidate",
     "bench": "fttrain.bench",
