@@ -77,7 +77,10 @@ def describe(arg: str) -> Dict:
     elif run is not None and (run / "run_info.json").exists():
         named = json.loads((run / "run_info.json").read_text()).get("model_path")
     label = "adapter" if kind != "full" else ("merged" if (folder / "export_report.json").exists() else "full")
-    return {"name": (run or folder).resolve().name, "kind": label, "path": str(folder), "base": named,
+    # An export inside a run (RUN/merged, RUN/merged-nf4) is named with its run.
+    inside = folder.parent if run is None and (folder.parent / "config.yaml").exists() else None
+    name = f"{inside.resolve().name}/{folder.name}" if inside else (run or folder).resolve().name
+    return {"name": name, "kind": label, "path": str(folder), "base": named,
             "run": str(run) if run else None}
 
 
@@ -87,8 +90,16 @@ def same_model(a: str, b: str) -> bool:
     return a == b
 
 
+def tokenizer_difference(folder: str, base: str) -> Optional[str]:
+    from transformers import AutoTokenizer
+
+    from fttrain.models.load import vocabulary_difference
+
+    return vocabulary_difference(AutoTokenizer.from_pretrained(base), AutoTokenizer.from_pretrained(folder))
+
+
 def plan(paths: List[str], base: Optional[str]) -> List[Dict]:
-    """The base first, then each model; every model must come from that base."""
+    """The base first, then each model: adapters of that base, whole models with its tokenizer."""
     from fttrain.models.adapted import folder_kind
 
     models = [describe(p) for p in paths]
@@ -102,8 +113,15 @@ def plan(paths: List[str], base: Optional[str]) -> List[Dict]:
             raise CompareError(f"base model {base} is an adapter, not a model")
     for m in models:
         if m["base"] is not None and not same_model(m["base"], base):
-            raise CompareError(f"{m['path']} was trained from {m['base']}, not from the base {base}: "
-                               "compare models of one base")
+            if m["kind"] == "adapter":  # it loads on the table's base
+                raise CompareError(f"{m['path']} was trained from {m['base']}, not from the base {base}: compare "
+                                   "adapters of one base, or export it merged (fttrain export) and compare that")
+            # A whole model of another base (pruned, distilled): scored on the same rows, so the
+            # same tokenizer, or its loss on them means nothing.
+            difference = tokenizer_difference(m["path"], base)
+            if difference:
+                raise CompareError(f"{m['path']} (from {m['base']}) has another tokenizer than the base {base}: "
+                                   f"{difference}; compare models that share one")
         if m["kind"] == "adapter":
             m["base"] = base
     names = [m["name"] for m in models]

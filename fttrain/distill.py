@@ -23,6 +23,13 @@ task.top_k keeps the teacher's k most likely tokens per position, renormalised
 ``precompute_teacher`` stores: k int32 ids + k fp16 logits = 6k bytes per trained
 token (k=32 and 10M trained tokens: 1.8 GiB), after which the teacher is freed.
 
+On-policy (task.on_policy, GKD): on that share of optimizer steps (drawn from the
+seed and the step, so every rank and a resumed run draw alike) each row keeps
+its prompt (everything before its last trained span), the student samples an
+answer of at most task.max_new_tokens (TRL's GKDTrainer.generate_on_policy_outputs),
+and the loss is alpha-free: T^2 * sum_t D(p_t, s_t) / N over the sampled tokens,
+N counted again over the rewritten micro-batches of the step on all ranks.
+
 Memory: the teacher's logits for a micro-batch exist once, [tokens, vocab], and
 only the trained positions are kept (fp32: 4 x vocab bytes a trained token;
 at a 128k vocabulary and 8k trained tokens, 4 GiB beside the student's own).
@@ -32,9 +39,11 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -132,21 +141,14 @@ def load_teacher_tokenizer(task):
 def vocabulary_problem(student_tok, teacher_tok, teacher_name: str) -> Optional[str]:
     """Why the two tokenizers cannot be distilled between, or None: the token ids must mean
     the same strings, or the teacher's probability of id i says nothing about the student's id i."""
-    a, b = student_tok.get_vocab(), teacher_tok.get_vocab()
-    if a == b:
+    from fttrain.models.load import vocabulary_difference
+
+    diff = vocabulary_difference(student_tok, teacher_tok)
+    if diff is None:
         return None
-    only_s = sorted(set(a) - set(b), key=a.get)
-    only_t = sorted(set(b) - set(a), key=b.get)
-    moved = sorted((t for t in set(a) & set(b) if a[t] != b[t]), key=a.get)
-    parts = [f"the student has {len(a)} tokens, the teacher {teacher_name} has {len(b)}"]
-    if only_s:
-        parts.append(f"{len(only_s)} only in the student's (e.g. {only_s[:3]})")
-    if only_t:
-        parts.append(f"{len(only_t)} only in the teacher's (e.g. {only_t[:3]})")
-    if moved:
-        parts.append(f"{len(moved)} with other ids (e.g. {moved[0]!r}: {a[moved[0]]} vs {b[moved[0]]})")
-    return ("task=distill needs a teacher with the student's tokenizer: " + "; ".join(parts) +
-            ". Distil between models of one family (same tokenizer), or pick another teacher")
+    return (f"task=distill needs a teacher with the student's tokenizer; the student's and the teacher "
+            f"{teacher_name}'s differ: {diff}. Distil between models of one family (same tokenizer), or pick "
+            "another teacher")
 
 
 def load_teacher(task, dtype: torch.dtype, device) -> torch.nn.Module:
@@ -301,6 +303,64 @@ class TopKCollator:
         return batch
 
 
+# ------------------------------------------------------------------ on-policy (GKD)
+def last_span_starts(labels: torch.Tensor) -> List[int]:
+    """Per row, where its last trained span begins (the last answer of a chat)."""
+    trained = (labels != IGNORE).tolist()
+    starts = []
+    for i, row in enumerate(trained):
+        ends = [j for j, t in enumerate(row) if t and (j == 0 or not row[j - 1])]
+        if not ends:
+            raise DistillError(f"row {i} of an on-policy micro-batch has no trained token to answer")
+        starts.append(ends[-1])
+    return starts
+
+
+def prompts_of(batch: Dict, pad_id: int) -> Dict[str, torch.Tensor]:
+    """The rows' prompts (each row up to its last trained span), left-padded for generate."""
+    starts = last_span_starts(batch["labels"])
+    width = max(starts)
+    ids = torch.full((len(starts), width), pad_id, dtype=torch.long, device=batch["input_ids"].device)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(starts):
+        ids[i, width - n:] = batch["input_ids"][i, :n]
+        mask[i, width - n:] = batch["attention_mask"][i, :n]
+    return {"prompts": ids, "prompt_attention_mask": mask}
+
+
+class OnPolicy:
+    """task.on_policy: which steps the student answers itself, and the rewrite of a
+    micro-batch into prompt + the student's sampled answer (labels on the answer)."""
+
+    def __init__(self, share: float, max_new_tokens: int, seed: int, pad_id: int, eos_ids):
+        from transformers import GenerationConfig
+
+        self.share, self.seed = share, seed
+        # The student's own distribution: temperature 1, no top-k/top-p cut (as GKD samples).
+        self.generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=0,
+                                           top_p=1.0, pad_token_id=pad_id, eos_token_id=eos_ids)
+        self.pad_id = pad_id
+
+    def step_is_on_policy(self, step: int) -> bool:
+        return self.share > 0 and random.Random(self.seed * 1_000_003 + step).random() < self.share
+
+    @staticmethod
+    def _generate():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # trl.experimental announces itself as experimental
+            from trl.experimental.gkd import GKDTrainer
+        return GKDTrainer.generate_on_policy_outputs
+
+    def rewrite(self, model, batch: Dict) -> Dict:
+        ids, mask, labels = self._generate()(model, prompts_of(batch, self.pad_id), self.generation)
+        batch = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels", "position_ids")}
+        # Prompts are left-padded: positions count real tokens, as the rows had them.
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        batch.update(input_ids=ids, attention_mask=mask, labels=labels, position_ids=position_ids, on_policy=True,
+                     num_real_tokens=int(mask.sum()), num_trained_tokens=int((labels[:, 1:] != IGNORE).sum()))
+        return batch
+
+
 # ------------------------------------------------------------------ the trainer
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -308,10 +368,32 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 class DistillTrainer(FTTrainer):
     """FTTrainer whose loss mixes the labels' cross-entropy with a divergence from the teacher."""
 
-    def __init__(self, *args, teacher, spec: DistillLossSpec, width: int, **kwargs):
+    def __init__(self, *args, teacher, spec: DistillLossSpec, width: int, on_policy: Optional[OnPolicy] = None,
+                 **kwargs):
         super().__init__(*args, compute_loss_func=self.distill_loss, **kwargs)
-        self.teacher, self.spec, self.width = teacher, spec, width
+        self.teacher, self.spec, self.width, self.on_policy = teacher, spec, width, on_policy
         self._teacher_view = None
+        self._sampled = False  # an on-policy micro-batch: its labels are the student's own samples
+        self.on_policy_steps = 0
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batches and self.on_policy is not None and self.on_policy.step_is_on_policy(self.state.global_step):
+            from trl.models.utils import unwrap_model_for_generation
+
+            gc_kwargs = self.args.gradient_checkpointing_kwargs if self.args.gradient_checkpointing else None
+            with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                             gradient_checkpointing_kwargs=gc_kwargs) as student:
+                training = student.training
+                student.eval()  # no dropout while it answers
+                try:
+                    batches = [self.on_policy.rewrite(student, b) for b in batches]
+                finally:
+                    student.train(training)
+            # Normalise by the sampled tokens of the step's micro-batches on all ranks.
+            num_items = self._get_num_items_in_batch(batches, device)
+            self.on_policy_steps += 1
+        return batches, num_items
 
     def teacher_view(self, inputs):
         """What the loss needs of the teacher for this batch: (ids, logits) of its top-k
@@ -331,6 +413,7 @@ class DistillTrainer(FTTrainer):
         return None, chosen
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._sampled = bool(inputs.pop("on_policy", False))
         self._teacher_view = self.teacher_view(inputs)
         try:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
@@ -355,6 +438,8 @@ class DistillTrainer(FTTrainer):
         n = num_items_in_batch if num_items_in_batch is not None else trained_positions(labels).sum()
         if torch.is_tensor(n):
             n = n.to(ce.device)
+        if self._sampled:  # the labels' cross-entropy would teach the student its own samples
+            return kd / n
         return ((1 - self.spec.alpha) * ce + self.spec.alpha * kd) / n
 
     def eval_sums(self, model, inputs) -> Dict[str, torch.Tensor]:

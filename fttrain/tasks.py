@@ -101,6 +101,14 @@ class DistillTaskConfig(SFTTaskConfig):
     # top_k logits on disk (trained tokens x top_k x 6 bytes); the teacher is then
     # freed, and every epoch reads them. Needs top_k.
     precompute_teacher: bool = False
+    # On-policy distillation (GKD, Agarwal et al. 2024; TRL's GKDTrainer): the share of
+    # optimizer steps on which the student samples its own answer to each row's prompt
+    # (the row up to its last trained span) and the teacher scores those tokens; the
+    # loss on such a step is the divergence alone (the labels are not the sampled text).
+    # It trains on the mistakes the student really makes, at the cost of a generate
+    # call per micro-batch. 0: off (every step on the dataset's answers).
+    on_policy: float = bounded(0.0, lo=0, hi=1)
+    max_new_tokens: int = bounded(128, lo=1)  # on_policy: tokens the student samples per answer at most
 
 
 # TRL 1.16's DPO losses (DPOConfig.loss_type): what task.loss_type may list.
@@ -280,6 +288,7 @@ def sft_problems(cfg) -> List[str]:
 
 
 def distill_problems(cfg) -> List[str]:
+    from fttrain.config.checks import packing_on
     from fttrain.plan import shards_weights
 
     task, out = cfg.task, sft_problems(cfg)
@@ -294,6 +303,12 @@ def distill_problems(cfg) -> List[str]:
     if task.precompute_teacher and cfg.data.streaming:
         out.append("task.precompute_teacher=true with data.streaming=true: streamed rows are never all there to "
                    "score in advance; stream with the teacher online (precompute_teacher=false)")
+    if task.on_policy > 0 and task.precompute_teacher:
+        out.append(f"task.on_policy={task.on_policy} with task.precompute_teacher=true: the teacher must score the "
+                   "answers the student samples during training, which do not exist in advance; set one of them off")
+    if task.on_policy > 0 and packing_on(cfg):
+        out.append(f"task.on_policy={task.on_policy} with packing: the student answers each row's prompt on its own, "
+                   "and a packed row holds several samples; set data.packing=false")
     if shards_weights(cfg.dist):
         out.append("task=distill with a plan that shards the weights (ZeRO-3, FSDP): the teacher is not part of the "
                    "sharded engine, so every "

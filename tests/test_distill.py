@@ -77,13 +77,65 @@ def test_the_loss_counts_the_tokens_the_causal_lm_loss_counts(tiny_dir):
     assert mine.item() == pytest.approx(out.loss.item(), rel=1e-5)
 
 
+# ------------------------------------------------------------------ on-policy (GKD)
+def test_the_prompt_is_each_row_up_to_its_last_answer_left_padded():
+    from fttrain.distill import prompts_of
+
+    i = IGNORE
+    batch = {"input_ids": torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [11, 12, 13, 14, 0, 0, 0, 0]]),
+             "labels": torch.tensor([[i, i, 3, 4, i, i, 7, 8], [i, 12, 13, 14, i, i, i, i]]),
+             "attention_mask": torch.tensor([[1] * 8, [1] * 4 + [0] * 4])}
+    got = prompts_of(batch, pad_id=0)
+    # row 0: two answers, the prompt keeps the first (a chat's earlier turns) and stops at the second
+    assert got["prompts"].tolist() == [[1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 0, 11]]
+    assert got["prompt_attention_mask"].tolist() == [[1] * 6, [0] * 5 + [1]]
+
+
+def test_the_students_answer_is_trained_and_its_prompt_is_not(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from fttrain.distill import OnPolicy
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    i, new = IGNORE, 5
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 0, 0, 0]]),
+             "labels": torch.tensor([[i, i, i, i, 9, 10], [i, i, 13, i, i, i]]),
+             "attention_mask": torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]]), "sample_ids": [3, 4]}
+    torch.manual_seed(0)
+    got = OnPolicy(1.0, new, seed=0, pad_id=0, eos_ids=None).rewrite(model, batch)
+    width = 4  # the longer prompt, [5, 6, 7, 8]
+    assert got["input_ids"].shape == (2, width + new)
+    assert got["input_ids"][:, :width].tolist() == [[5, 6, 7, 8], [0, 0, 11, 12]]
+    assert (got["labels"][:, :width] == IGNORE).all()
+    assert torch.equal(got["labels"][:, width:], got["input_ids"][:, width:])  # no eos: every sampled token
+    assert got["position_ids"].tolist()[1][2:] == list(range(2 + new))  # the left pad shifts no position
+    assert got["num_trained_tokens"] == 2 * new and got["num_real_tokens"] == 4 + 2 + 2 * new
+    assert got["on_policy"] is True and got["sample_ids"] == [3, 4]
+
+
+def test_on_policy_steps_are_drawn_from_the_seed_and_the_step():
+    from fttrain.distill import OnPolicy
+
+    def draws(share, seed):
+        policy = OnPolicy(share, 8, seed=seed, pad_id=0, eos_ids=None)
+        return [policy.step_is_on_policy(step) for step in range(200)]
+
+    assert not any(draws(0.0, 1)) and all(draws(1.0, 1))
+    half = draws(0.5, 1)
+    assert half == draws(0.5, 1) and half != draws(0.5, 2)  # every rank and a resumed run draw alike
+    assert 70 < sum(half) < 130
+
+
 # ------------------------------------------------------------------ refusals at the check
 @pytest.mark.parametrize("overrides, words", [
-    ([], "task.teacher is required"),
+    (["task.teacher=''"], "task.teacher is required"),
     (["task.teacher=x", "task.loss=reverse_kl", "task.top_k=8"], "defines only the forward KL"),
     (["task.teacher=x", "task.precompute_teacher=true"], "needs task.top_k"),
     (["task.teacher=x", "dist=zero3"], "the teacher is not part of the sharded engine"),
     (["task.teacher=x", "trainer.loss=chunked"], "computes its own loss"),
+    (["task.teacher=x", "task.on_policy=0.5"], "a packed row holds several samples"),
+    (["task.teacher=x", "task.on_policy=0.5", "data.packing=false", "task.top_k=4", "task.precompute_teacher=true"],
+     "which do not exist in advance"),
 ])
 def test_distill_settings_that_cannot_work_are_refused(overrides, words):
     assert words in config_error(["+exp=tiny_distill", *overrides])
@@ -111,14 +163,26 @@ def test_a_distilled_student_beats_the_same_student_on_labels_alone(teacher_run,
     """Same half-width student, data, seed and 60 steps; alpha=0 is the labels alone.
     Measured: eval loss 2.77 vs 2.88, KL to the teacher 0.39 vs 0.49."""
     runs = {}
-    for name, alpha in (("distilled", "0.9"), ("labels", "0.0")):
-        proc = run_cli(["+exp=tiny_distill", f"task.teacher={teacher_run}", f"name={name}", f"task.alpha={alpha}"],
-                       cwd=tmp_path)
+    for name, extra in (("distilled", ["task.alpha=0.9"]), ("labels", ["task.alpha=0.0"]),
+                        ("on_policy", ["task.on_policy=0.5", "task.max_new_tokens=32", "data.packing=false"])):
+        proc = run_cli(["+exp=tiny_distill", f"task.teacher={teacher_run}", f"name={name}", *extra], cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = _metrics(tmp_path / "outputs" / name)
     assert runs["distilled"]["eval_teacher_kl"] < 0.9 * runs["labels"]["eval_teacher_kl"]
     assert runs["distilled"]["eval_loss"] < runs["labels"]["eval_loss"] - 0.03
+    # On half the steps the student answered itself and learned the teacher's view of its
+    # answers. Measured: KL 0.44 against the labels' 0.49 (0.55 unpacked).
+    from fttrain.distill import OnPolicy
+
+    assert runs["on_policy"]["on_policy_steps"] == sum(OnPolicy(0.5, 1, 42, 0, None).step_is_on_policy(s)
+                                                       for s in range(60))
+    assert runs["on_policy"]["eval_teacher_kl"] < 0.95 * runs["labels"]["eval_teacher_kl"]
     assert runs["distilled"]["total_params"] < _metrics(teacher_run)["total_params"] / 4
+    # compare takes a whole model of another base when it has the base's tokenizer.
+    from fttrain.compare import plan
+
+    rows = plan([str(teacher_run), str(tmp_path / "outputs" / "distilled")], None)
+    assert [r["kind"] for r in rows] == ["base", "full", "full"] and rows[2]["base"] != rows[0]["path"]
     # A whole model (nothing to merge) still exports quantised, gated on the same rows.
     out = tmp_path / "student-int8"
     proc = fttrain_command(["export", str(tmp_path / "outputs" / "distilled"), "--out", str(out), "--quantize", "int8"],

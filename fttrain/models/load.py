@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -80,6 +80,25 @@ def ensure_pad_token(tokenizer) -> str:
     return "eos (masked by position)"
 
 
+def vocabulary_difference(a, b) -> Optional[str]:
+    """How tokenizer b's vocabulary differs from a's, or None when every token has the
+    same id in both (the condition for comparing two models' logits id by id)."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va == vb:
+        return None
+    only_a = sorted(set(va) - set(vb), key=va.get)
+    only_b = sorted(set(vb) - set(va), key=vb.get)
+    moved = sorted((t for t in set(va) & set(vb) if va[t] != vb[t]), key=va.get)
+    parts = [f"{len(va)} tokens against {len(vb)}"]
+    if only_a:
+        parts.append(f"{len(only_a)} only in the first (e.g. {only_a[:3]})")
+    if only_b:
+        parts.append(f"{len(only_b)} only in the second (e.g. {only_b[:3]})")
+    if moved:
+        parts.append(f"{len(moved)} with other ids (e.g. {moved[0]!r}: {va[moved[0]]} vs {vb[moved[0]]})")
+    return "; ".join(parts)
+
+
 # Precision names (precision group, export/generate --dtype) to torch dtypes.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -91,8 +110,8 @@ def load_causal_lm(path: str, dtype: torch.dtype, quantization_config=None, **kw
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    if quantization_config is not None:
-        disable_cpu_packed_4bit(model)
+    # Also without a quantization_config here: a folder exported 4-bit (fttrain export --quantize) says so itself.
+    disable_cpu_packed_4bit(model)
     return model
 
 
@@ -155,8 +174,13 @@ def set_dropout(model, p: float) -> int:
 def param_counts(model) -> Tuple[int, int]:
     if hasattr(model, "get_nb_trainable_parameters"):  # peft: counts 4-bit packed weights correctly
         return model.get_nb_trainable_parameters()
-    # ZeRO-3 partitions leave numel() == 0 on each rank; ds_numel is the whole size.
-    size = lambda p: getattr(p, "ds_numel", None) or p.numel()
+    def size(p):
+        # ZeRO-3 partitions leave numel() == 0 on each rank; ds_numel is the whole size.
+        n = getattr(p, "ds_numel", None) or p.numel()
+        if type(p).__name__ == "Params4bit":  # a 4-bit export: two weights in each byte of its storage
+            n *= 2 * getattr(getattr(p, "quant_storage", None), "itemsize", 1)
+        return n
+
     trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
     total = sum(size(p) for p in model.parameters())
     return trainable, total

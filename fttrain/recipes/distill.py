@@ -6,7 +6,9 @@
               in eval mode, without gradients, whole on every rank
     precompute (task.precompute_teacher) the teacher's top-k logits of both splits to
               RUN/teacher_topk/, then the teacher is freed
-    train     FTTrainer's loop with (1 - alpha) CE + alpha T^2 D(teacher, student) (fttrain/distill.py)
+    train     FTTrainer's loop with (1 - alpha) CE + alpha T^2 D(teacher, student) (fttrain/distill.py);
+              on task.on_policy of the steps the student answers the prompts itself and
+              the loss is T^2 D(teacher, student) on its answers (GKD)
     eval      eval_loss (the labels' cross-entropy) and eval_teacher_kl
 """
 
@@ -17,7 +19,7 @@ import logging
 
 import torch
 
-from fttrain.distill import (DistillLossSpec, DistillTrainer, TopKCollator, WithTeacherTopK, load_teacher,
+from fttrain.distill import (DistillLossSpec, DistillTrainer, OnPolicy, TopKCollator, WithTeacherTopK, load_teacher,
                              load_teacher_tokenizer, precompute_top_k, read_top_k, vocab_width, vocabulary_problem)
 from fttrain.recipes.sft import SFTRecipe
 
@@ -79,7 +81,19 @@ class DistillRecipe(SFTRecipe):
 
     def trainer_setup(self):
         return DistillTrainer, {"teacher": self.teacher, "spec": DistillLossSpec.of(self.cfg.task),
-                                "width": self.width}
+                                "width": self.width, "on_policy": self.on_policy()}
+
+    def on_policy(self):
+        task = self.cfg.task
+        if not task.on_policy:
+            return None
+        # The end-of-turn tokens the chat template closes an answer with (the model's
+        # generation config lists them for Llama 3's <|eot_id|>), and the tokenizer's eos.
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        eos = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
+                      *([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])})
+        return OnPolicy(float(task.on_policy), int(task.max_new_tokens), int(self.args.seed),
+                        self.tokenizer.pad_token_id, eos or None)
 
     def training_rows(self):
         train, eval_rows = super().training_rows()
@@ -96,6 +110,8 @@ class DistillRecipe(SFTRecipe):
         metrics = super().task_metrics()
         if "eval_teacher_kl" in self.eval_metrics:
             metrics["eval_teacher_kl"] = self.eval_metrics["eval_teacher_kl"]
+        if self.trainer.on_policy is not None:  # steps the student answered itself (this process, since any resume)
+            metrics["on_policy_steps"] = self.trainer.on_policy_steps
         return metrics
 
     def log_task_summary(self, metrics: dict) -> None:
