@@ -238,11 +238,11 @@ def schedule_and_tracker_problems(trainer, logger) -> List[str]:
             if pip:
                 out.append(f"logger.report_to: {tracker} is not installed ({pip})")
     others = passed_to_transformers(logger.report_to)
-    installed = set(get_available_reporting_integrations())
+    others = [t for t in others if t != "all"] if isinstance(others, list) else []  # "all": every installed one
+    # Asked only when named: it imports every installed tracker (wandb alone: 0.4 s of start-up).
+    installed = set(get_available_reporting_integrations()) if others else set()
     pip_names = {"azure_ml": "azureml-core", "flyte": "flytekit", "comet_ml": "comet-ml"}  # where not the same
-    for tracker in others if isinstance(others, list) else []:
-        if tracker == "all":  # transformers' word for every installed integration
-            continue
+    for tracker in others:
         if tracker not in INTEGRATION_TO_CALLBACK:
             out.append(f"logger.report_to: {tracker!r} is not a tracker fttrain or transformers reports to; one of "
                        f"{sorted(set(INTEGRATION_TO_CALLBACK) | set(TRACKERS))}")
