@@ -196,11 +196,12 @@ TOPK_FILE = "teacher_topk.json"
 
 @torch.no_grad()
 def precompute_top_k(teacher, rows, k: int, folder: Path, batch_size: int, pad_id: int, device,
-                     source: Dict) -> Dict:
+                     source: Dict, vocab: int) -> Dict:
     """The teacher's top-k logits at every trained position of every sample of a
     prepared split, in sample order: ids.npy [P, k] int32, logits.npy [P, k] fp16,
     offsets.npy [samples + 1] into them. Rows built from these samples (packed or
-    not) read their positions in order, so a batch's trained positions match."""
+    not) read their positions in order, so a batch's trained positions match. Ids
+    are chosen among the first ``vocab`` columns, those the student's head shares."""
     folder.mkdir(parents=True, exist_ok=True)
     counts = np.zeros(rows.num_samples + 1, dtype=np.int64)
     samples = [rows.sample(i) for i in range(rows.num_samples)]
@@ -221,7 +222,7 @@ def precompute_top_k(teacher, rows, k: int, folder: Path, batch_size: int, pad_i
             input_ids[j, :n], labels[j, :n], attention[j, :n] = torch.tensor(s["input_ids"]), \
                 torch.tensor(s["labels"]), 1
         out = teacher(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
-        top = out[:, :-1][trained_positions(labels).to(device)].float().topk(k, dim=-1)
+        top = at_trained(out, trained_positions(labels).to(device), vocab).float().topk(k, dim=-1)
         a, b = int(offsets[start]), int(offsets[start + len(batch)])
         ids[a:b] = top.indices.cpu().numpy().astype(np.int32)
         logits[a:b] = top.values.cpu().numpy().astype(np.float16)
@@ -336,9 +337,14 @@ class OnPolicy:
         from transformers import GenerationConfig
 
         self.share, self.seed = share, seed
-        # The student's own distribution: temperature 1, no top-k/top-p cut (as GKD samples).
-        self.generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=0,
-                                           top_p=1.0, pad_token_id=pad_id, eos_token_id=eos_ids)
+        # The student's own distribution: temperature 1, nothing cut or penalised (as GKD
+        # samples). Every such knob is set: generate fills the ones left unset from the
+        # model's generation_config (an instruct model's repetition_penalty, min_p, ...).
+        self.generation = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=True, num_beams=1, num_return_sequences=1, temperature=1.0,
+            top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+            repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0,
+            return_dict_in_generate=True, pad_token_id=pad_id, eos_token_id=eos_ids)
         self.pad_id = pad_id
 
     def step_is_on_policy(self, step: int) -> bool:
@@ -424,8 +430,11 @@ class DistillTrainer(FTTrainer):
     def loss_sums(self, logits, labels, view, spec: DistillLossSpec):
         """(summed cross-entropy, summed teacher divergence) over the trained tokens."""
         mask = trained_positions(labels)
-        student = at_trained(logits, mask, self.width)
-        ce = F.cross_entropy(student.float(), labels[..., 1:][mask], reduction="sum")
+        whole = at_trained(logits, mask, logits.shape[-1])
+        # The labels' cross-entropy over the student's whole head (as sft's); the teacher is
+        # compared over the columns both heads have (the tokenizer's tokens, fttrain.distill.vocab_width).
+        ce = F.cross_entropy(whole.float(), labels[..., 1:][mask], reduction="sum")
+        student = whole[:, :self.width]
         ids, teacher = view
         if ids is not None:
             kd = top_k_forward_kl(student, ids, teacher, spec.temperature).sum()

@@ -522,8 +522,9 @@ def main(argv=None) -> int:
             report = export_merged(args.path, out, args.base, args.dtype, args.qlora_base, args.tolerance,
                                    args.gate_inputs, args.keep_unmerged, args.overwrite, args.no_merge,
                                    args.quantize, args.quantize_tolerance, args.eval_rows)
-        if report.get("merged", True):
-            print(f"exported to {out}: max |logit diff| {report['max_abs_logit_diff']:.3g} "
+        if "max_abs_logit_diff" in report:  # merged, or a whole model saved at --dtype: gated on logits
+            against = "the model as trained" if "model" in report else "the adapter model"
+            print(f"exported to {out}: max |logit diff| to {against} {report['max_abs_logit_diff']:.3g} "
                   f"(tolerance {report['tolerance']:g}), argmax agreement {report['argmax_agreement']:.3f}")
         else:
             print(f"adapter kept unmerged in {out}")

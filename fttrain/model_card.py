@@ -90,7 +90,9 @@ def card_text(run_dir: Optional[Path], report: dict) -> str:
                                       "`AutoModelForCausalLM.from_pretrained`)" if merged else
                                       "the adapter (load with `peft.PeftModel.from_pretrained(base, folder)`)"))
     if "max_abs_logit_diff" in report:
-        lines.append(f"- merge check: largest |logit difference| to the adapter model "
+        check, against = (("save check", "the model as trained") if whole and not merged
+                          else ("merge check", "the adapter model"))
+        lines.append(f"- {check}: largest |logit difference| to {against} "
                      f"{report['max_abs_logit_diff']:.3g} (tolerance {report['tolerance']:g}), "
                      f"argmax agreement {report['argmax_agreement']:.3f}")
     if "quantization" in report:

@@ -122,6 +122,7 @@ def load_source(src, run: Optional[str] = None, dtype: str = "fp32") -> Source:
         raise PruneError(f"peft={declared.name} cannot be merged into the base weights: {declared.merge_note}")
     # A QLoRA adapter is merged into its base in full precision: pruning needs real weights.
     loaded = load_for_inference(folder, dtype=dtype, quantized=False)
+    check_same_tokens(src, loaded.tokenizer, data_run)
     model = loaded.model
     if kind == "peft":
         model = model.merge_and_unload()
@@ -129,6 +130,22 @@ def load_source(src, run: Optional[str] = None, dtype: str = "fp32") -> Source:
     else:
         size = weight_bytes(folder)
     return Source(model.eval(), loaded.tokenizer, folder, kind, data_run, size)
+
+
+def check_same_tokens(src, tokenizer, run: Path) -> None:
+    """The run's rows are token ids of the run's tokenizer: another vocabulary would
+    score and calibrate the model on other tokens than the ones it reads."""
+    from transformers import AutoTokenizer
+
+    from fttrain.models.load import vocabulary_difference
+
+    saved = run / "model"
+    if not (saved / "tokenizer_config.json").is_file():
+        return  # a run without its model folder (stopped early): its own tokenizer is not at hand
+    problem = vocabulary_difference(AutoTokenizer.from_pretrained(saved), tokenizer)
+    if problem:
+        raise PruneError(f"{src} does not use the tokenizer of the run {run} whose rows score and calibrate it "
+                         f"({problem}); pass --run with a run of this model's tokenizer")
 
 
 # ------------------------------------------------------------------ layout
@@ -312,6 +329,9 @@ def shrink(model, removed_groups: List[List[int]], removed_channels: List[List[i
     dtype = next(model.parameters()).dtype
     pruned = AutoModelForCausalLM.from_config(small, dtype=dtype)
     pruned.load_state_dict(state, strict=True)
+    # from_config writes a default generation config: keep the source's (its end-of-turn
+    # eos list, sampling defaults), or the pruned instruct model would generate past <|eot_id|>.
+    pruned.generation_config = copy.deepcopy(model.generation_config)
     return pruned.eval()
 
 
@@ -360,8 +380,8 @@ def check_amounts(sparsity: Optional[float], scope: str, heads: int, mlp_channel
     for flag, value in (("--heads", heads), ("--mlp-channels", mlp_channels)):
         if value < 0:
             raise PruneError(f"{flag} {value}: a count removed per layer, at least 0")
-    for flag, value in (("--calibration-rows", calibration_rows), ("--eval-rows", eval_rows or 1)):
-        if value < 1:
+    for flag, value in (("--calibration-rows", calibration_rows), ("--eval-rows", eval_rows)):
+        if value is not None and value < 1:  # --eval-rows unset: every eval row
             raise PruneError(f"{flag} {value}: at least 1")
     if not sparsity and not heads and not mlp_channels:
         raise PruneError("nothing to prune: give --sparsity S (0 < S < 1), --heads K or --mlp-channels N")

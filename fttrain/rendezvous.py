@@ -94,19 +94,28 @@ def _failure(e: BaseException) -> str:
 def local_main_first(what: str):
     """Run the block on each node's local rank 0 first, then on the other ranks;
     return once every rank has run it. No timeout (see the module doc)."""
+    yield from _leader_first(what, per_node=True)
+
+
+@contextmanager
+def main_first(what: str):
+    """The same with rank 0 of the whole job first (one writer of a shared folder)."""
+    yield from _leader_first(what, per_node=False)
+
+
+def _leader_first(what: str, per_node: bool):
     dist = _group()
     if dist is None:
         yield
         return
     store = _store()
     rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    leader = rank - int(os.environ.get("LOCAL_RANK", rank)) if per_node else 0
     _steps["n"] += 1
     prefix = f"fttrain/local_main_first/{_steps['n']}"
-    local_main = rank - local_rank
     mine = f"{prefix}/{rank}"
-    if local_rank != 0:
-        _wait_for(store, [f"{prefix}/{local_main}"], what, mine)
+    if rank != leader:
+        _wait_for(store, [f"{prefix}/{leader}"], what, mine)
     try:
         yield
     except BaseException as e:

@@ -306,6 +306,10 @@ def distill_problems(cfg) -> List[str]:
     if task.on_policy > 0 and task.precompute_teacher:
         out.append(f"task.on_policy={task.on_policy} with task.precompute_teacher=true: the teacher must score the "
                    "answers the student samples during training, which do not exist in advance; set one of them off")
+    if task.on_policy > 0 and not task.assistant_only_loss:
+        out.append(f"task.on_policy={task.on_policy} with task.assistant_only_loss=false: the student answers the "
+                   "prompt before each row's last trained span, and with every token trained that prompt is the "
+                   "first token alone; set task.assistant_only_loss=true (chat or prompt/completion data)")
     if task.on_policy > 0 and packing_on(cfg):
         out.append(f"task.on_policy={task.on_policy} with packing: the student answers each row's prompt on its own, "
                    "and a packed row holds several samples; set data.packing=false")

@@ -216,6 +216,7 @@ def test_recovery_fine_tune_lowers_the_pruned_models_eval_loss(learned_run, stru
     ({"sparsity": -0.1}, "--sparsity -0.1"),
     ({"heads": -1}, "--heads -1"),
     ({}, "nothing to prune"),
+    ({"sparsity": 0.5, "eval_rows": 0}, "--eval-rows 0"),
 ])
 def test_bad_amounts_are_refused_naming_the_flag(tmp_path, kwargs, flag):
     with pytest.raises(PruneError, match=flag):
@@ -227,6 +228,20 @@ def test_a_plain_model_folder_needs_a_run(tiny_dir, tmp_path):
         prune(tiny_dir, tmp_path / "out", sparsity=0.5)
     with pytest.raises(PruneError, match="--run"):
         prune(tiny_dir, tmp_path / "out", sparsity=0.5, run=str(tmp_path))  # not a run directory
+
+
+@pytest.mark.slow
+def test_a_model_with_another_tokenizer_than_the_runs_is_refused(learned_run, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "other"
+    model = load(learned_run["merged"])
+    model.save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(learned_run["merged"])
+    tok.add_tokens(["<|another|>"])
+    tok.save_pretrained(folder)
+    with pytest.raises(PruneError, match="does not use the tokenizer of the run"):
+        prune(folder, tmp_path / "out", sparsity=0.5, run=str(learned_run["run"]))
 
 
 def test_cli_refuses_a_missing_source_with_exit_2(tmp_path):
@@ -272,8 +287,10 @@ def test_shrinking_other_families_equals_masking(family, kv_heads):
     with torch.no_grad():
         for p in original.parameters():  # biases start at zero; random ones make slicing them matter
             p.normal_(0, 0.2)
+    original.generation_config.eos_token_id, original.generation_config.temperature = [2, 7], 0.6  # an instruct model's
     groups, chans = [[0], [kv_heads - 1]], [[1, 5], [0, 47]]
     pruned = shrink(original, groups, chans)
+    assert pruned.generation_config.eos_token_id == [2, 7] and pruned.generation_config.temperature == 0.6
     group, head_dim = 4 // kv_heads, 64 // 4
     assert pruned.config.num_attention_heads == 4 - group and pruned.config.num_key_value_heads == kv_heads - 1
     if family == "qwen2":

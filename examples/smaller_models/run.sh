@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bash examples/smaller_models/run.sh        (in an empty folder; about 6 minutes on 2 CPU cores with the demo)
+# bash examples/smaller_models/run.sh        (in an empty folder; about 3 minutes on 2 CPU cores after the demo, 6 with it)
 # The README's "Smaller models" table for the demo's tiny model: the demo (the teacher
 # and the base of the rest), its nf4 export, a structured prune of it, that prune
 # recovered on the labels and recovered by distillation from the demo (equal steps),

@@ -22,6 +22,7 @@ import torch
 from fttrain.distill import (DistillLossSpec, DistillTrainer, OnPolicy, TopKCollator, WithTeacherTopK, load_teacher,
                              load_teacher_tokenizer, precompute_top_k, read_top_k, vocab_width, vocabulary_problem)
 from fttrain.recipes.sft import SFTRecipe
+from fttrain.rendezvous import main_first
 
 log = logging.getLogger("fttrain")
 
@@ -59,21 +60,21 @@ class DistillRecipe(SFTRecipe):
         every rank then reads the files, and the teacher is freed."""
         task = self.cfg.task
         source = {"teacher": task.teacher, "teacher_adapter": task.teacher_adapter,
-                  "dtype": str(next(self.teacher.parameters()).dtype)}
+                  "dtype": str(next(self.teacher.parameters()).dtype), "vocab": self.width}
         splits = {"train": self.data.train.rows, "eval": self.data.eval.rows if self.data.eval else None}
         folder = self.run_dir / "teacher_topk"
-        if self.is_main:
-            for split, rows in splits.items():
+        # Rank 0 writes while the others wait outside the process group's timeout: a
+        # large teacher over a large split can take longer than dist.timeout_minutes.
+        with main_first("the teacher's top-k logits"):
+            for split, rows in splits.items() if self.is_main else ():
                 if rows is None or read_top_k(folder / split, rows, task.top_k, source) is not None:
                     continue
                 meta = precompute_top_k(self.teacher, rows, task.top_k, folder / split,
                                         self.cfg.trainer.micro_batch_size, self.tokenizer.pad_token_id,
-                                        self.args.device, source)
+                                        self.args.device, source, self.width)
                 log.info("distill: the teacher's top %d at %d trained positions of the %s split: %.1f MiB "
                          "(%d x %d x 6 bytes) in %s", task.top_k, meta["positions"], split, meta["bytes"] / 2**20,
                          meta["positions"], task.top_k, folder / split)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
         self.top_k = {split: read_top_k(folder / split, rows, task.top_k, source)
                       for split, rows in splits.items() if rows is not None}
         self.teacher = None
