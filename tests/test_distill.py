@@ -238,8 +238,9 @@ def test_precomputed_top_k_is_the_teachers_and_trains_a_lora_student(teacher_run
     assert (batch["teacher_ids"][:, 0] == online.indices[:, 0]).all()
 
 
-def test_a_teacher_with_another_vocabulary_is_refused(teacher_run, tmp_path):
-    proc = run_cli(["+exp=tiny_distill", f"task.teacher={teacher_run}", "model.tiny.vocab_size=320"], cwd=tmp_path)
+def test_a_teacher_with_another_vocabulary_is_refused(tiny_dir, tmp_path):
+    # The tiny model folder (vocabulary 384) teaching a student built with 320 tokens.
+    proc = run_cli(["+exp=tiny_distill", f"task.teacher={tiny_dir}", "model.tiny.vocab_size=320"], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "task=distill needs a teacher with the student's tokenizer" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -16,6 +16,7 @@ import torch
 from conftest import fttrain_command
 
 pytest.importorskip("bitsandbytes", reason="the qlora extra (bitsandbytes) is not installed")
+pytestmark = pytest.mark.slow  # every test here reads the shared learned run (30 s to train when first asked)
 
 
 def _export(argv, capsys):
