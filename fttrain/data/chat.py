@@ -297,13 +297,12 @@ class ChatEncoder:
         # A token (characters [a, b)) trains when it overlaps a span; zero-width tokens never train.
         # Offsets run left to right, so each span is one slice of tokens, found by bisection
         # (the checks and the bisection run in C: a tenth of a per-token Python loop).
-        offsets = list(offsets)
-        ends = list(map(_end, offsets))
-        zero_width = any(map(eq, map(_start, offsets), ends))
-        if zero_width or offsets != sorted(offsets) or ends != sorted(ends):  # starts and ends both left to right
+        starts, ends = list(map(_start, offsets)), list(map(_end, offsets))
+        zero_width = any(map(eq, starts, ends))
+        if zero_width or starts != sorted(starts) or ends != sorted(ends):  # starts and ends both left to right
             return ids, self._labelled_token_by_token(ids, offsets, spans)
         for s, e in spans:
-            j0, j1 = bisect_right(offsets, s, key=_end), bisect_left(offsets, e, key=_start)
+            j0, j1 = bisect_right(ends, s), bisect_left(starts, e)
             labels[j0:j1] = ids[j0:j1]
         return ids, labels
 

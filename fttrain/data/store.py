@@ -46,12 +46,13 @@ class ChunkWriter:
         self.lengths, self.sample_ids, self.trained_counts = array("i"), array("q"), array("q")
 
     def add(self, input_ids: List[int], labels: List[int], sample_id: int) -> None:
-        ids = np.frombuffer(array("i", input_ids), dtype=np.int32)
+        packed = array("i", input_ids)
+        ids = np.frombuffer(packed, dtype=np.int32)
         lab = np.frombuffer(array("q", labels), dtype=np.int64)
         mask = lab != IGNORE
         if not np.array_equal(lab[mask], ids[mask]):
             raise AssertionError(f"row {sample_id}: a label differs from its token; the mask cannot carry it")
-        self.tokens.extend(input_ids)
+        self.tokens.extend(packed)  # array to array: a copy of bytes, not a walk over Python ints
         self.trained.frombytes(mask.tobytes())  # bool -> one byte, 0 or 1
         self.lengths.append(len(ids))
         self.sample_ids.append(sample_id)
