@@ -310,10 +310,10 @@ def last_span_starts(labels: torch.Tensor) -> List[int]:
     trained = (labels != IGNORE).tolist()
     starts = []
     for i, row in enumerate(trained):
-        ends = [j for j, t in enumerate(row) if t and (j == 0 or not row[j - 1])]
-        if not ends:
+        begins = [j for j, t in enumerate(row) if t and (j == 0 or not row[j - 1])]  # each trained span's first
+        if not begins:
             raise DistillError(f"row {i} of an on-policy micro-batch has no trained token to answer")
-        starts.append(ends[-1])
+        starts.append(begins[-1])
     return starts
 
 
