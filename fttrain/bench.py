@@ -313,6 +313,9 @@ def worker(spec: dict) -> dict:
     cfg.output_root, cfg.name, cfg.overwrite = str(run_dir.parent), run_dir.name, True
     meter = Meter(spec["warmup"], cfg.trainer.max_steps)
     if kind == "fttrain":
+        from fttrain.import_scope import keep_out_unused
+
+        keep_out_unused(cfg)  # as python -m fttrain does for a single run
         extra_info = run_fttrain(cfg, run_dir, meter)
     elif kind == "raw":
         extra_info = run_raw_loop(cfg, run_dir, meter)

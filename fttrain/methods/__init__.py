@@ -74,6 +74,13 @@ def quantization_config(peft_cfg, precision: str = "fp32"):
     return quantization(peft_cfg, precision) if quantization else None
 
 
+def uses_bitsandbytes(peft_cfg) -> bool:
+    """Whether the method goes through bitsandbytes: a 4/8-bit base (QLoRA) or
+    weights it quantises itself (LoRA's LoftQ initialisation)."""
+    method = method_of(peft_cfg)
+    return method.quantized_base or method.quantizes(peft_cfg)
+
+
 def optimizer_args(peft_cfg, optim: str, use_cpu: bool) -> dict:
     """TrainingArguments keywords that pick the optimizer: the method's own
     (GaLore's), otherwise trainer.optim (paged variants unpaged on CPU)."""

@@ -98,6 +98,7 @@ class Method:
     decoder_only: bool = False  # built for decoder-only models
     redraws_layers: bool = False  # changes the trainable set during training (DDP must look for unused parameters)
     quantized_base: bool = False  # trains on a 4/8-bit base (bitsandbytes)
+    quantizes: Callable = lambda peft_cfg: False  # (peft_cfg) -> quantises weights through bitsandbytes itself
     plans: Tuple[str, ...] = ALL_PLANS  # the dist plans it runs under
     plan_note: str = ""  # why not under the others (shown with the refusal)
     sharded_ok: bool = True  # verified under plans that shard weights (ZeRO-3, FSDP)

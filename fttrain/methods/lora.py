@@ -160,6 +160,11 @@ def qlora_problems(cfg) -> List[str]:
     return out
 
 
+def loftq_init(peft_cfg) -> bool:
+    """LoftQ initialises the adapter against the base quantised by bitsandbytes."""
+    return peft_cfg.init == "loftq"
+
+
 def lora_launch_problems(peft_cfg, launch: LaunchFacts) -> List[str]:
     if peft_cfg.init == "loftq" and not launch.on_gpu:
         return ["peft.init=loftq: peft's LoftQ initialisation runs on CUDA only; on CPU use init=default or pissa"]
@@ -194,7 +199,7 @@ def dora_under_zero3(peft_cfg) -> Optional[str]:
 
 METHODS = (
     Method("lora", LoraConfig, apply_lora, check=lora_problems, launch_problems=lora_launch_problems,
-           hooks=loraplus_hooks, zero3_problem=dora_under_zero3),
+           hooks=loraplus_hooks, zero3_problem=dora_under_zero3, quantizes=loftq_init),
     Method("qlora", QLoraConfig, apply_qlora, quantized_base=True, check=qlora_problems,
            launch_problems=qlora_launch_problems, hooks=loraplus_hooks, quantization=quantization_config,
            zero3_problem=dora_under_zero3),
