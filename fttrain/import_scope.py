@@ -27,8 +27,9 @@ from typing import List, Optional
 
 log = logging.getLogger(__name__)
 
-# trainer.optim values whose state torch itself keeps (the rest may be bitsandbytes'
-# 8-bit, paged, Lion or AdEMAMix optimizers, or torchao's 4/8-bit AdamW).
+# trainer.optim values that need nothing beyond torch. Any other keeps both packages: most
+# are bitsandbytes' or torchao's (fttrain.methods.optimizer_package), and the packages of
+# the rest (GaLore, APOLLO, LOMO, ...) may import bitsandbytes themselves.
 TORCH_OPTIMIZERS = frozenset({"adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop"})
 QUANTIZATION_PACKAGES = ("bitsandbytes", "torchao")
 

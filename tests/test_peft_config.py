@@ -117,6 +117,30 @@ def test_paged_optimizers_run_unpaged_on_cpu_with_a_warning(caplog):
     assert optimizer_for_device("paged_adamw_8bit", use_cpu=False) == "paged_adamw_8bit"
 
 
+@pytest.mark.parametrize("optim, package", [
+    ("adamw_torch", None), ("adamw_torch_fused", None), ("adafactor", None), ("sgd", None), ("rmsprop", None),
+    ("adamw_torch_8bit", "torchao"), ("adamw_torch_4bit", "torchao"),
+    ("adamw_bnb_8bit", "bitsandbytes"), ("adamw_8bit", "bitsandbytes"), ("paged_adamw_32bit", "bitsandbytes"),
+    ("lion_32bit", "bitsandbytes"), ("ademamix", "bitsandbytes"), ("rmsprop_bnb", "bitsandbytes"),
+    ("galore_adamw", "bitsandbytes"),  # galore_torch imports bitsandbytes for every optimizer
+])
+def test_each_optimizer_names_the_package_that_keeps_its_state(optim, package):
+    from fttrain.methods import optimizer_package
+
+    assert optimizer_package(optim) == package
+
+
+def test_an_optimizer_is_refused_only_for_its_own_missing_package(monkeypatch):
+    import fttrain.config.checks as checks
+
+    monkeypatch.setattr(checks, "importable", lambda module: module != "bitsandbytes")
+    assert config_error(["+exp=tiny_sft", "trainer.optim=adamw_bnb_8bit"]).count("needs bitsandbytes") == 1
+    checks.check_config(compose(["+exp=tiny_sft", "trainer.optim=adamw_torch_8bit"]))  # torchao's: not refused
+    monkeypatch.setattr(checks, "importable", lambda module: module != "torchao")
+    assert "trainer.optim=adamw_torch_8bit needs torchao: pip install 'fttrain[quantize]'" in config_error(
+        ["+exp=tiny_sft", "trainer.optim=adamw_torch_8bit"])
+
+
 # ------------------------------------------------------- model-level units
 @pytest.fixture(scope="module")
 def tiny_model(tiny_dir):

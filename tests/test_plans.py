@@ -127,7 +127,8 @@ def test_qlora_sharded_needs_matching_quant_storage(dist):
 @pytest.mark.parametrize("dist", ["zero2_offload", "zero3_offload", "fsdp_offload"])
 def test_offload_with_an_8bit_optimizer_is_refused(dist):
     msg = refuse([f"dist={dist}", "trainer.optim=paged_adamw_8bit"])
-    assert "trainer.optim=paged_adamw_8bit" in msg and f"dist={dist}" in msg
+    assert "trainer.optim=paged_adamw_8bit keeps its state with bitsandbytes" in msg and f"dist={dist}" in msg
+    assert "keeps its state with torchao" in refuse([f"dist={dist}", "trainer.optim=adamw_torch_8bit"])
 
 
 def test_fp16_with_a_bf16_only_setting_is_refused():

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from fttrain.config.schema import value_of
 from fttrain.errors import FttrainError
-from fttrain.methods import method_of
+from fttrain.methods import method_of, optimizer_package
 from fttrain.methods.base import importable
 from fttrain.tasks import TASKS, task_of
 
@@ -368,8 +368,10 @@ def peft_problems(cfg: DictConfig) -> List[str]:
     if not method.packs and packing_on(cfg):
         out.append(f"peft={m} prepends virtual tokens to each sequence, which packed rows (several samples per row) "
                    "cannot take: set data.packing=false")
-    if any(k in trainer.optim for k in ("8bit", "bnb", "paged")) and not importable("bitsandbytes"):
-        out.append(f"trainer.optim={trainer.optim} needs bitsandbytes: pip install 'fttrain[qlora]'")
+    package = optimizer_package(trainer.optim)
+    if package and not importable(package):
+        extra = {"bitsandbytes": "qlora", "torchao": "quantize"}[package]
+        out.append(f"trainer.optim={trainer.optim} needs {package}: pip install 'fttrain[{extra}]'")
     from transformers.training_args import OptimizerNames
 
     if trainer.optim not in {o.value for o in OptimizerNames}:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import pkgutil
-from typing import Dict
+from typing import Dict, Optional
 
 from fttrain.errors import PeftSetupError
 from fttrain.methods.base import ApplyContext, Method, TrainerHooks
@@ -88,6 +88,18 @@ def optimizer_args(peft_cfg, optim: str, use_cpu: bool) -> dict:
     if own is not None:
         return own(peft_cfg)
     return {"optim": optimizer_for_device(optim, use_cpu)}
+
+
+def optimizer_package(optim: str) -> Optional[str]:
+    """The package a transformers optimizer (trainer.optim) keeps its state with
+    beyond torch: "torchao" for its 4/8-bit AdamW, "bitsandbytes" for the 8/32-bit,
+    paged, Lion, AdEMAMix and RMSprop ones and GaLore's (galore_torch imports it);
+    None for the rest."""
+    if optim in ("adamw_torch_4bit", "adamw_torch_8bit"):
+        return "torchao"
+    if "bnb" in optim or "8bit" in optim or optim.startswith(("paged_", "lion_", "ademamix", "galore_")):
+        return "bitsandbytes"
+    return None
 
 
 def optimizer_for_device(optim: str, use_cpu: bool) -> str:

@@ -7,13 +7,9 @@ from __future__ import annotations
 import os
 from typing import List
 
-from fttrain.methods import method_of
+from fttrain.methods import method_of, optimizer_package
 from fttrain.methods.base import LaunchFacts
 from fttrain.plan import PlanError, Topology, gradient_accumulation, plan_label, plan_of, shards_weights
-
-# Optimizers whose state is kept by bitsandbytes: DeepSpeed's and FSDP's CPU
-# offload cannot hold it (DeepSpeed replaces the optimizer with its CPU Adam).
-EIGHT_BIT_MARKERS = ("8bit", "4bit", "bnb")
 
 
 def check_plan(cfg, topology: Topology, precision: str, on_gpu: bool) -> None:
@@ -68,9 +64,12 @@ def check_plan(cfg, topology: Topology, precision: str, on_gpu: bool) -> None:
     offloads = (plan == "deepspeed" and (dist.offload_optimizer or dist.offload_params)) or (
         plan == "fsdp" and dist.offload
     )
-    if offloads and any(m in trainer.optim for m in EIGHT_BIT_MARKERS):
+    # DeepSpeed's and FSDP's CPU offload cannot hold bitsandbytes' or torchao's optimizer
+    # state (DeepSpeed replaces the optimizer with its CPU Adam).
+    package = optimizer_package(trainer.optim)
+    if offloads and package:
         problems.append(
-            f"trainer.optim={trainer.optim} is an 8-bit (bitsandbytes) optimizer, which CPU offload (dist={label}) "
+            f"trainer.optim={trainer.optim} keeps its state with {package}, which CPU offload (dist={label}) "
             "cannot hold; use trainer.optim=adamw_torch, or a plan without offload"
         )
 
