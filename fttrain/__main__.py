@@ -107,6 +107,10 @@ def main(cfg: DictConfig):
     global _composed
     _composed = True
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    if not multirun:  # a sweep's trials share this process and may differ
+        from fttrain.import_scope import keep_out_unused
+
+        keep_out_unused(cfg)
     try:
         return _main(cfg)
     except FttrainError as e:
@@ -125,13 +129,7 @@ def main(cfg: DictConfig):
 
 
 def _main(cfg: DictConfig):
-    from hydra.types import RunMode
-
     from fttrain.env import distributed_env_from_slurm
-    from fttrain.import_scope import keep_out_unused
-
-    if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep's trials share this process and may differ
-        keep_out_unused(cfg)
 
     distributed_env_from_slurm()  # one srun task per rank (Hydra's Slurm launcher): RANK etc. from Slurm
     several = several_options_chosen(HydraConfig.get().runtime.choices)
