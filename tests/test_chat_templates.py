@@ -321,3 +321,134 @@ def test_a_message_marked_train_true_trains_whatever_its_role(real_tokenizer, ti
     assert trained_runs(tok, *encode(tok, chat, train=[True, None]).samples[0]) == ["q1<|end|>", "a1<|end|>"]
     users = encode(tok, chat, MaskPolicy(roles=("user", "assistant")))
     assert trained_runs(tok, *users.samples[0]) == ["q1<|end|>", "a1<|end|>"]
+
+
+@pytest.mark.parametrize("kind", ["special", "tiny"])
+def test_prompt_ids_are_the_offset_paths_ids(kind, real_tokenizer, tiny_tokenizer):
+    """The prompts of the token-prefix check are tokenized without offsets; their ids must be the same."""
+    from fttrain.data.chat import token_ids, token_offsets
+
+    tok = family_tokenizer("llama31", kind, real_tokenizer, tiny_tokenizer)
+    texts = [tok.apply_chat_template(CHAT, tokenize=False), "  two  spaces\n\n\ttab",
+             "emoji 🙂🙂 and 한국어 text",
+             "<|eot_id|>x<|start_header_id|>assistant<|end_header_id|>\n\n", ""]
+    assert token_ids(tok, texts) == [ids for ids, _ in token_offsets(tok, texts)]
+    # Truncation left set in tokenizer.json: both go through the Python wrapper, which resets it per call.
+    tok._tokenizer.enable_truncation(8)
+    assert token_ids(tok, texts) == [ids for ids, _ in token_offsets(tok, texts)]
+    assert len(token_ids(tok, texts[:1])[0]) > 8
+
+
+def test_a_chat_renders_each_prefix_once_and_only_its_own_text_is_tokenized_with_offsets(monkeypatch, real_tokenizer,
+                                                                                          tiny_tokenizer):
+    import fttrain.data.chat as chat
+    import fttrain.data.tokenize as tokenize
+
+    tok = family_tokenizer("llama31", "special", real_tokenizer, tiny_tokenizer)
+    rendered, with_offsets, ids_only = [], [], []
+    real_render, real_offsets, real_ids = chat.render, tokenize.token_offsets, tokenize.token_ids
+    monkeypatch.setattr(chat, "render", lambda tok, tpl, msgs, **kw: rendered.append(
+        (len(msgs), kw.get("add_generation_prompt", False))) or real_render(tok, tpl, msgs, **kw))
+    monkeypatch.setattr(tokenize, "token_offsets",
+                        lambda tok, texts: with_offsets.extend(texts) or real_offsets(tok, texts))
+    monkeypatch.setattr(tokenize, "token_ids", lambda tok, texts: ids_only.extend(texts) or real_ids(tok, texts))
+
+    out = encode(tok, CHAT)  # trains messages 2 and 4
+    # the whole chat (which is turn 4), turn 2, and each answer's prompt
+    assert sorted(rendered) == [(2, True), (3, False), (4, True), (5, False)]
+    full = tok.apply_chat_template(CHAT, tokenize=False)
+    assert with_offsets == [full]
+    # Both prompts end "<|end_header_id|>\n\n": only that tail is tokenized again, once.
+    assert ids_only == ["<|end_header_id|>\n\n"]
+    assert trained_runs(tok, *out.samples[0]) == [m["content"] + "<|eot_id|>" for m in CHAT if m["role"] == "assistant"]
+
+    rendered.clear()
+    encode(tok, CHAT, MaskPolicy(roles=("user", "assistant")))
+    # turns 1-4 and their prompts; a user turn's prompt is the turn before it, the last turn the whole chat
+    assert len(rendered) == len(set(rendered)) == 7
+
+
+def sentencepiece_tokenizer(style):
+    """A SentencePiece-style BPE with special tokens and a normalized added token (not a cut point):
+    "first": a Metaspace pre-tokenizer marks only the text's first piece as a word start (how
+    Llama-2/Mistral tokenizers are converted today); "legacy": a Prepend normalizer marks every
+    piece between added tokens (the older conversion)."""
+    from tokenizers import AddedToken, Tokenizer as RustTokenizer, decoders, models, normalizers, pre_tokenizers, \
+        trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = RustTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    if style == "first":
+        tk.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(" ", "\u2581")])
+        tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    else:
+        tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    corpus = ["hello there how are you today", "the answer is four", "what is two plus two", "그리고 한국어"] * 50
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, initial_alphabet=[],
+                                                       special_tokens=["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]))
+    tk.add_tokens([AddedToken("<tool>", normalized=True)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("kind", ["llama31", "first", "legacy"])
+def test_a_prompt_tokenized_from_its_last_special_token_equals_it_tokenized_whole(kind, real_tokenizer,
+                                                                                 tiny_tokenizer):
+    """The token-prefix check tokenizes a prompt from its last special token on (chat.prompt_tail);
+    for every prefix of a chat, that gives the ids of the prefix tokenized whole."""
+    from fttrain.data.chat import prompt_tail, split_tokens, token_ids, token_offsets
+
+    if kind == "llama31":
+        tok = family_tokenizer("llama31", "special", real_tokenizer, tiny_tokenizer)
+        text = tok.apply_chat_template(CHAT, tokenize=False) + "<|start_header_id|>assistant<|end_header_id|>\n\n  x"
+    else:
+        tok = sentencepiece_tokenizer(kind)
+        text = "<s>[INST] hello there[/INST] the answer is four</s>[INST]그리고 <tool> two[/INST]  four</s>"
+    split = split_tokens(tok)
+    assert split and all(not t.startswith("<tool") for t in split.values())  # a normalized added token is no cut
+    ids, offsets = token_offsets(tok, [text])[0]
+    prompts = [text[:n] for n in range(1, len(text) + 1)]
+    parts = [prompt_tail(split, p, text, ids, offsets) for p in prompts]
+    assert sum(tail != p for p, (_, tail) in zip(prompts, parts)) > len(prompts) // 2  # most prompts were cut
+    tails = token_ids(tok, [tail for _, tail in parts])
+    assert [head + tail for (head, _), tail in zip(parts, tails)] == token_ids(tok, prompts)
+    tok._tokenizer.encode_special_tokens = True  # special tokens read as plain text: no cut points
+    assert split_tokens(tok) == {}
+
+
+def test_no_prompt_is_cut_where_the_added_token_matcher_may_drop_a_match():
+    """A single_word added token that fails its word test is dropped and its text goes to the model,
+    which here gives the id of the special token inside it: that is no cut of the text."""
+    from tokenizers import AddedToken, Tokenizer as RustTokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from fttrain.data.chat import prompt_tail, split_tokens, token_ids, token_offsets
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<|eot|>", "q", "##yz", "y", "##z"])}
+    tk = RustTokenizer(models.WordPiece(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.add_special_tokens([AddedToken("<|eot|>", normalized=False, special=True)])  # the vocabulary's id 1
+    tk.add_tokens([AddedToken(" <|eot|>", single_word=True, normalized=False)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+    text = "q  <|eot|>yz"
+    assert split_tokens(tok) == {}
+    ids, offsets = token_offsets(tok, [text])[0]
+    for n in range(1, len(text) + 1):
+        head, tail = prompt_tail(split_tokens(tok), text[:n], text, ids, offsets)
+        assert head + token_ids(tok, [tail])[0] == token_ids(tok, [text[:n]])[0]
+    # What the guard prevents: taken as a cut, the special token's id gives a different tokenization.
+    cut = {1: "<|eot|>"}
+    head, tail = prompt_tail(cut, text, text, ids, offsets)
+    assert head + token_ids(tok, [tail])[0] != token_ids(tok, [text])[0]
+
+
+def test_a_prompt_that_merges_with_the_answer_after_a_special_token_is_named(real_tokenizer, tiny_tokenizer):
+    """The same check where the prompt is tokenized from its last special token on."""
+    tok = family_tokenizer("llama31", "special", real_tokenizer, tiny_tokenizer)
+    # The generation prompt ends in a space; inside the chat it merges with the answer (" It").
+    tok.chat_template = ("{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|> {{ m.content }}"
+                         "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant"
+                         "<|end_header_id|> {% endif %}")
+    with pytest.raises(RowError, match="tokenizes differently") as e:
+        encode(tok, CHAT[1:3])
+    assert e.value.reason == "prompt_not_token_prefix"

@@ -53,14 +53,22 @@ _start, _end = itemgetter(0), itemgetter(1)
 _THINK_BLOCK_RE = re.compile(r"<think>.*?</think>", re.S)
 
 
+def _batch_backend(tokenizer):
+    """A fast tokenizer's own (Rust) tokenizer, when calling it directly gives the wrapper's ids:
+    only without truncation or padding left set in tokenizer.json (the wrapper resets those per call)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch") and backend.truncation is None \
+            and backend.padding is None:
+        return backend
+    return None
+
+
 def token_offsets(tokenizer, texts: Sequence[str]) -> List[Tuple[List[int], List[Tuple[int, int]]]]:
     """[(ids, character offsets)] of each text, without special tokens added. A
     fast tokenizer's own batch encoder is called directly: the same ids as the
     Python wrapper's, without its per-call cost (a fifth of the tokenizing time)."""
-    backend = getattr(tokenizer, "_tokenizer", None)
-    # Only without truncation or padding left set in tokenizer.json: the wrapper resets those per call.
-    if backend is not None and hasattr(backend, "encode_batch") and backend.truncation is None \
-            and backend.padding is None:
+    backend = _batch_backend(tokenizer)
+    if backend is not None:
         return [(enc.ids, enc.offsets) for enc in backend.encode_batch(list(texts), add_special_tokens=False)]
     out = []
     fast = bool(getattr(tokenizer, "is_fast", False))  # a Python tokenizer has no character offsets (None)
@@ -68,6 +76,58 @@ def token_offsets(tokenizer, texts: Sequence[str]) -> List[Tuple[List[int], List
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast)
         out.append((list(enc["input_ids"]), enc.get("offset_mapping")))
     return out
+
+
+def token_ids(tokenizer, texts: Sequence[str]) -> List[List[int]]:
+    """The ids of each text, as ``token_offsets`` gives them, without the offsets: turning
+    those into Python tuples costs a sixth of the tokenizing, and the prompts of the
+    token-prefix check need the ids only."""
+    backend = _batch_backend(tokenizer)
+    if backend is not None:
+        # encode_batch_fast (tokenizers >= 0.20.2) is the same encoding without tracking offsets.
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [enc.ids for enc in encode(list(texts), add_special_tokens=False)]
+    return [list(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+
+
+def split_tokens(tokenizer) -> Dict[int, str]:
+    """{id: text} of the added tokens a fast tokenizer cuts the raw text at before anything else
+    (``normalized=False``, without whitespace stripping or a word-boundary rule). The pieces
+    between them are then normalized, pre-tokenized and tokenized each on its own, so the tokens
+    of a text that has one at character a are the tokens of text[:a] followed by those of
+    text[a:]. Empty when the tokenizer is called through its Python wrapper, and when its
+    added-token matcher may drop a match (a ``single_word`` token failing its word test, a
+    special token read as plain text): the dropped stretch then goes to the model as text, which
+    may give a cut token's id where the text was not cut."""
+    backend = _batch_backend(tokenizer)
+    if backend is None or not hasattr(backend, "get_added_tokens_decoder"):
+        return {}
+    added = backend.get_added_tokens_decoder()
+    as_text = bool(getattr(backend, "encode_special_tokens", False))
+    if any(not t.normalized and (t.single_word or (t.special and as_text)) for t in added.values()):
+        return {}
+    return {i: t.content for i, t in added.items() if t.content and not (t.normalized or t.lstrip or t.rstrip)}
+
+
+def prompt_tail(split: Dict[int, str], prompt: str, text: str, ids: List[int], offsets) -> Tuple[List[int], str]:
+    """(head, tail): ``prompt`` tokenized alone is ``head`` + the tokens of ``tail``.
+
+    A prompt is how ``text`` (ids and offsets given) starts. Where it holds a token of
+    ``split`` (``split_tokens``), the last one at character a, its tokens alone are the
+    text's own tokens before that token, then the tokens of prompt[a:]: only that tail
+    is tokenized again (a few tokens: "<|end_header_id|>\\n\\n"), not the whole
+    conversation before each answer. Without one, the tail is the whole prompt."""
+    if not split or offsets is None or not text.startswith(prompt):
+        return [], prompt
+    n = len(prompt)
+    # Offsets run left to right (else the search starts elsewhere: the token found is checked all the same).
+    inside = bisect_right(offsets, n, key=_start)
+    for j in range(min(inside, len(ids)) - 1, -1, -1):
+        a, b = offsets[j]
+        content = split.get(ids[j])
+        if content is not None and b <= n and text[a:b] == content:
+            return list(ids[:j]), prompt[a:]
+    return [], prompt
 
 
 @dataclass(frozen=True)
@@ -88,9 +148,6 @@ class Labelling:
     spans: Optional[List[Tuple[int, int]]]  # trained character spans; None: every token trains
     prompts: Sequence[str] = ()  # must tokenize alone as the start of text's tokens
 
-    def texts(self) -> List[str]:
-        return [self.text, *filter(None, self.prompts)]
-
 
 @dataclass
 class EncodedChat:
@@ -106,6 +163,7 @@ class ChatEncoder:
     def __init__(self, tokenizer, info: TemplateInfo, policy: MaskPolicy = MaskPolicy()):
         self.tok = tokenizer
         self.info = info
+        self.split_tokens = split_tokens(tokenizer)
         self.policy = policy
         self.use_markers = has_generation_markers(info.template) and tuple(policy.roles) == ("assistant",)
 
@@ -140,7 +198,10 @@ class ChatEncoder:
             spans = self._generation_spans(chat, generation, targets)
             out.samples.append(Labelling(full, [self._trim(chat, k, full, s, e, out) for k, (s, e) in spans]))
             return out
-        turns = [self._turn(chat, k) for k in targets]
+        # The first n messages rendered, by (n, generation prompt): the last turn is the whole chat, and a
+        # user turn's prompt is the turn before it, so each is rendered once.
+        rendered = {(len(msgs), False): full}
+        turns = [self._turn(chat, k, rendered) for k in targets]
         consistent = [full.startswith(turn[:end]) for (_, turn, _, end) in turns]
         if all(consistent):
             spans = [self._trim(chat, k, full, start, end, out) for k, (_, _, start, end) in zip(targets, turns)]
@@ -205,16 +266,22 @@ class ChatEncoder:
                 raise RowError("tools", "template_dropped_content",
                                f"tool {tool['function']['name']!r} does not appear in the rendered chat")
 
-    def _turn(self, chat: Chat, k: int) -> Tuple[str, str, int, int]:
+    def _first(self, chat: Chat, n: int, gen: bool, rendered: Dict[Tuple[int, bool], str]) -> str:
+        """The chat's first n messages rendered (with the generation prompt if ``gen``), once per chat."""
+        if (n, gen) not in rendered:
+            rendered[n, gen] = self._render(chat.messages[:n], gen=gen, tools=chat.tools)[0]
+        return rendered[n, gen]
+
+    def _turn(self, chat: Chat, k: int, rendered: Dict[Tuple[int, bool], str]) -> Tuple[str, str, int, int]:
         """(the text before turn k's trained part, the chat rendered up to turn k,
         where the trained part starts, where turn k's own text ends)."""
         msgs = chat.messages
         gen = msgs[k]["role"] == "assistant"
-        turn = self._render(msgs[:k + 1], tools=chat.tools)[0]
+        turn = self._first(chat, k + 1, False, rendered)
         tail = self.info.closing_tail
         end = len(turn) - len(tail) if tail and turn.endswith(tail) else len(turn)
         try:
-            prompt = self._render(msgs[:k], gen=gen, tools=chat.tools)[0]
+            prompt = self._first(chat, k, gen, rendered)
         except RowError:
             if k > 0:
                 raise

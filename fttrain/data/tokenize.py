@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from fttrain.data.chat import IGNORE, ChatEncoder, EncodedChat, Labelling, MaskPolicy, token_offsets
+from fttrain.data.chat import IGNORE, ChatEncoder, EncodedChat, Labelling, MaskPolicy, prompt_tail, token_ids, \
+    token_offsets
 from fttrain.data.formats import Chat, Example, PromptCompletion, RowError, Text
 from fttrain.data.templates import TemplateError, TemplateInfo
 
@@ -54,9 +55,23 @@ class Tokenizer:
                 planned.append(self._chat(ex) if isinstance(ex, Chat) else self._other(ex))
             except RowError as e:
                 planned.append(e)
-        texts = {t: None for out in planned if isinstance(out, EncodedChat)
-                 for s in out.samples if isinstance(s, Labelling) for t in s.texts()}
-        tokens = dict(zip(texts, token_offsets(self.tok, list(texts)))) if texts else {}
+        # Offsets are read only to label a text with trained spans; unmasked texts need ids only.
+        # A prompt (of the token-prefix check) is tokenized from its last special token on, the
+        # tokens before it taken from the chat it starts (chat.prompt_tail).
+        spanned, ids_only, prompts = {}, {}, {}
+        for out in planned:
+            for s in out.samples if isinstance(out, EncodedChat) else ():
+                if isinstance(s, Labelling):
+                    (spanned if s.spans is not None else ids_only)[s.text] = None
+                    for prompt in filter(None, s.prompts):
+                        prompts.setdefault(prompt, s.text)
+        tokens = dict(zip(spanned, token_offsets(self.tok, list(spanned)))) if spanned else {}
+        split = {prompt: prompt_tail(self.chats.split_tokens, prompt, text, *tokens.get(text, ([], None)))
+                 for prompt, text in prompts.items() if prompt not in tokens}
+        plain = list(dict.fromkeys([*(t for t in ids_only if t not in tokens), *(tail for _, tail in split.values())]))
+        plain_ids = dict(zip(plain, token_ids(self.tok, plain))) if plain else {}
+        tokens.update((t, (plain_ids[t], None)) for t in ids_only if t not in tokens)
+        tokens.update((prompt, (head + list(plain_ids[tail]), None)) for prompt, (head, tail) in split.items())
         results = []
         for out in planned:
             if isinstance(out, EncodedChat):
