@@ -13,7 +13,9 @@ The trained tokens of a turn are found in this order:
    checked three ways: prompt_k is the start of turn_k (text), turn_k is how the
    whole conversation starts (text), and prompt_k tokenized alone is how the
    conversation's tokens start (token level), i.e. what the model sees at
-   inference is what it trains on. A turn-k span for a ChatML template:
+   inference is what it trains on. (Each prefix of the chat is rendered once,
+   and prompt_k is tokenized from its last special token on: ``prompt_tail``.)
+   A turn-k span for a ChatML template:
 
        <|im_start|>user\\nhi<|im_end|>\\n<|im_start|>assistant\\n  hello<|im_end|>  \\n
        '-------------------- prompt_k -----------------------'  '-- trained --'  after EOT: not trained
