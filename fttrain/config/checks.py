@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from fttrain.config.schema import value_of
 from fttrain.errors import FttrainError
 from fttrain.methods import method_of, optimizer_package
-from fttrain.methods.base import importable
+from fttrain.methods.base import importable, install_hint
 from fttrain.tasks import TASKS, task_of
 
 
@@ -370,8 +370,7 @@ def peft_problems(cfg: DictConfig) -> List[str]:
                    "cannot take: set data.packing=false")
     package = optimizer_package(trainer.optim)
     if package and not importable(package):
-        extra = {"bitsandbytes": "qlora", "torchao": "quantize"}[package]
-        out.append(f"trainer.optim={trainer.optim} needs {package}: pip install 'fttrain[{extra}]'")
+        out.append(f"trainer.optim={trainer.optim} needs {package}: {install_hint(package)}")
     from transformers.training_args import OptimizerNames
 
     if trainer.optim not in {o.value for o in OptimizerNames}:

@@ -76,6 +76,14 @@ def importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+# The fttrain extra (pyproject.toml's optional-dependencies) that installs each optional package.
+EXTRA_OF = {"bitsandbytes": "qlora", "torchao": "quantize", "galore_torch": "galore"}
+
+
+def install_hint(module: str) -> str:
+    return f"pip install 'fttrain[{EXTRA_OF[module]}]'"
+
+
 def no_problems(*_) -> List[str]:
     return []
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import List
 
 from fttrain.config.choice import choices
-from fttrain.methods.base import LaunchFacts, Method, PeftConfig, importable
+from fttrain.methods.base import LaunchFacts, Method, PeftConfig, importable, install_hint
 from fttrain.methods.whole import train_everything
 from fttrain.config.bounds import bounded
 
@@ -53,9 +53,9 @@ def galore_problems(cfg) -> List[str]:
     if peft.layerwise and trainer.gradient_accumulation_steps != 1:
         out.append("peft.layerwise=true steps each layer during backward: gradient accumulation is impossible")
     if not importable("galore_torch"):
-        out.append("peft=galore needs GaLore's optimizers: pip install 'fttrain[galore]'")
+        out.append(f"peft=galore needs GaLore's optimizers: {install_hint('galore_torch')}")
     if peft.optimizer == "adamw_8bit" and not importable("bitsandbytes"):
-        out.append("peft.optimizer=adamw_8bit needs bitsandbytes: pip install 'fttrain[qlora]'")
+        out.append(f"peft.optimizer=adamw_8bit needs bitsandbytes: {install_hint('bitsandbytes')}")
     if trainer.optim != "adamw_torch":
         out.append("peft=galore chooses the optimizer itself (peft.optimizer); leave trainer.optim at adamw_torch")
     return out

@@ -8,7 +8,8 @@ from typing import List, Optional
 
 from fttrain.config.choice import choices
 from fttrain.errors import PeftSetupError
-from fttrain.methods.base import LaunchFacts, Method, PeftConfig, TrainerHooks, apply_peft_library, importable
+from fttrain.methods.base import LaunchFacts, Method, PeftConfig, TrainerHooks, apply_peft_library, importable, \
+    install_hint
 from fttrain.methods.targets import linear_leaf_names, resolve_target_modules
 from fttrain.config.bounds import bounded
 
@@ -156,7 +157,7 @@ def qlora_problems(cfg) -> List[str]:
     if peft.bits not in (4, 8):
         out.append(f"peft.bits={peft.bits} must be 4 or 8")
     if not importable("bitsandbytes"):
-        out.append("peft=qlora needs bitsandbytes: pip install 'fttrain[qlora]'")
+        out.append(f"peft=qlora needs bitsandbytes: {install_hint('bitsandbytes')}")
     return out
 
 
