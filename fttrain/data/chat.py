@@ -124,7 +124,7 @@ def prompt_tail(split: Dict[int, str], prompt: str, text: str, ids: List[int], o
     n = len(prompt)
     # Offsets run left to right (else the search starts elsewhere: the token found is checked all the same).
     inside = bisect_right(offsets, n, key=_start)
-    for j in range(min(inside, len(ids)) - 1, -1, -1):
+    for j in range(inside - 1, -1, -1):
         a, b = offsets[j]
         content = split.get(ids[j])
         if content is not None and b <= n and text[a:b] == content:

@@ -68,9 +68,10 @@ class Tokenizer:
         tokens = dict(zip(spanned, token_offsets(self.tok, list(spanned)))) if spanned else {}
         split = {prompt: prompt_tail(self.chats.split_tokens, prompt, text, *tokens.get(text, ([], None)))
                  for prompt, text in prompts.items() if prompt not in tokens}
-        plain = list(dict.fromkeys([*(t for t in ids_only if t not in tokens), *(tail for _, tail in split.values())]))
+        ids_only = [t for t in ids_only if t not in tokens]
+        plain = list(dict.fromkeys([*ids_only, *(tail for _, tail in split.values())]))
         plain_ids = dict(zip(plain, token_ids(self.tok, plain))) if plain else {}
-        tokens.update((t, (plain_ids[t], None)) for t in ids_only if t not in tokens)
+        tokens.update((t, (plain_ids[t], None)) for t in ids_only)
         tokens.update((prompt, (head + list(plain_ids[tail]), None)) for prompt, (head, tail) in split.items())
         results = []
         for out in planned:
