@@ -160,6 +160,7 @@ def test_cli_rejects_a_typo_before_loading_anything(tmp_path):
     assert time.time() - start < 60
 
 
+@pytest.mark.slow
 def test_cli_reports_cross_field_problem_without_training(tmp_path):
     proc = run_cli(["+exp=tiny_sft", "task=pt"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2

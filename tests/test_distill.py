@@ -238,6 +238,7 @@ def test_precomputed_top_k_is_the_teachers_and_trains_a_lora_student(teacher_run
     assert (batch["teacher_ids"][:, 0] == online.indices[:, 0]).all()
 
 
+@pytest.mark.slow
 def test_a_teacher_with_another_vocabulary_is_refused(tiny_dir, tmp_path):
     # The tiny model folder (vocabulary 384) teaching a student built with 320 tokens.
     proc = run_cli(["+exp=tiny_distill", f"task.teacher={tiny_dir}", "model.tiny.vocab_size=320"], cwd=tmp_path)
@@ -267,6 +268,7 @@ def test_two_ranks_distill_like_one_at_the_same_global_batch(teacher_run, tmp_pa
     assert len({round(r["loss"], 4) for r in a}) > 1
 
 
+@pytest.mark.slow
 def test_a_teacher_that_is_not_there_is_named(tmp_path):
     proc = run_cli(["+exp=tiny_distill", f"task.teacher={tmp_path}/no_such_run"], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -25,6 +25,7 @@ def choice_lls(resps):
 
 
 # ------------------------------------------------------------------ before any model loads
+@pytest.mark.slow
 def test_an_unknown_task_is_refused_at_the_config_check_with_the_nearest_names():
     message = config_error(["+exp=tiny_sft", "harness.tasks=[revers_letters_choice]",
                             f"harness.include_path={EXAMPLES}"])
@@ -32,6 +33,7 @@ def test_an_unknown_task_is_refused_at_the_config_check_with_the_nearest_names()
     assert "did you mean reverse_letters_choice" in message
 
 
+@pytest.mark.slow
 def test_a_missing_task_folder_and_a_misspelt_key_are_refused():
     assert "harness.include_path=/no/such/tasks: no such folder" in \
         config_error(["+exp=tiny_sft", "harness.tasks=[arc_easy]", "harness.include_path=/no/such/tasks"])
@@ -68,6 +70,7 @@ def test_results_flatten_to_one_number_per_task_and_metric():
     assert not any("sample_len" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_eval_refuses_a_missing_path_and_an_unknown_task_before_loading(tmp_path):
     proc = command(["eval", str(tmp_path / "nothing"), "--tasks", "arc_easy"], cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

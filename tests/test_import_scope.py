@@ -77,6 +77,7 @@ def imported_after_the_trainer_stack(**env) -> set:
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+@pytest.mark.slow
 def test_the_trainer_stack_imports_none_of_them_when_kept_out():
     # The same imports load all three when nothing is kept out: the test can fail.
     assert imported_after_the_trainer_stack(FTTRAIN_IMPORT_ALL="1") == ALL

@@ -164,6 +164,7 @@ def test_all_problems_are_reported_at_once():
     assert msg.count("\n  - ") >= 3
 
 
+@pytest.mark.slow
 def test_cli_refuses_an_invalid_plan_before_any_process_group(tmp_path):
     proc = run_cli(["+exp=tiny_sft", "dist=fsdp_hybrid"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -104,6 +104,8 @@ def test_bad_input_is_refused_before_sbatch(overrides, message, tmp_path, capsys
     from fttrain import slurm
 
     monkeypatch.chdir(tmp_path)
+    # The cluster is not asked: with sinfo installed and slurmctld down each query waits ~9 s to fail.
+    monkeypatch.setattr(slurm, "slurm_query", lambda args: (None, f"{args[0]}: not asked in this test"))
     called = []
     monkeypatch.setattr(slurm, "submit", lambda script: called.append(script))
     assert slurm.main(["+exp=tiny_sft", *overrides, "--submit"]) == 2

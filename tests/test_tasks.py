@@ -72,6 +72,7 @@ def test_chat_prompt_with_text_answers_becomes_assistant_turns():
                    "rejected": [{"role": "assistant", "content": "b"}]}
 
 
+@pytest.mark.slow
 def test_bad_preference_row_stops_the_cli_with_row_and_field(tmp_path):
     path = tmp_path / "pairs.jsonl"
     rows = [{"prompt": "Reverse: a b", "chosen": "b a", "rejected": "a b"}] * 3 + [{"prompt": "x", "chosen": "y"}]
@@ -141,6 +142,7 @@ def test_preference_config_problems(overrides, message):
     assert message in config_error(["+exp=tiny_dpo", *overrides])
 
 
+@pytest.mark.slow
 def test_grpo_batch_must_split_into_groups(tmp_path):
     proc = run_cli(["+exp=tiny_grpo", "trainer.micro_batch_size=6", "trainer.max_steps=1"], cwd=tmp_path)
     assert proc.returncode == 2 and "groups of task.num_generations=8" in proc.stderr
