@@ -5,6 +5,7 @@ alternating order (A B C, B C A, ...), medians over the repeats:
 
     fttrain            fttrain's own run (fttrain.run's recipe, trainer and collator)
     fttrain_chunked    the same with trainer.loss=chunked
+    fttrain_liger      the same with Liger-Kernel's fused loss and kernels (a CUDA GPU)
     trl_default        TRL's SFTTrainer with its defaults (a padded batch per step)
     trl_packed         SFTTrainer with packing=true, padding_free=true
     raw_loop           a plain PyTorch loop (AdamW, the same packed batches, no Trainer)
@@ -48,6 +49,7 @@ from typing import Dict, List, Optional
 VARIANTS = {  # name -> (kind, fttrain overrides or TRL SFTConfig settings)
     "fttrain": ("fttrain", []),
     "fttrain_chunked": ("fttrain", ["trainer.loss=chunked"]),
+    "fttrain_liger": ("fttrain", ["trainer.loss=liger", "trainer.liger_kernels=true"]),  # CUDA GPU
     "trl_default": ("trl", {}),
     "trl_packed": ("trl", {"packing": True, "padding_free": True}),
     "raw_loop": ("raw", {}),

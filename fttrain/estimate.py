@@ -18,7 +18,8 @@ weights are read or allocated).
                  while it is recomputed. Adapter dropout's masked copies are not counted.
     logits       default loss: tokens x vocab x 10 bytes (the compute-dtype logits with
                  their fp32 upcast and log-softmax in forward; log-softmax and its fp32
-                 gradient in backward); chunked: loss_chunk_tokens x vocab x 10
+                 gradient in backward); chunked: loss_chunk_tokens x vocab x 10;
+                 liger: the same over Liger's chunk, tokens / ceil(vocab / hidden) to a power of 2
     tokens       micro_batch_size x data.max_length (packed rows are full)
 
 The plan divides what it shards by the world size: ZeRO-1 the optimizer,
@@ -35,6 +36,8 @@ and the allocator's fragmentation are not counted). On a GPU the one-shot check
 """
 
 from __future__ import annotations
+
+import math
 
 import argparse
 import sys
@@ -174,8 +177,14 @@ def activation_bytes(config, cfg, precision: str) -> Dict[str, float]:
     else:
         activations = tokens * layers * per_layer
     vocab = config.vocab_size
-    chunked = str(cfg.trainer.loss) == "chunked"
-    logits = 10 * vocab * (min(tokens, cfg.trainer.loss_chunk_tokens) if chunked else tokens)
+    loss = str(cfg.trainer.loss)
+    if loss == "chunked":
+        tokens_at_once = min(tokens, cfg.trainer.loss_chunk_tokens)
+    elif loss == "liger":  # Liger's fused loss: chunks of next_pow2(tokens / ceil(vocab / hidden)) positions
+        tokens_at_once = min(tokens, 1 << max(0, math.ceil(math.log2(max(1, -(-tokens // -(-vocab // h)))))))
+    else:
+        tokens_at_once = tokens
+    logits = 10 * vocab * tokens_at_once
     return {"activations": float(activations), "logits": float(logits)}
 
 

@@ -149,3 +149,46 @@ def probe_losses(model, lm, own_forward, chunked_forward, vocab_size: int):
         lm.forward = own_forward
         model.train(was_training)
     return own, chunked
+
+
+# ------------------------------------------------------------------ Liger-Kernel
+# trainer.loss=liger (fused linear cross-entropy) and trainer.liger_kernels (RMSNorm, RoPE,
+# SwiGLU) go through transformers' own integration: TrainingArguments.use_liger_kernel, whose
+# Trainer patches the causal LM inside any PEFT wrapper when training starts
+# (liger_kernel.transformers._apply_liger_kernel_to_instance). Its fused loss reads the
+# normalisation (num_items_in_batch) from the trainer as the default loss does.
+LIGER_PIP = "pip install liger-kernel"
+
+
+def liger_kernel_config(trainer_cfg) -> Optional[dict]:
+    """TrainingArguments.liger_kernel_config for this trainer config; None: Liger is not used."""
+    loss, kernels = trainer_cfg.loss == "liger", bool(trainer_cfg.liger_kernels)
+    if not (loss or kernels):
+        return None
+    return {"fused_linear_cross_entropy": loss, "cross_entropy": False,
+            "rms_norm": kernels, "rope": kernels, "swiglu": kernels}
+
+
+def liger_knobs(trainer_cfg) -> str:
+    """The knobs that ask for Liger, as written on the command line (for messages)."""
+    knobs = (["trainer.loss=liger"] if trainer_cfg.loss == "liger" else []) + \
+        (["trainer.liger_kernels=true"] if trainer_cfg.liger_kernels else [])
+    return " and ".join(knobs)
+
+
+def liger_runtime_problem(trainer_cfg, on_gpu: bool, model_type: Optional[str] = None) -> Optional[str]:
+    """Why Liger cannot run here: Triton kernels need a CUDA GPU, and Liger patches only the
+    model families it knows (any other would train unpatched without a word)."""
+    if liger_kernel_config(trainer_cfg) is None:
+        return None
+    knobs = liger_knobs(trainer_cfg)
+    if not on_gpu:
+        return (f"{knobs}: Liger-Kernel's Triton kernels run on a CUDA GPU and this run is on the CPU; "
+                "use trainer.loss=chunked (plain torch) or leave them off")
+    if model_type is not None:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+        if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+            return (f"{knobs}: Liger-Kernel has no kernels for {model_type!r} models (it patches "
+                    f"{', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}); use trainer.loss=chunked or leave them off")
+    return None

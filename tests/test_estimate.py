@@ -78,10 +78,13 @@ def test_the_memory_knobs_each_lower_the_estimate(llama8b_config):
     plain = estimate(compose(base)).parts
     checkpointed = estimate(compose(base + ["trainer.gradient_checkpointing=true"])).parts
     chunked = estimate(compose(base + ["trainer.loss=chunked"])).parts
+    liger = estimate(compose(base + ["trainer.loss=liger"])).parts
     eight_bit = estimate(compose(base + ["trainer.optim=adamw_bnb_8bit"])).parts
     assert checkpointed["activations"] < plain["activations"] / 10
     # 8,192 tokens x 128,256 logits x 10 bytes; chunked: 1,024 positions at a time
     assert plain["logits"] == 8192 * 128256 * 10 and chunked["logits"] == 1024 * 128256 * 10
+    # Liger: 8,192 / ceil(128,256 / 4,096) = 8,192 / 32 = 256 positions at a time
+    assert liger["logits"] == 256 * 128256 * 10
     assert eight_bit["optimizer"] == plain["optimizer"] / 4
 
 

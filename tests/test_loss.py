@@ -198,3 +198,58 @@ def test_a_compiled_run_logs_the_same_losses_and_its_first_step_apart(tmp_path):
     assert len(losses["eager"]) == 4
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
     assert 0 < metrics["compiled"]["first_step_seconds"] <= metrics["compiled"]["train_step_seconds"]
+
+
+# ------------------------------------------------------------------ Liger-Kernel (CUDA only: the wiring on CPU)
+def test_liger_knobs_become_transformers_liger_settings():
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from fttrain.loss import liger_kernel_config
+
+    assert liger_kernel_config(compose(["+exp=tiny_sft"]).trainer) is None
+    loss = liger_kernel_config(compose(["+exp=tiny_sft", "trainer.loss=liger"]).trainer)
+    kernels = liger_kernel_config(compose(["+exp=tiny_sft", "trainer.liger_kernels=true"]).trainer)
+    assert loss == {"fused_linear_cross_entropy": True, "cross_entropy": False, "rms_norm": False, "rope": False,
+                    "swiglu": False}
+    assert kernels == {"fused_linear_cross_entropy": False, "cross_entropy": False, "rms_norm": True, "rope": True,
+                       "swiglu": True}
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    assert {"use_liger_kernel", "liger_kernel_config"} <= fields  # what the recipe passes them as
+
+
+def test_liger_is_refused_where_it_cannot_run_naming_the_knob(monkeypatch):
+    from conftest import config_error
+    from fttrain.config import checks
+
+    monkeypatch.setattr(checks, "importable", lambda module: module != "liger_kernel")
+    assert "trainer.loss=liger: liger-kernel is not installed (pip install liger-kernel" in \
+        config_error(["+exp=tiny_sft", "trainer.loss=liger"])
+    monkeypatch.setattr(checks, "importable", lambda module: True)
+    assert "ZeRO-3" in config_error(["+exp=tiny_full", "trainer.loss=liger", "dist=zero3"])
+    assert "adapter on lm_head" in config_error(["+exp=tiny_sft", "trainer.loss=liger",
+                                                 "peft.target_modules=[q_proj,lm_head]"])
+    assert "trainer.liger_kernels=true: task=dpo" in config_error(["+exp=tiny_dpo", "trainer.liger_kernels=true"])
+    from fttrain.config.checks import check_config
+
+    check_config(compose(["+exp=tiny_sft", "trainer.loss=liger", "trainer.liger_kernels=true"]))  # installed: fine
+
+
+def test_liger_needs_a_gpu_and_a_family_liger_patches(monkeypatch):
+    import types
+
+    from fttrain.loss import liger_runtime_problem
+
+    trainer = compose(["+exp=tiny_sft", "trainer.loss=liger", "trainer.liger_kernels=true"]).trainer
+    assert "run on a CUDA GPU and this run is on the CPU" in liger_runtime_problem(trainer, on_gpu=False)
+    assert "trainer.loss=liger and trainer.liger_kernels=true" in liger_runtime_problem(trainer, on_gpu=False)
+    assert liger_runtime_problem(compose(["+exp=tiny_sft"]).trainer, on_gpu=False) is None
+    table = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    table.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": None, "qwen2": None}  # Liger's own table, in its place
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", table)
+    assert liger_runtime_problem(trainer, on_gpu=True, model_type="llama") is None
+    message = liger_runtime_problem(trainer, on_gpu=True, model_type="bert")
+    assert "no kernels for 'bert' models (it patches llama, qwen2)" in message

@@ -70,8 +70,9 @@ Overlength = choices("Overlength", ("truncate", "drop", "raise"), __name__)
 SaveFormat = choices("SaveFormat", ("full", "sharded"), __name__)
 # who checkpoints activations under FSDP: transformers ("model") or FSDP's wrapper
 # trainer.loss (fttrain/loss.py): default = the model's own [tokens, vocab] logits;
-# chunked = lm_head + cross-entropy a chunk of positions at a time, recomputed in backward
-TokenLoss = choices("TokenLoss", ("default", "chunked"), __name__)
+# chunked = lm_head + cross-entropy a chunk of positions at a time, recomputed in backward;
+# liger = Liger-Kernel's fused linear cross-entropy (Triton kernels: a CUDA GPU and pip install liger-kernel)
+TokenLoss = choices("TokenLoss", ("default", "chunked", "liger"), __name__)
 ActivationCheckpointing = choices("ActivationCheckpointing", ("model", "fsdp"), __name__)
 # Resuming checks a checkpoint against its manifest: every file's size and SHA-256
 # (reads it all once: seconds per GB) or sizes only (instant; misses flipped bytes).
@@ -257,6 +258,9 @@ class TrainerConfig:
     loss: TokenLoss = TokenLoss.default
     # positions per chunk: smaller holds less, more chunks cost more launches
     loss_chunk_tokens: int = bounded(1024, lo=1)
+    # Liger-Kernel's fused RMSNorm, RoPE and SwiGLU (CUDA GPU, pip install liger-kernel; the
+    # families Liger patches: Llama, Mistral, Qwen, Gemma, Phi-3, ...): less activation memory.
+    liger_kernels: bool = False
     # torch.compile the model: faster steps after a first step that compiles
     # (tens of seconds, reported as first_step_seconds; again if shapes change).
     compile: bool = False

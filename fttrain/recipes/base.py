@@ -31,10 +31,12 @@ from fttrain.plan.translate import (after_process_group, cpu_collective_timeout,
                                     single_process_rendezvous, trainer_args)
 from fttrain.plan.verify import PlanCheck, deepspeed_config_in_use
 from fttrain.checkpoints import checkpoint_step, latest_checkpoint
+from fttrain.config.checks import ConfigCheckError
 from fttrain.env import check_world_size, detect_runtime, is_main_process, peak_memory_bytes
 from fttrain.models.load import load_tokenizer, param_counts, resolve_model_path, set_dropout
 from fttrain.rendezvous import launch_token, local_main_first
 from fttrain.preemption import StopOnSignal, remove_pid_file, requeue_job, signal_name, write_pid_file
+from fttrain.loss import liger_kernel_config, liger_runtime_problem
 from fttrain.methods import apply_peft, method_of, optimizer_args, quantization_config, trainer_hooks
 from fttrain.tasks import task_of
 
@@ -95,6 +97,9 @@ class Recipe:
         self.topology = Topology.from_env()
         # Invalid plans and unreachable batch sizes stop here, before any process group starts.
         check_plan(cfg, self.topology, self.runtime.precision, on_gpu=not self.runtime.use_cpu)
+        liger = liger_runtime_problem(cfg.trainer, on_gpu=not self.runtime.use_cpu)
+        if liger:
+            raise ConfigCheckError([liger])
         self.accum = gradient_accumulation(cfg.trainer, self.topology.world_size)
         single_process_rendezvous(cfg.dist)
         cpu_collective_timeout(cfg.dist, self.runtime.use_cpu)
@@ -121,6 +126,8 @@ class Recipe:
         config = AutoConfig.from_pretrained(self.model_path, revision=self.cfg.model.revision,
                                             trust_remote_code=self.cfg.model.trust_remote_code)
         problems = length_problems(self.cfg, config)
+        if liger_kernel_config(self.cfg.trainer) is not None:  # on a GPU by now (setup_launch)
+            problems += filter(None, [liger_runtime_problem(self.cfg.trainer, True, config.model_type)])
         if problems:
             raise ConfigCheckError(problems)
 
@@ -216,6 +223,9 @@ class Recipe:
             # The Trainer would test every micro-batch's loss for NaN/inf (a device
             # sync each) to hide it from the logged mean; a NaN stays visible instead.
             logging_nan_inf_filter=False,
+            # trainer.loss=liger / trainer.liger_kernels: transformers' Trainer patches the model with them.
+            use_liger_kernel=liger_kernel_config(t) is not None,
+            liger_kernel_config=liger_kernel_config(t),
             torch_compile=t.compile,
             torch_compile_backend=t.compile_backend if t.compile else None,
             eval_strategy="steps" if (t.eval_steps and has_eval) else "no",
