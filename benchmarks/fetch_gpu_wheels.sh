@@ -21,6 +21,7 @@ for pkg in trl datasets hydra-core omegaconf antlr4-python3-runtime dill multipr
   # (DeepSpeed's ops compile on first use there).
   get "$pkg==$(v $pkg)" 2>/dev/null || DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps -w .whl "$pkg==$(v $pkg)"
 done
-# Liger-Kernel (pure Python over the machine's triton; not installed here, so pinned by name).
-get "liger-kernel==0.8.5"
+# Liger-Kernel and cut-cross-entropy (pure Python over the machine's triton; not installed here,
+# so pinned by name).
+get "liger-kernel==0.8.5" "cut-cross-entropy==25.1.1"
 du -sh .whl

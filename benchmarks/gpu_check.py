@@ -10,6 +10,7 @@ sequence 2048, 20 optimizer steps per variant through ``fttrain bench``:
     full sdpa
     lora loss chunked                     (trainer.loss=chunked)
     lora liger (loss + kernels)           (trainer.loss=liger trainer.liger_kernels=true, if liger-kernel imports)
+    lora loss cce                         (trainer.loss=cce, if cut-cross-entropy imports)
     lora compiled                         (trainer.compile=true)
     qlora nf4                             (if bitsandbytes imports)
     trl defaults                          (TRL SFTTrainer, the same model and data)
@@ -82,6 +83,7 @@ def checks(dry: bool):
     yield "full sdpa", full, ["fttrain"], True
     yield "lora loss chunked", [], ["fttrain_chunked"], True
     yield "lora liger (loss + kernels)", [], ["fttrain_liger"], not dry and importable("liger_kernel")
+    yield "lora loss cce", [], ["fttrain_cce"], not dry and importable("cut_cross_entropy")
     yield "lora compiled", ["trainer.compile=true"], ["fttrain"], not dry
     yield "qlora nf4", ["peft=qlora", "peft.compute_dtype=bfloat16"], ["fttrain"], not dry and importable("bitsandbytes")
     yield "trl defaults (lora)", [], ["trl_default"], importable("trl")

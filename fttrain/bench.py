@@ -6,6 +6,7 @@ alternating order (A B C, B C A, ...), medians over the repeats:
     fttrain            fttrain's own run (fttrain.run's recipe, trainer and collator)
     fttrain_chunked    the same with trainer.loss=chunked
     fttrain_liger      the same with Liger-Kernel's fused loss and kernels (a CUDA GPU)
+    fttrain_cce        the same with cut-cross-entropy's loss (a CUDA GPU)
     trl_default        TRL's SFTTrainer with its defaults (a padded batch per step)
     trl_packed         SFTTrainer with packing=true, padding_free=true
     raw_loop           a plain PyTorch loop (AdamW, the same packed batches, no Trainer)
@@ -50,10 +51,20 @@ VARIANTS = {  # name -> (kind, fttrain overrides or TRL SFTConfig settings)
     "fttrain": ("fttrain", []),
     "fttrain_chunked": ("fttrain", ["trainer.loss=chunked"]),
     "fttrain_liger": ("fttrain", ["trainer.loss=liger", "trainer.liger_kernels=true"]),  # CUDA GPU
+    "fttrain_cce": ("fttrain", ["trainer.loss=cce"]),  # CUDA GPU
     "trl_default": ("trl", {}),
     "trl_packed": ("trl", {"packing": True, "padding_free": True}),
     "raw_loop": ("raw", {}),
 }
+CUDA_ONLY = ("fttrain_liger", "fttrain_cce")  # Triton kernels: refused on CPU
+
+
+def default_variants() -> List[str]:
+    import torch
+
+    return [v for v in VARIANTS if v not in CUDA_ONLY or torch.cuda.is_available()]
+
+
 # Dense bf16 peak FLOP/s by GPU name, for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 LETTERS = "abcdefghijklmnop"
@@ -377,7 +388,8 @@ def table(rows: List[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fttrain bench", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=None, help=f"comma-separated, of {', '.join(VARIANTS)} (default: "
+                        f"all; {', '.join(CUDA_ONLY)} only on a CUDA GPU)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the measurement")
     parser.add_argument("--repeats", type=int, default=1, help="runs per variant, in rotating order; medians")
@@ -391,7 +403,7 @@ def main(argv=None) -> int:
         result = worker(json.loads(os.environ["FTTRAIN_BENCH_SPEC"]))
         Path(args.worker).write_text(json.dumps(result))
         return 0
-    variants = args.variants.split(",")
+    variants = args.variants.split(",") if args.variants else default_variants()
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not 0 < args.warmup < args.steps:
         print(f"fttrain bench: unknown variants {unknown} (one of {list(VARIANTS)})" if unknown else

@@ -19,7 +19,8 @@ weights are read or allocated).
     logits       default loss: tokens x vocab x 10 bytes (the compute-dtype logits with
                  their fp32 upcast and log-softmax in forward; log-softmax and its fp32
                  gradient in backward); chunked: loss_chunk_tokens x vocab x 10;
-                 liger: the same over Liger's chunk, tokens / ceil(vocab / hidden) to a power of 2
+                 liger: the same over Liger's chunk, tokens / ceil(vocab / hidden) to a power of 2;
+                 cce: none (cut-cross-entropy keeps its blocks of logits on chip)
     tokens       micro_batch_size x data.max_length (packed rows are full)
 
 The plan divides what it shards by the world size: ZeRO-1 the optimizer,
@@ -182,6 +183,8 @@ def activation_bytes(config, cfg, precision: str) -> Dict[str, float]:
         tokens_at_once = min(tokens, cfg.trainer.loss_chunk_tokens)
     elif loss == "liger":  # Liger's fused loss: chunks of next_pow2(tokens / ceil(vocab / hidden)) positions
         tokens_at_once = min(tokens, 1 << max(0, math.ceil(math.log2(max(1, -(-tokens // -(-vocab // h)))))))
+    elif loss == "cce":  # cut-cross-entropy: blocks of logits in on-chip memory, none written out
+        tokens_at_once = 0
     else:
         tokens_at_once = tokens
     logits = 10 * vocab * tokens_at_once

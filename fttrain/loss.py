@@ -28,7 +28,7 @@ drop it).
 from __future__ import annotations
 
 import types
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -94,16 +94,24 @@ def use_chunked_loss(model, chunk_tokens: int, probe: bool = True) -> None:
     """Give the causal LM inside ``model`` the chunked loss (see the module docstring).
     probe: check it against the model's own loss on a short sequence first
     (skipped where the weights are not materialised: ZeRO-3 partitions)."""
+    _use_token_loss(model, "chunked", lambda hidden, head, labels, num_items, softcap, scale:
+                    chunked_token_loss(hidden, head, labels, chunk_tokens, num_items, softcap, scale),
+                    probe, PROBE_RTOL)
+
+
+def _use_token_loss(model, name: str, token_loss, probe: bool, rtol: float) -> None:
+    """The causal LM's forward, for calls with labels, replaced by its decoder and
+    ``token_loss(hidden, head, labels, num_items_in_batch, softcap, scale)``."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     lm = causal_lm_of(model)
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     if getattr(config, "output_router_logits", False):
-        raise LossSetupError(f"trainer.loss=chunked: {type(lm).__name__} adds its router's auxiliary loss in its own "
-                             "forward, which the chunked loss would drop; use trainer.loss=default")
+        raise LossSetupError(f"trainer.loss={name}: {type(lm).__name__} adds its router's auxiliary loss in its own "
+                             "forward, which this loss would drop; use trainer.loss=default")
     head, backbone = lm.get_output_embeddings(), getattr(lm, lm.base_model_prefix, None)
     if head is None or backbone is None:
-        raise LossSetupError(f"trainer.loss=chunked: {type(lm).__name__} has no lm_head and decoder to split the "
+        raise LossSetupError(f"trainer.loss={name}: {type(lm).__name__} has no lm_head and decoder to split the "
                              "loss between; use trainer.loss=default")
     softcap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(config, "logit_scale", None)
@@ -117,18 +125,18 @@ def use_chunked_loss(model, chunk_tokens: int, probe: bool = True) -> None:
         kwargs.pop("logits_to_keep", None)
         kwargs.pop("shift_labels", None)
         hidden = backbone(**kwargs).last_hidden_state
-        loss = chunked_token_loss(hidden, head, labels, chunk_tokens, num_items, softcap, scale)
+        loss = token_loss(hidden, head, labels, num_items, softcap, scale)
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
-    chunked_forward = types.MethodType(forward, lm)
+    new_forward = types.MethodType(forward, lm)
     if probe and not any(hasattr(p, "ds_id") for p in lm.parameters()):
-        own, chunked = probe_losses(model, lm, own_forward, chunked_forward, config.vocab_size)
-        if not torch.isclose(own, chunked, rtol=PROBE_RTOL, atol=0):
+        own, new = probe_losses(model, lm, own_forward, new_forward, config.vocab_size)
+        if not torch.isclose(own, new, rtol=rtol, atol=0):
             raise LossSetupError(
-                f"trainer.loss=chunked: {type(lm).__name__}'s own loss ({own.item():.6f}) and the chunked loss "
-                f"({chunked.item():.6f}) differ on a test sequence: its forward does more to the logits than "
+                f"trainer.loss={name}: {type(lm).__name__}'s own loss ({own.item():.6f}) and the {name} loss "
+                f"({new.item():.6f}) differ on a test sequence: its forward does more to the logits than "
                 "lm_head(hidden states); use trainer.loss=default")
-    lm.forward = chunked_forward
+    lm.forward = new_forward
 
 
 @torch.no_grad()
@@ -151,13 +159,27 @@ def probe_losses(model, lm, own_forward, chunked_forward, vocab_size: int):
     return own, chunked
 
 
-# ------------------------------------------------------------------ Liger-Kernel
+# ------------------------------------------------------------ Triton kernels (GPU)
 # trainer.loss=liger (fused linear cross-entropy) and trainer.liger_kernels (RMSNorm, RoPE,
 # SwiGLU) go through transformers' own integration: TrainingArguments.use_liger_kernel, whose
 # Trainer patches the causal LM inside any PEFT wrapper when training starts
-# (liger_kernel.transformers._apply_liger_kernel_to_instance). Its fused loss reads the
-# normalisation (num_items_in_batch) from the trainer as the default loss does.
-LIGER_PIP = "pip install liger-kernel"
+# (liger_kernel.transformers._apply_liger_kernel_to_instance). trainer.loss=cce puts
+# cut-cross-entropy's linear_cross_entropy where the chunked loss goes (use_cce_loss). Both
+# read the normalisation (num_items_in_batch) from the trainer as the default loss does, and
+# both multiply by lm_head.weight themselves (fttrain.config.checks.gpu_kernel_problems).
+PIP = {"liger_kernel": "pip install liger-kernel", "cut_cross_entropy": "pip install cut-cross-entropy"}
+FUSED_LOSSES = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}  # trainer.loss -> its package
+CCE_PROBE_RTOL = 2e-2  # bf16 logits against the kernel's fp32 ones; a dropped transform moves it far more
+
+
+def gpu_kernels(trainer_cfg) -> Dict[str, str]:
+    """{knob as written on the command line: the package whose Triton kernels it runs}."""
+    out = {}
+    if trainer_cfg.loss in FUSED_LOSSES:
+        out[f"trainer.loss={trainer_cfg.loss}"] = FUSED_LOSSES[trainer_cfg.loss]
+    if trainer_cfg.liger_kernels:
+        out["trainer.liger_kernels=true"] = "liger_kernel"
+    return out
 
 
 def liger_kernel_config(trainer_cfg) -> Optional[dict]:
@@ -169,26 +191,59 @@ def liger_kernel_config(trainer_cfg) -> Optional[dict]:
             "rms_norm": kernels, "rope": kernels, "swiglu": kernels}
 
 
-def liger_knobs(trainer_cfg) -> str:
-    """The knobs that ask for Liger, as written on the command line (for messages)."""
-    knobs = (["trainer.loss=liger"] if trainer_cfg.loss == "liger" else []) + \
-        (["trainer.liger_kernels=true"] if trainer_cfg.liger_kernels else [])
-    return " and ".join(knobs)
-
-
-def liger_runtime_problem(trainer_cfg, on_gpu: bool, model_type: Optional[str] = None) -> Optional[str]:
-    """Why Liger cannot run here: Triton kernels need a CUDA GPU, and Liger patches only the
-    model families it knows (any other would train unpatched without a word)."""
-    if liger_kernel_config(trainer_cfg) is None:
+def gpu_kernel_runtime_problem(trainer_cfg, on_gpu: bool, model_type: Optional[str] = None) -> Optional[str]:
+    """Why the knobs' kernels cannot run here: Triton kernels need a CUDA GPU, and Liger patches
+    only the model families it knows (any other would train unpatched without a word)."""
+    kernels = gpu_kernels(trainer_cfg)
+    if not kernels:
         return None
-    knobs = liger_knobs(trainer_cfg)
+    knobs = " and ".join(kernels)
     if not on_gpu:
-        return (f"{knobs}: Liger-Kernel's Triton kernels run on a CUDA GPU and this run is on the CPU; "
+        return (f"{knobs}: their Triton kernels run on a CUDA GPU and this run is on the CPU; "
                 "use trainer.loss=chunked (plain torch) or leave them off")
-    if model_type is not None:
+    if model_type is not None and liger_kernel_config(trainer_cfg) is not None:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
         if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-            return (f"{knobs}: Liger-Kernel has no kernels for {model_type!r} models (it patches "
+            liger = " and ".join(k for k, package in kernels.items() if package == "liger_kernel")
+            return (f"{liger}: Liger-Kernel has no kernels for {model_type!r} models (it patches "
                     f"{', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}); use trainer.loss=chunked or leave them off")
     return None
+
+
+def cce_token_loss(hidden: torch.Tensor, head, labels: torch.Tensor, num_items_in_batch=None,
+                   softcap: Optional[float] = None) -> torch.Tensor:
+    """chunked_token_loss's result through cut-cross-entropy: the logits are never written
+    out, each block of them made and reduced inside the kernel."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    targets = F.pad(labels, (0, 1), value=IGNORE)[..., 1:].reshape(-1).to(hidden.device)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    total = linear_cross_entropy(flat, head.weight.to(flat.dtype), targets, ignore_index=IGNORE, softcap=softcap,
+                                 reduction="sum").float()
+    if num_items_in_batch is None:
+        return total / (targets != IGNORE).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def use_cce_loss(model, probe: bool = True) -> None:
+    """trainer.loss=cce: the causal LM inside ``model`` computes its training loss with
+    cut-cross-entropy (as use_chunked_loss, with the same probe against its own loss)."""
+    lm = causal_lm_of(model)
+    head = lm.get_output_embeddings()
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        raise LossSetupError(f"trainer.loss=cce: {type(lm).__name__}'s lm_head is a {type(head).__name__}"
+                             f"{' with a bias' if getattr(head, 'bias', None) is not None else ''}; cut-cross-entropy "
+                             "multiplies by a plain weight matrix; use trainer.loss=chunked (it calls the head)")
+    scaled = [a for a in ("logit_scale", "logits_scaling") if getattr(config, a, None) not in (None, 1, 1.0)]
+    if scaled:
+        raise LossSetupError(f"trainer.loss=cce: {type(lm).__name__} scales its logits ({scaled[0]}), which "
+                             "cut-cross-entropy cannot; use trainer.loss=chunked")
+    # The kernel runs on CUDA tensors: the probe runs where the weights already are on the GPU
+    # (quantised or device-mapped loads); others reach it inside the Trainer, after this.
+    on_gpu = next(lm.parameters()).is_cuda
+    _use_token_loss(model, "cce", lambda hidden, head, labels, num_items, softcap, scale:
+                    cce_token_loss(hidden, head, labels, num_items, softcap), probe and on_gpu, CCE_PROBE_RTOL)

@@ -200,7 +200,7 @@ def test_a_compiled_run_logs_the_same_losses_and_its_first_step_apart(tmp_path):
     assert 0 < metrics["compiled"]["first_step_seconds"] <= metrics["compiled"]["train_step_seconds"]
 
 
-# ------------------------------------------------------------------ Liger-Kernel (CUDA only: the wiring on CPU)
+# ------------------------------------------------- Liger-Kernel and cut-cross-entropy (CUDA only: the wiring on CPU)
 def test_liger_knobs_become_transformers_liger_settings():
     import dataclasses
 
@@ -209,6 +209,7 @@ def test_liger_knobs_become_transformers_liger_settings():
     from fttrain.loss import liger_kernel_config
 
     assert liger_kernel_config(compose(["+exp=tiny_sft"]).trainer) is None
+    assert liger_kernel_config(compose(["+exp=tiny_sft", "trainer.loss=cce"]).trainer) is None
     loss = liger_kernel_config(compose(["+exp=tiny_sft", "trainer.loss=liger"]).trainer)
     kernels = liger_kernel_config(compose(["+exp=tiny_sft", "trainer.liger_kernels=true"]).trainer)
     assert loss == {"fused_linear_cross_entropy": True, "cross_entropy": False, "rms_norm": False, "rope": False,
@@ -219,37 +220,115 @@ def test_liger_knobs_become_transformers_liger_settings():
     assert {"use_liger_kernel", "liger_kernel_config"} <= fields  # what the recipe passes them as
 
 
-def test_liger_is_refused_where_it_cannot_run_naming_the_knob(monkeypatch):
+@pytest.mark.parametrize("loss, package", [("liger", "liger_kernel is not installed (pip install liger-kernel"),
+                                           ("cce", "cut_cross_entropy is not installed (pip install cut-cross-entropy")])
+def test_gpu_kernels_are_refused_where_they_cannot_run_naming_the_knob(monkeypatch, loss, package):
     from conftest import config_error
     from fttrain.config import checks
 
-    monkeypatch.setattr(checks, "importable", lambda module: module != "liger_kernel")
-    assert "trainer.loss=liger: liger-kernel is not installed (pip install liger-kernel" in \
-        config_error(["+exp=tiny_sft", "trainer.loss=liger"])
+    monkeypatch.setattr(checks, "importable", lambda module: module not in ("liger_kernel", "cut_cross_entropy"))
+    assert f"trainer.loss={loss}: {package}" in config_error(["+exp=tiny_sft", f"trainer.loss={loss}"])
     monkeypatch.setattr(checks, "importable", lambda module: True)
-    assert "ZeRO-3" in config_error(["+exp=tiny_full", "trainer.loss=liger", "dist=zero3"])
-    assert "adapter on lm_head" in config_error(["+exp=tiny_sft", "trainer.loss=liger",
+    assert "ZeRO-3" in config_error(["+exp=tiny_full", f"trainer.loss={loss}", "dist=zero3"])
+    assert "adapter on lm_head" in config_error(["+exp=tiny_sft", f"trainer.loss={loss}",
                                                  "peft.target_modules=[q_proj,lm_head]"])
+    assert f"trainer.loss={loss}: task=dpo computes its own loss" in config_error(
+        ["+exp=tiny_dpo", f"trainer.loss={loss}"])
     assert "trainer.liger_kernels=true: task=dpo" in config_error(["+exp=tiny_dpo", "trainer.liger_kernels=true"])
     from fttrain.config.checks import check_config
 
-    check_config(compose(["+exp=tiny_sft", "trainer.loss=liger", "trainer.liger_kernels=true"]))  # installed: fine
+    check_config(compose(["+exp=tiny_sft", f"trainer.loss={loss}", "trainer.liger_kernels=true"]))  # installed: fine
 
 
-def test_liger_needs_a_gpu_and_a_family_liger_patches(monkeypatch):
+def test_gpu_kernels_need_a_gpu_and_liger_a_family_it_patches(monkeypatch):
     import types
 
-    from fttrain.loss import liger_runtime_problem
+    from fttrain.loss import gpu_kernel_runtime_problem
 
     trainer = compose(["+exp=tiny_sft", "trainer.loss=liger", "trainer.liger_kernels=true"]).trainer
-    assert "run on a CUDA GPU and this run is on the CPU" in liger_runtime_problem(trainer, on_gpu=False)
-    assert "trainer.loss=liger and trainer.liger_kernels=true" in liger_runtime_problem(trainer, on_gpu=False)
-    assert liger_runtime_problem(compose(["+exp=tiny_sft"]).trainer, on_gpu=False) is None
+    message = gpu_kernel_runtime_problem(trainer, on_gpu=False)
+    assert "trainer.loss=liger and trainer.liger_kernels=true: their Triton kernels run on a CUDA GPU" in message
+    assert "trainer.loss=cce" in gpu_kernel_runtime_problem(compose(["+exp=tiny_sft", "trainer.loss=cce"]).trainer,
+                                                            on_gpu=False)
+    assert gpu_kernel_runtime_problem(compose(["+exp=tiny_sft", "trainer.loss=chunked"]).trainer, on_gpu=False) is None
     table = types.ModuleType("liger_kernel.transformers.monkey_patch")
     table.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": None, "qwen2": None}  # Liger's own table, in its place
     for name in ("liger_kernel", "liger_kernel.transformers"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", table)
-    assert liger_runtime_problem(trainer, on_gpu=True, model_type="llama") is None
-    message = liger_runtime_problem(trainer, on_gpu=True, model_type="bert")
+    assert gpu_kernel_runtime_problem(trainer, on_gpu=True, model_type="llama") is None
+    message = gpu_kernel_runtime_problem(trainer, on_gpu=True, model_type="bert")
     assert "no kernels for 'bert' models (it patches llama, qwen2)" in message
+    cce = compose(["+exp=tiny_sft", "trainer.loss=cce"]).trainer
+    assert gpu_kernel_runtime_problem(cce, on_gpu=True, model_type="bert") is None  # cce is not per family
+
+
+@pytest.fixture
+def plain_torch_cce(monkeypatch):
+    """cut_cross_entropy.linear_cross_entropy as its reference defines it (e @ c.T, softcap,
+    cross-entropy), in plain torch: the kernel needs CUDA; this tests what fttrain feeds it."""
+    import types
+
+    import torch.nn.functional as F
+
+    calls = []
+
+    def linear_cross_entropy(e, c, targets, ignore_index=-100, softcap=None, reduction="mean", **kw):
+        calls.append((tuple(e.shape), tuple(c.shape), reduction))
+        logits = (e @ c.T).float()
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
+
+    module = types.ModuleType("cut_cross_entropy")
+    module.linear_cross_entropy = linear_cross_entropy
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", module)
+    return calls
+
+
+@pytest.mark.parametrize("peft", ["full", "lora"])
+def test_cce_loss_is_fed_what_gives_the_models_loss_and_gradients(tiny_dir, plain_torch_cce, peft):
+    from transformers import AutoModelForCausalLM
+
+    from fttrain.loss import use_cce_loss
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    if peft == "lora":
+        base = lora(base)
+    cce = copy.deepcopy(base)
+    use_cce_loss(cce)
+    batch = packed_batch(base.config.vocab_size)
+    n = (batch["labels"][:, 1:] != IGNORE).sum()
+    assert_same(loss_and_grads(base, batch, n), loss_and_grads(cce, batch, n))  # packed rows, the Trainer's sum
+    assert_same(loss_and_grads(base, batch), loss_and_grads(cce, batch))  # the plain mean
+    hidden = base.config.hidden_size
+    assert plain_torch_cce[-1] == ((2 * 20, hidden), (base.config.vocab_size, hidden), "sum")  # [B*L, H] in one call
+    with torch.no_grad():  # without labels (generation) the model's own forward runs
+        inputs = {"input_ids": batch["input_ids"]}
+        assert torch.equal(cce(**inputs).logits, base(**inputs).logits)
+
+
+def test_cce_loss_keeps_gemmas_softcapping_and_refuses_what_it_cannot_compute(tiny_dir, plain_torch_cce):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM
+
+    from fttrain.loss import LossSetupError, use_cce_loss
+
+    torch.manual_seed(0)
+    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                           final_logit_softcapping=0.3, attn_implementation="eager"))
+    cce = copy.deepcopy(gemma)
+    use_cce_loss(cce)
+    batch = {k: v for k, v in packed_batch(300).items() if k != "position_ids"}
+    assert_same(loss_and_grads(gemma, batch), loss_and_grads(cce, batch))
+    granite = GraniteForCausalLM(GraniteConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               logits_scaling=8.0))
+    with pytest.raises(LossSetupError, match="scales its logits"):
+        use_cce_loss(granite)
+    on_head = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                             LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(LossSetupError, match="plain weight matrix"):
+        use_cce_loss(on_head)

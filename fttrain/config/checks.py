@@ -152,7 +152,7 @@ def check_config(cfg: DictConfig) -> None:
     if value_of(trainer.loss) != "default" and not task_of(task).token_loss:
         problems.append(f"trainer.loss={value_of(trainer.loss)}: task={task.name} computes its own loss (not the causal "
                         "LM's token cross-entropy from fttrain's trainer); set trainer.loss=default")
-    problems += liger_problems(cfg)
+    problems += gpu_kernel_problems(cfg)
     stopping = {numbers[n] for n in trainer.stop_signals if n in numbers}
     unhandled = [n for n in trainer.requeue_signals if n in numbers and numbers[n] not in stopping]
     if unhandled:
@@ -190,29 +190,31 @@ def check_config(cfg: DictConfig) -> None:
 UNCATCHABLE = (int(signal.SIGKILL), int(signal.SIGSTOP))  # no handler can run
 
 
-def liger_problems(cfg: DictConfig) -> List[str]:
-    """trainer.loss=liger / trainer.liger_kernels: installed, a causal LM trained by fttrain's
-    trainer, and for the fused loss a plan that holds lm_head whole (it reads lm_head.weight
-    outside the head's forward, where ZeRO-3 has not gathered it). The GPU and the model family
-    are checked when the run starts (fttrain.loss.liger_runtime_problem)."""
-    from fttrain.loss import LIGER_PIP, liger_kernel_config, liger_knobs
+def gpu_kernel_problems(cfg: DictConfig) -> List[str]:
+    """trainer.loss=liger|cce / trainer.liger_kernels: installed, a causal LM trained by fttrain's
+    trainer, and for a fused loss a head it can read whole: no adapter on lm_head, and a plan that
+    holds lm_head (ZeRO-3 gathers its weight only inside the head's own forward, and a fused loss
+    reads it outside). The GPU and, for Liger, the model family are checked when the run starts
+    (fttrain.loss.gpu_kernel_runtime_problem)."""
+    from fttrain.loss import FUSED_LOSSES, PIP, gpu_kernels
 
-    trainer = cfg.trainer
-    if liger_kernel_config(trainer) is None:
-        return []
-    knobs, out = liger_knobs(trainer), []
-    if not importable("liger_kernel"):
-        out.append(f"{knobs}: liger-kernel is not installed ({LIGER_PIP}; it runs on a CUDA GPU)")
+    trainer, out = cfg.trainer, []
+    for knob, package in gpu_kernels(trainer).items():
+        if not importable(package):
+            out.append(f"{knob}: {package} is not installed ({PIP[package]}; it runs on a CUDA GPU)")
     if trainer.liger_kernels and not task_of(cfg.task).token_loss:
         out.append(f"trainer.liger_kernels=true: task={cfg.task.name} is not trained by fttrain's causal-LM trainer; "
                    "leave it off")
-    targets = getattr(cfg.peft, "target_modules", None)
-    if trainer.loss == "liger" and not isinstance(targets, str) and "lm_head" in (targets or ()):
-        out.append("trainer.loss=liger: the fused loss multiplies by lm_head.weight itself, so an adapter on lm_head "
-                   "(peft.target_modules) would be left out of the loss; use trainer.loss=chunked (it calls the head)")
-    if trainer.loss == "liger" and value_of(cfg.dist.plan) == "deepspeed" and cfg.dist.stage == 3:
-        out.append("trainer.loss=liger: under ZeRO-3 lm_head's weight is gathered only inside the head's own forward, "
-                   "and the fused loss reads it outside; use trainer.loss=chunked (it calls the head) or another plan")
+    if trainer.loss in FUSED_LOSSES:
+        knob = f"trainer.loss={trainer.loss}"
+        targets = getattr(cfg.peft, "target_modules", None)
+        if not isinstance(targets, str) and "lm_head" in (targets or ()):
+            out.append(f"{knob}: the fused loss multiplies by lm_head.weight itself, so an adapter on lm_head "
+                       "(peft.target_modules) would be left out of the loss; use trainer.loss=chunked (it calls the "
+                       "head)")
+        if value_of(cfg.dist.plan) == "deepspeed" and cfg.dist.stage == 3:
+            out.append(f"{knob}: under ZeRO-3 lm_head's weight is gathered only inside the head's own forward, and "
+                       "the fused loss reads it outside; use trainer.loss=chunked (it calls the head) or another plan")
     return out
 
 

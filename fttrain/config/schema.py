@@ -71,8 +71,9 @@ SaveFormat = choices("SaveFormat", ("full", "sharded"), __name__)
 # who checkpoints activations under FSDP: transformers ("model") or FSDP's wrapper
 # trainer.loss (fttrain/loss.py): default = the model's own [tokens, vocab] logits;
 # chunked = lm_head + cross-entropy a chunk of positions at a time, recomputed in backward;
-# liger = Liger-Kernel's fused linear cross-entropy (Triton kernels: a CUDA GPU and pip install liger-kernel)
-TokenLoss = choices("TokenLoss", ("default", "chunked", "liger"), __name__)
+# liger = Liger-Kernel's fused linear cross-entropy, cce = cut-cross-entropy's (Triton kernels: a CUDA GPU
+# and pip install liger-kernel / cut-cross-entropy); neither writes the logits out
+TokenLoss = choices("TokenLoss", ("default", "chunked", "liger", "cce"), __name__)
 ActivationCheckpointing = choices("ActivationCheckpointing", ("model", "fsdp"), __name__)
 # Resuming checks a checkpoint against its manifest: every file's size and SHA-256
 # (reads it all once: seconds per GB) or sizes only (instant; misses flipped bytes).

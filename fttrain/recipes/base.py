@@ -36,7 +36,7 @@ from fttrain.env import check_world_size, detect_runtime, is_main_process, peak_
 from fttrain.models.load import load_tokenizer, param_counts, resolve_model_path, set_dropout
 from fttrain.rendezvous import launch_token, local_main_first
 from fttrain.preemption import StopOnSignal, remove_pid_file, requeue_job, signal_name, write_pid_file
-from fttrain.loss import liger_kernel_config, liger_runtime_problem
+from fttrain.loss import gpu_kernel_runtime_problem, liger_kernel_config
 from fttrain.methods import apply_peft, method_of, optimizer_args, quantization_config, trainer_hooks
 from fttrain.tasks import task_of
 
@@ -97,9 +97,9 @@ class Recipe:
         self.topology = Topology.from_env()
         # Invalid plans and unreachable batch sizes stop here, before any process group starts.
         check_plan(cfg, self.topology, self.runtime.precision, on_gpu=not self.runtime.use_cpu)
-        liger = liger_runtime_problem(cfg.trainer, on_gpu=not self.runtime.use_cpu)
-        if liger:
-            raise ConfigCheckError([liger])
+        kernels = gpu_kernel_runtime_problem(cfg.trainer, on_gpu=not self.runtime.use_cpu)
+        if kernels:
+            raise ConfigCheckError([kernels])
         self.accum = gradient_accumulation(cfg.trainer, self.topology.world_size)
         single_process_rendezvous(cfg.dist)
         cpu_collective_timeout(cfg.dist, self.runtime.use_cpu)
@@ -127,7 +127,7 @@ class Recipe:
                                             trust_remote_code=self.cfg.model.trust_remote_code)
         problems = length_problems(self.cfg, config)
         if liger_kernel_config(self.cfg.trainer) is not None:  # on a GPU by now (setup_launch)
-            problems += filter(None, [liger_runtime_problem(self.cfg.trainer, True, config.model_type)])
+            problems += filter(None, [gpu_kernel_runtime_problem(self.cfg.trainer, True, config.model_type)])
         if problems:
             raise ConfigCheckError(problems)
 
@@ -185,6 +185,10 @@ class Recipe:
             from fttrain.loss import use_chunked_loss
 
             use_chunked_loss(self.model, cfg.trainer.loss_chunk_tokens)
+        elif cfg.trainer.loss == "cce":
+            from fttrain.loss import use_cce_loss
+
+            use_cce_loss(self.model)
         # Callbacks (LISA's layer draws, AdaLoRA's budget) and LoRA+ parameter groups.
         self.hooks = trainer_hooks(self.model, cfg.peft, cfg.trainer)
         self.trainable, self.total = param_counts(self.model)
