@@ -8,7 +8,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The carried wheels, where the packages are missing (a machine with them installed keeps its own).
-if compgen -G ".whl/*.whl" > /dev/null && ! python3 -c "import trl, datasets, hydra" 2>/dev/null; then
+have_all() {  # every package the wheels carry, found without importing it
+  python3 -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in sys.argv[1:]))" \
+    trl datasets hydra liger_kernel cut_cross_entropy
+}
+if compgen -G ".whl/*.whl" > /dev/null && ! have_all 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi

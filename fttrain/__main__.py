@@ -135,11 +135,31 @@ def _main(cfg: DictConfig):
     several = several_options_chosen(HydraConfig.get().runtime.choices)
     if several:
         raise FttrainError(several)
+    shared = liger_in_shared_process(cfg)
+    if shared:
+        raise FttrainError(shared)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     metrics = run(cfg, run_dir, list(HydraConfig.get().overrides.task)) or {}
     if cfg.preflight:  # nothing trained: no objective to warn about
         return float("nan")
     return _objective(cfg, metrics)
+
+
+def liger_in_shared_process(cfg: DictConfig) -> str:
+    """Liger rebinds transformers' module-level classes for the rest of the process: in a sweep
+    whose trials share this process, every later trial would train with its kernels."""
+    from hydra.types import RunMode
+
+    from fttrain.loss import gpu_kernels, liger_kernel_config
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN or liger_kernel_config(cfg.trainer) is None \
+            or not hydra_cfg.launcher._target_.endswith("BasicLauncher"):
+        return ""
+    knobs = " and ".join(k for k, package in gpu_kernels(cfg.trainer).items() if package == "liger_kernel")
+    return (f"{knobs}: Liger-Kernel patches transformers' modules for the whole process, and this sweep runs its "
+            "trials in one process, so the trials after this one would train with its kernels too; sweep with "
+            "hydra/launcher=slurm (a process per trial) or run these trials on their own")
 
 
 def _objective(cfg: DictConfig, metrics: dict) -> float:

@@ -99,9 +99,10 @@ def use_chunked_loss(model, chunk_tokens: int, probe: bool = True) -> None:
                     probe, PROBE_RTOL)
 
 
-def _use_token_loss(model, name: str, token_loss, probe: bool, rtol: float) -> None:
+def _use_token_loss(model, name: str, token_loss, probe: bool, rtol: float, probe_loss=None) -> None:
     """The causal LM's forward, for calls with labels, replaced by its decoder and
-    ``token_loss(hidden, head, labels, num_items_in_batch, softcap, scale)``."""
+    ``token_loss(hidden, head, labels, num_items_in_batch, softcap, scale)``; the probe
+    runs ``probe_loss`` (default: token_loss) in its place."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     lm = causal_lm_of(model)
@@ -117,20 +118,24 @@ def _use_token_loss(model, name: str, token_loss, probe: bool, rtol: float) -> N
     scale = getattr(config, "logit_scale", None)
     own_forward = lm.forward
 
-    def forward(self, *args, labels=None, **kwargs):
-        if labels is None or args or kwargs.get("logits_to_keep", 0) not in (0, None) \
-                or kwargs.get("shift_labels") is not None:
-            return own_forward(*args, labels=labels, **kwargs)
-        num_items = kwargs.get("num_items_in_batch")
-        kwargs.pop("logits_to_keep", None)
-        kwargs.pop("shift_labels", None)
-        hidden = backbone(**kwargs).last_hidden_state
-        loss = token_loss(hidden, head, labels, num_items, softcap, scale)
-        return CausalLMOutputWithPast(loss=loss, logits=None)
+    def forward_with(loss_of):
+        def forward(self, *args, labels=None, **kwargs):
+            if labels is None or args or kwargs.get("logits_to_keep", 0) not in (0, None) \
+                    or kwargs.get("shift_labels") is not None:
+                return own_forward(*args, labels=labels, **kwargs)
+            num_items = kwargs.get("num_items_in_batch")
+            kwargs.pop("logits_to_keep", None)
+            kwargs.pop("shift_labels", None)
+            hidden = backbone(**kwargs).last_hidden_state
+            loss = loss_of(hidden, head, labels, num_items, softcap, scale)
+            return CausalLMOutputWithPast(loss=loss, logits=None)
 
-    new_forward = types.MethodType(forward, lm)
+        return types.MethodType(forward, lm)
+
+    new_forward = forward_with(token_loss)
     if probe and not any(hasattr(p, "ds_id") for p in lm.parameters()):
-        own, new = probe_losses(model, lm, own_forward, new_forward, config.vocab_size)
+        probed = new_forward if probe_loss is None else forward_with(probe_loss)
+        own, new = probe_losses(model, lm, own_forward, probed, config.vocab_size)
         if not torch.isclose(own, new, rtol=rtol, atol=0):
             raise LossSetupError(
                 f"trainer.loss={name}: {type(lm).__name__}'s own loss ({own.item():.6f}) and the {name} loss "
@@ -161,13 +166,12 @@ def probe_losses(model, lm, own_forward, chunked_forward, vocab_size: int):
 
 # ------------------------------------------------------------ Triton kernels (GPU)
 # trainer.loss=liger (fused linear cross-entropy) and trainer.liger_kernels (RMSNorm, RoPE,
-# SwiGLU) go through transformers' own integration: TrainingArguments.use_liger_kernel, whose
-# Trainer patches the causal LM inside any PEFT wrapper when training starts
-# (liger_kernel.transformers._apply_liger_kernel_to_instance). trainer.loss=cce puts
+# SwiGLU, ...): Liger-Kernel patches the causal LM inside any PEFT wrapper (use_liger, as
+# transformers' Trainer would with use_liger_kernel, but before the Trainer exists, so a
+# combination Liger refuses stops the run before training). trainer.loss=cce puts
 # cut-cross-entropy's linear_cross_entropy where the chunked loss goes (use_cce_loss). Both
 # read the normalisation (num_items_in_batch) from the trainer as the default loss does, and
 # both multiply by lm_head.weight themselves (fttrain.config.checks.gpu_kernel_problems).
-PIP = {"liger_kernel": "pip install liger-kernel", "cut_cross_entropy": "pip install cut-cross-entropy"}
 FUSED_LOSSES = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}  # trainer.loss -> its package
 CCE_PROBE_RTOL = 2e-2  # bf16 logits against the kernel's fp32 ones; a dropped transform moves it far more
 
@@ -183,17 +187,22 @@ def gpu_kernels(trainer_cfg) -> Dict[str, str]:
 
 
 def liger_kernel_config(trainer_cfg) -> Optional[dict]:
-    """TrainingArguments.liger_kernel_config for this trainer config; None: Liger is not used."""
+    """The keyword arguments of Liger's _apply_liger_kernel_to_instance; None: Liger is not used.
+    Every kernel a family may take is named: an apply function's own defaults are on, so a
+    family's GeGLU, LayerNorm or ReLU² would otherwise be swapped in unasked (each family's
+    function reads the names it has)."""
     loss, kernels = trainer_cfg.loss == "liger", bool(trainer_cfg.liger_kernels)
     if not (loss or kernels):
         return None
     return {"fused_linear_cross_entropy": loss, "cross_entropy": False,
-            "rms_norm": kernels, "rope": kernels, "swiglu": kernels}
+            **{k: kernels for k in ("rms_norm", "rope", "swiglu", "geglu", "layer_norm", "relu_squared")}}
 
 
-def gpu_kernel_runtime_problem(trainer_cfg, on_gpu: bool, model_type: Optional[str] = None) -> Optional[str]:
-    """Why the knobs' kernels cannot run here: Triton kernels need a CUDA GPU, and Liger patches
-    only the model families it knows (any other would train unpatched without a word)."""
+def gpu_kernel_runtime_problem(trainer_cfg, on_gpu: bool, precision: str = "bf16",
+                               model_type: Optional[str] = None) -> Optional[str]:
+    """Why the knobs' kernels cannot run here: Triton kernels need a CUDA GPU, cut-cross-entropy's
+    backward takes bf16/fp16 hidden states only, and Liger patches only the model families it
+    knows (any other would train unpatched without a word)."""
     kernels = gpu_kernels(trainer_cfg)
     if not kernels:
         return None
@@ -201,6 +210,9 @@ def gpu_kernel_runtime_problem(trainer_cfg, on_gpu: bool, model_type: Optional[s
     if not on_gpu:
         return (f"{knobs}: their Triton kernels run on a CUDA GPU and this run is on the CPU; "
                 "use trainer.loss=chunked (plain torch) or leave them off")
+    if trainer_cfg.loss == "cce" and precision not in ("bf16", "fp16"):
+        return (f"trainer.loss=cce: cut-cross-entropy's backward takes bf16 or fp16 hidden states and this run is "
+                f"{precision}; use precision=bf16 or trainer.loss=chunked")
     if model_type is not None and liger_kernel_config(trainer_cfg) is not None:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
@@ -211,6 +223,20 @@ def gpu_kernel_runtime_problem(trainer_cfg, on_gpu: bool, model_type: Optional[s
     return None
 
 
+def use_liger(model, trainer_cfg) -> None:
+    """trainer.loss=liger / trainer.liger_kernels: Liger's kernels in the causal LM inside ``model``.
+    Liger rebinds transformers' module-level classes and functions as well (the family's RMSNorm,
+    MLP, rotary embedding), for the rest of the process."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    config = liger_kernel_config(trainer_cfg)
+    try:
+        _apply_liger_kernel_to_instance(model=causal_lm_of(model), **config)
+    except (NotImplementedError, AssertionError) as e:  # a kernel this family's function refuses
+        raise LossSetupError(f"{' and '.join(gpu_kernels(trainer_cfg))}: Liger-Kernel refuses this model: {e}; "
+                             "use trainer.loss=chunked or leave them off") from None
+
+
 def cce_token_loss(hidden: torch.Tensor, head, labels: torch.Tensor, num_items_in_batch=None,
                    softcap: Optional[float] = None) -> torch.Tensor:
     """chunked_token_loss's result through cut-cross-entropy: the logits are never written
@@ -219,7 +245,13 @@ def cce_token_loss(hidden: torch.Tensor, head, labels: torch.Tensor, num_items_i
 
     targets = F.pad(labels, (0, 1), value=IGNORE)[..., 1:].reshape(-1).to(hidden.device)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    total = linear_cross_entropy(flat, head.weight.to(flat.dtype), targets, ignore_index=IGNORE, softcap=softcap,
+    # Autocast does not reach inside the kernel's own autograd function: the hidden states go in
+    # as the autocast dtype lm_head(hidden) would have used (fp32 weights of a full fine-tune or
+    # QLoRA's fp32 head stay as they are; the kernel casts the weight to the hidden states' dtype).
+    device = flat.device.type
+    if torch.is_autocast_enabled(device):
+        flat = flat.to(torch.get_autocast_dtype(device))
+    total = linear_cross_entropy(flat, head.weight, targets, ignore_index=IGNORE, softcap=softcap,
                                  reduction="sum").float()
     if num_items_in_batch is None:
         return total / (targets != IGNORE).sum()
@@ -242,8 +274,18 @@ def use_cce_loss(model, probe: bool = True) -> None:
     if scaled:
         raise LossSetupError(f"trainer.loss=cce: {type(lm).__name__} scales its logits ({scaled[0]}), which "
                              "cut-cross-entropy cannot; use trainer.loss=chunked")
-    # The kernel runs on CUDA tensors: the probe runs where the weights already are on the GPU
-    # (quantised or device-mapped loads); others reach it inside the Trainer, after this.
+    # The kernel runs on CUDA tensors only. Where the weights are not on the GPU yet (the Trainer
+    # moves them later), the probe checks the same assumption with the chunked loss in its place:
+    # that this family's forward does nothing to the logits but lm_head and a softcap.
     on_gpu = next(lm.parameters()).is_cuda
-    _use_token_loss(model, "cce", lambda hidden, head, labels, num_items, softcap, scale:
-                    cce_token_loss(hidden, head, labels, num_items, softcap), probe and on_gpu, CCE_PROBE_RTOL)
+
+    def cce(hidden, head, labels, num_items, softcap, scale):
+        return cce_token_loss(hidden, head, labels, num_items, softcap)
+
+    def chunked(hidden, head, labels, num_items, softcap, scale):
+        return chunked_token_loss(hidden, head, labels, 1024, num_items, softcap)
+
+    if on_gpu:
+        _use_token_loss(model, "cce", cce, probe, CCE_PROBE_RTOL)
+    else:  # the chunked loss runs the model's own ops: its tolerance
+        _use_token_loss(model, "cce", cce, probe, PROBE_RTOL, probe_loss=chunked)

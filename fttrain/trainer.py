@@ -205,12 +205,15 @@ class FTTrainer(AtomicCheckpoints, NonfiniteWatch, MethodParamGroups, TokenCount
         return self._flops_per_token * inputs["input_ids"].numel() if "input_ids" in inputs else 0
 
     # ------------------------------------------------------------- eval
+    # trainer.loss=liger: skip_logits=True, or Liger's forward makes the whole logits tensor in eval mode.
+    eval_forward_kwargs: Dict = {}
+
     def eval_sums(self, model, inputs) -> Dict[str, torch.Tensor]:
         """One eval batch's terms summed over its trained tokens ("loss" first);
         evaluate reports each divided by the trained tokens of every rank."""
         # num_items_in_batch=1 turns the model's mean into a sum over tokens.
         one = torch.tensor(1, device=inputs["input_ids"].device)
-        return {"loss": model(**inputs, use_cache=False, num_items_in_batch=one).loss}
+        return {"loss": model(**inputs, use_cache=False, num_items_in_batch=one, **self.eval_forward_kwargs).loss}
 
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):

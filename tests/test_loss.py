@@ -201,33 +201,62 @@ def test_a_compiled_run_logs_the_same_losses_and_its_first_step_apart(tmp_path):
 
 
 # ------------------------------------------------- Liger-Kernel and cut-cross-entropy (CUDA only: the wiring on CPU)
-def test_liger_knobs_become_transformers_liger_settings():
-    import dataclasses
+@pytest.fixture
+def stand_in_liger(monkeypatch):
+    """Liger's _apply_liger_kernel_to_instance and family table, in their places: the kernels need
+    CUDA; this tests what fttrain hands Liger. Records each call; refuses rope for 'glm4', as
+    Liger 0.8.5's glm4 function does."""
+    import types
 
-    from transformers import TrainingArguments
+    calls = []
 
-    from fttrain.loss import liger_kernel_config
+    def apply(model, **kwargs):
+        if model.config.model_type == "glm4" and kwargs.get("rope"):
+            raise NotImplementedError("liger_rotary_pos_emb is not available for Glm4 models.")
+        calls.append((model, kwargs))
+
+    package, transformers_, table = (types.ModuleType(n) for n in (
+        "liger_kernel", "liger_kernel.transformers", "liger_kernel.transformers.monkey_patch"))
+    transformers_._apply_liger_kernel_to_instance = apply
+    table.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": None, "qwen2": None, "glm4": None}
+    for module in (package, transformers_, table):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    return calls
+
+
+def test_liger_gets_the_causal_lm_inside_peft_and_only_the_kernels_asked_for(tiny_dir, stand_in_liger):
+    from transformers import AutoModelForCausalLM
+
+    from fttrain.loss import LossSetupError, liger_kernel_config, use_liger
 
     assert liger_kernel_config(compose(["+exp=tiny_sft"]).trainer) is None
     assert liger_kernel_config(compose(["+exp=tiny_sft", "trainer.loss=cce"]).trainer) is None
-    loss = liger_kernel_config(compose(["+exp=tiny_sft", "trainer.loss=liger"]).trainer)
-    kernels = liger_kernel_config(compose(["+exp=tiny_sft", "trainer.liger_kernels=true"]).trainer)
-    assert loss == {"fused_linear_cross_entropy": True, "cross_entropy": False, "rms_norm": False, "rope": False,
-                    "swiglu": False}
-    assert kernels == {"fused_linear_cross_entropy": False, "cross_entropy": False, "rms_norm": True, "rope": True,
-                       "swiglu": True}
-    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    assert {"use_liger_kernel", "liger_kernel_config"} <= fields  # what the recipe passes them as
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    model = lora(base)
+    use_liger(model, compose(["+exp=tiny_sft", "trainer.loss=liger"]).trainer)
+    patched, kwargs = stand_in_liger[-1]
+    assert patched is base  # the causal LM itself, not the PEFT wrapper
+    assert kwargs == {"fused_linear_cross_entropy": True, "cross_entropy": False, "rms_norm": False, "rope": False,
+                      "swiglu": False, "geglu": False, "layer_norm": False, "relu_squared": False}
+    use_liger(model, compose(["+exp=tiny_sft", "trainer.liger_kernels=true"]).trainer)
+    assert stand_in_liger[-1][1] == {"fused_linear_cross_entropy": False, "cross_entropy": False, "rms_norm": True,
+                                     "rope": True, "swiglu": True, "geglu": True, "layer_norm": True,
+                                     "relu_squared": True}
+    base.config.model_type = "glm4"  # a kernel Liger refuses for this family stops the run before training
+    with pytest.raises(LossSetupError, match="trainer.liger_kernels=true: Liger-Kernel refuses this model: "
+                                             "liger_rotary_pos_emb is not available"):
+        use_liger(model, compose(["+exp=tiny_sft", "trainer.liger_kernels=true"]).trainer)
 
 
-@pytest.mark.parametrize("loss, package", [("liger", "liger_kernel is not installed (pip install liger-kernel"),
-                                           ("cce", "cut_cross_entropy is not installed (pip install cut-cross-entropy")])
-def test_gpu_kernels_are_refused_where_they_cannot_run_naming_the_knob(monkeypatch, loss, package):
+@pytest.mark.parametrize("loss, extra", [("liger", "liger"), ("cce", "cce")])
+def test_gpu_kernels_are_refused_where_they_cannot_run_naming_the_knob(monkeypatch, loss, extra):
     from conftest import config_error
     from fttrain.config import checks
 
+    package = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}[loss]
     monkeypatch.setattr(checks, "importable", lambda module: module not in ("liger_kernel", "cut_cross_entropy"))
-    assert f"trainer.loss={loss}: {package}" in config_error(["+exp=tiny_sft", f"trainer.loss={loss}"])
+    assert f"trainer.loss={loss}: {package} is not installed (pip install 'fttrain[{extra}]'" in \
+        config_error(["+exp=tiny_sft", f"trainer.loss={loss}"])
     monkeypatch.setattr(checks, "importable", lambda module: True)
     assert "ZeRO-3" in config_error(["+exp=tiny_full", f"trainer.loss={loss}", "dist=zero3"])
     assert "adapter on lm_head" in config_error(["+exp=tiny_sft", f"trainer.loss={loss}",
@@ -235,32 +264,57 @@ def test_gpu_kernels_are_refused_where_they_cannot_run_naming_the_knob(monkeypat
     assert f"trainer.loss={loss}: task=dpo computes its own loss" in config_error(
         ["+exp=tiny_dpo", f"trainer.loss={loss}"])
     assert "trainer.liger_kernels=true: task=dpo" in config_error(["+exp=tiny_dpo", "trainer.liger_kernels=true"])
-    from fttrain.config.checks import check_config
+    from fttrain.config.checks import ConfigCheckError, check_config
 
+    saving_head = compose(["+exp=tiny_sft", f"trainer.loss={loss}", "peft.modules_to_save=[lm_head]"])
+    if loss == "cce":  # cce multiplies by a plain weight; Liger reads the wrapper's trained copy
+        with pytest.raises(ConfigCheckError, match="modules_to_save"):
+            check_config(saving_head)
+    else:
+        check_config(saving_head)
     check_config(compose(["+exp=tiny_sft", f"trainer.loss={loss}", "trainer.liger_kernels=true"]))  # installed: fine
 
 
-def test_gpu_kernels_need_a_gpu_and_liger_a_family_it_patches(monkeypatch):
-    import types
-
+def test_gpu_kernels_need_a_gpu_cce_a_half_precision_and_liger_a_family_it_patches(stand_in_liger):
     from fttrain.loss import gpu_kernel_runtime_problem
 
     trainer = compose(["+exp=tiny_sft", "trainer.loss=liger", "trainer.liger_kernels=true"]).trainer
     message = gpu_kernel_runtime_problem(trainer, on_gpu=False)
     assert "trainer.loss=liger and trainer.liger_kernels=true: their Triton kernels run on a CUDA GPU" in message
-    assert "trainer.loss=cce" in gpu_kernel_runtime_problem(compose(["+exp=tiny_sft", "trainer.loss=cce"]).trainer,
-                                                            on_gpu=False)
-    assert gpu_kernel_runtime_problem(compose(["+exp=tiny_sft", "trainer.loss=chunked"]).trainer, on_gpu=False) is None
-    table = types.ModuleType("liger_kernel.transformers.monkey_patch")
-    table.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": None, "qwen2": None}  # Liger's own table, in its place
-    for name in ("liger_kernel", "liger_kernel.transformers"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", table)
-    assert gpu_kernel_runtime_problem(trainer, on_gpu=True, model_type="llama") is None
-    message = gpu_kernel_runtime_problem(trainer, on_gpu=True, model_type="bert")
-    assert "no kernels for 'bert' models (it patches llama, qwen2)" in message
     cce = compose(["+exp=tiny_sft", "trainer.loss=cce"]).trainer
+    assert "trainer.loss=cce" in gpu_kernel_runtime_problem(cce, on_gpu=False)
+    assert gpu_kernel_runtime_problem(compose(["+exp=tiny_sft", "trainer.loss=chunked"]).trainer, on_gpu=False) is None
+    assert "backward takes bf16 or fp16 hidden states and this run is fp32" in \
+        gpu_kernel_runtime_problem(cce, on_gpu=True, precision="fp32")
+    assert gpu_kernel_runtime_problem(cce, on_gpu=True, precision="fp16") is None
+    assert gpu_kernel_runtime_problem(trainer, on_gpu=True, precision="fp32", model_type="llama") is None
+    message = gpu_kernel_runtime_problem(trainer, on_gpu=True, model_type="bert")
+    assert "no kernels for 'bert' models (it patches glm4, llama, qwen2)" in message
     assert gpu_kernel_runtime_problem(cce, on_gpu=True, model_type="bert") is None  # cce is not per family
+
+
+def test_liger_is_refused_in_a_sweep_whose_trials_share_the_process(monkeypatch):
+    import types
+
+    from hydra.types import RunMode
+
+    import fttrain.__main__ as main
+
+    def hydra(mode, launcher):
+        return types.SimpleNamespace(get=lambda: types.SimpleNamespace(
+            mode=mode, launcher=types.SimpleNamespace(_target_=launcher)))
+
+    liger = compose(["+exp=tiny_sft", "trainer.liger_kernels=true"])
+    basic = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+    monkeypatch.setattr(main, "HydraConfig", hydra(RunMode.MULTIRUN, basic))
+    assert "trainer.liger_kernels=true: Liger-Kernel patches transformers' modules for the whole process" in \
+        main.liger_in_shared_process(liger)
+    assert main.liger_in_shared_process(compose(["+exp=tiny_sft"])) == ""
+    monkeypatch.setattr(main, "HydraConfig", hydra(RunMode.RUN, basic))
+    assert main.liger_in_shared_process(liger) == ""
+    monkeypatch.setattr(main, "HydraConfig", hydra(RunMode.MULTIRUN, "hydra_plugins.hydra_submitit_launcher."
+                                                                     "submitit_launcher.SlurmLauncher"))
+    assert main.liger_in_shared_process(liger) == ""  # a process per trial
 
 
 @pytest.fixture
@@ -274,7 +328,7 @@ def plain_torch_cce(monkeypatch):
     calls = []
 
     def linear_cross_entropy(e, c, targets, ignore_index=-100, softcap=None, reduction="mean", **kw):
-        calls.append((tuple(e.shape), tuple(c.shape), reduction))
+        calls.append((tuple(e.shape), tuple(c.shape), reduction, e.dtype, c.dtype))
         logits = (e @ c.T).float()
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
@@ -303,7 +357,8 @@ def test_cce_loss_is_fed_what_gives_the_models_loss_and_gradients(tiny_dir, plai
     assert_same(loss_and_grads(base, batch, n), loss_and_grads(cce, batch, n))  # packed rows, the Trainer's sum
     assert_same(loss_and_grads(base, batch), loss_and_grads(cce, batch))  # the plain mean
     hidden = base.config.hidden_size
-    assert plain_torch_cce[-1] == ((2 * 20, hidden), (base.config.vocab_size, hidden), "sum")  # [B*L, H] in one call
+    assert plain_torch_cce[-1] == ((2 * 20, hidden), (base.config.vocab_size, hidden), "sum",  # [B*L, H] at once
+                                   torch.float32, torch.float32)
     with torch.no_grad():  # without labels (generation) the model's own forward runs
         inputs = {"input_ids": batch["input_ids"]}
         assert torch.equal(cce(**inputs).logits, base(**inputs).logits)
@@ -332,3 +387,48 @@ def test_cce_loss_keeps_gemmas_softcapping_and_refuses_what_it_cannot_compute(ti
                              LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
     with pytest.raises(LossSetupError, match="plain weight matrix"):
         use_cce_loss(on_head)
+
+
+def test_cce_gets_the_hidden_states_in_the_autocast_dtype_and_the_weight_as_it_is(tiny_dir, plain_torch_cce):
+    """cut-cross-entropy's backward takes bf16/fp16 hidden states only, and autocast does not reach
+    inside its autograd function: an fp32 model under bf16 autocast (a full fine-tune) hands it
+    bf16 hidden states, as lm_head(hidden) would have used."""
+    from transformers import AutoModelForCausalLM
+
+    from fttrain.loss import use_cce_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    use_cce_loss(model)
+    batch = packed_batch(model.config.vocab_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    assert plain_torch_cce[-1][3:] == (torch.bfloat16, torch.float32)
+    assert model.lm_head.weight.grad is not None and torch.isfinite(loss)
+
+
+def test_cce_probe_checks_the_forward_with_the_chunked_loss_where_the_weights_are_not_on_a_gpu(plain_torch_cce):
+    import types
+
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    from fttrain.loss import LossSetupError, use_cce_loss
+
+    torch.manual_seed(0)
+    model = GemmaForCausalLM(GemmaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    own = GemmaForCausalLM.forward
+
+    def scaled(self, *args, **kwargs):  # a family whose forward scales the logits without a config attribute
+        out = own(self, *args, **kwargs)
+        if out.logits is not None and kwargs.get("labels") is not None:
+            out.loss = torch.nn.functional.cross_entropy(
+                (out.logits * 3.0)[:, :-1].reshape(-1, out.logits.shape[-1]).float(),
+                kwargs["labels"][:, 1:].reshape(-1))
+        return out
+
+    model.forward = types.MethodType(scaled, model)
+    calls = len(plain_torch_cce)
+    with pytest.raises(LossSetupError, match="differ on a test sequence"):
+        use_cce_loss(model)
+    assert len(plain_torch_cce) == calls  # the kernel itself is not called on CPU tensors

@@ -194,24 +194,26 @@ def gpu_kernel_problems(cfg: DictConfig) -> List[str]:
     """trainer.loss=liger|cce / trainer.liger_kernels: installed, a causal LM trained by fttrain's
     trainer, and for a fused loss a head it can read whole: no adapter on lm_head, and a plan that
     holds lm_head (ZeRO-3 gathers its weight only inside the head's own forward, and a fused loss
-    reads it outside). The GPU and, for Liger, the model family are checked when the run starts
-    (fttrain.loss.gpu_kernel_runtime_problem)."""
-    from fttrain.loss import FUSED_LOSSES, PIP, gpu_kernels
+    reads it outside). The GPU, the precision and, for Liger, the model family are checked when
+    the run starts (fttrain.loss.gpu_kernel_runtime_problem)."""
+    from fttrain.loss import FUSED_LOSSES, gpu_kernels
 
     trainer, out = cfg.trainer, []
     for knob, package in gpu_kernels(trainer).items():
         if not importable(package):
-            out.append(f"{knob}: {package} is not installed ({PIP[package]}; it runs on a CUDA GPU)")
+            out.append(f"{knob}: {package} is not installed ({install_hint(package)}; it runs on a CUDA GPU)")
     if trainer.liger_kernels and not task_of(cfg.task).token_loss:
         out.append(f"trainer.liger_kernels=true: task={cfg.task.name} is not trained by fttrain's causal-LM trainer; "
                    "leave it off")
     if trainer.loss in FUSED_LOSSES:
         knob = f"trainer.loss={trainer.loss}"
-        targets = getattr(cfg.peft, "target_modules", None)
-        if not isinstance(targets, str) and "lm_head" in (targets or ()):
+        if "lm_head" in (getattr(cfg.peft, "target_modules", None) or ()):
             out.append(f"{knob}: the fused loss multiplies by lm_head.weight itself, so an adapter on lm_head "
                        "(peft.target_modules) would be left out of the loss; use trainer.loss=chunked (it calls the "
                        "head)")
+        if trainer.loss == "cce" and "lm_head" in (getattr(cfg.peft, "modules_to_save", None) or ()):
+            out.append("trainer.loss=cce: lm_head in peft.modules_to_save is a wrapper around a trained copy, not the "
+                       "plain weight matrix cut-cross-entropy multiplies by; use trainer.loss=chunked or liger")
         if value_of(cfg.dist.plan) == "deepspeed" and cfg.dist.stage == 3:
             out.append(f"{knob}: under ZeRO-3 lm_head's weight is gathered only inside the head's own forward, and "
                        "the fused loss reads it outside; use trainer.loss=chunked (it calls the head) or another plan")

@@ -77,7 +77,8 @@ def importable(module: str) -> bool:
 
 
 # The fttrain extra (pyproject.toml's optional-dependencies) that installs each optional package.
-EXTRA_OF = {"bitsandbytes": "qlora", "torchao": "quantize", "galore_torch": "galore"}
+EXTRA_OF = {"bitsandbytes": "qlora", "torchao": "quantize", "galore_torch": "galore",
+            "liger_kernel": "liger", "cut_cross_entropy": "cce"}
 
 
 def install_hint(module: str) -> str:

@@ -85,6 +85,8 @@ class Recipe:
         fill_fsdp_wrap_classes(self.args, self.model, self.cfg.dist)
         self.trainer = self.build_trainer()
         self.trainer.keep_checkpoints = self.cfg.trainer.save_total_limit  # applied after each complete save
+        if self.cfg.trainer.loss == "liger" and hasattr(self.trainer, "eval_forward_kwargs"):
+            self.trainer.eval_forward_kwargs = {"skip_logits": True}  # Liger's eval forward: no whole logits either
         self.trainer.manifest_hashes = self.cfg.trainer.verify_checkpoints == "hash"
         self.plan_check.trainer = self.trainer
         self.stop_on_signal.trainer = self.trainer  # its non-finite steps are polled with the stop signals
@@ -97,7 +99,8 @@ class Recipe:
         self.topology = Topology.from_env()
         # Invalid plans and unreachable batch sizes stop here, before any process group starts.
         check_plan(cfg, self.topology, self.runtime.precision, on_gpu=not self.runtime.use_cpu)
-        kernels = gpu_kernel_runtime_problem(cfg.trainer, on_gpu=not self.runtime.use_cpu)
+        kernels = gpu_kernel_runtime_problem(cfg.trainer, on_gpu=not self.runtime.use_cpu,
+                                             precision=self.runtime.precision)
         if kernels:
             raise ConfigCheckError([kernels])
         self.accum = gradient_accumulation(cfg.trainer, self.topology.world_size)
@@ -127,7 +130,8 @@ class Recipe:
                                             trust_remote_code=self.cfg.model.trust_remote_code)
         problems = length_problems(self.cfg, config)
         if liger_kernel_config(self.cfg.trainer) is not None:  # on a GPU by now (setup_launch)
-            problems += filter(None, [gpu_kernel_runtime_problem(self.cfg.trainer, True, config.model_type)])
+            problems += filter(None, [gpu_kernel_runtime_problem(self.cfg.trainer, True, self.runtime.precision,
+                                                                 model_type=config.model_type)])
         if problems:
             raise ConfigCheckError(problems)
 
@@ -181,6 +185,10 @@ class Recipe:
         model.config.use_cache = False  # packed batches and checkpointing both need it off
         self.model = apply_peft(model, cfg.peft, cfg.trainer.gradient_checkpointing, task_type=self.task.peft_task_type,
                                 max_steps=cfg.trainer.max_steps, base_path=self.model_path)
+        if liger_kernel_config(cfg.trainer) is not None:
+            from fttrain.loss import use_liger
+
+            use_liger(self.model, cfg.trainer)
         if cfg.trainer.loss == "chunked":
             from fttrain.loss import use_chunked_loss
 
@@ -227,9 +235,6 @@ class Recipe:
             # The Trainer would test every micro-batch's loss for NaN/inf (a device
             # sync each) to hide it from the logged mean; a NaN stays visible instead.
             logging_nan_inf_filter=False,
-            # trainer.loss=liger / trainer.liger_kernels: transformers' Trainer patches the model with them.
-            use_liger_kernel=liger_kernel_config(t) is not None,
-            liger_kernel_config=liger_kernel_config(t),
             torch_compile=t.compile,
             torch_compile_backend=t.compile_backend if t.compile else None,
             eval_strategy="steps" if (t.eval_steps and has_eval) else "no",
