@@ -150,14 +150,13 @@ def liger_in_shared_process(cfg: DictConfig) -> str:
     whose trials share this process, every later trial would train with its kernels."""
     from hydra.types import RunMode
 
-    from fttrain.loss import gpu_kernels, liger_kernel_config
+    from fttrain.loss import liger_kernel_config, liger_knobs
 
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN or liger_kernel_config(cfg.trainer) is None \
             or not hydra_cfg.launcher._target_.endswith("BasicLauncher"):
         return ""
-    knobs = " and ".join(k for k, package in gpu_kernels(cfg.trainer).items() if package == "liger_kernel")
-    return (f"{knobs}: Liger-Kernel patches transformers' modules for the whole process, and this sweep runs its "
+    return (f"{liger_knobs(cfg.trainer)}: Liger-Kernel patches transformers' modules for the whole process, and this sweep runs its "
             "trials in one process, so the trials after this one would train with its kernels too; sweep with "
             "hydra/launcher=slurm (a process per trial) or run these trials on their own")
 

@@ -38,8 +38,6 @@ and the allocator's fragmentation are not counted). On a GPU the one-shot check
 
 from __future__ import annotations
 
-import math
-
 import argparse
 import sys
 from dataclasses import dataclass, field
@@ -182,7 +180,8 @@ def activation_bytes(config, cfg, precision: str) -> Dict[str, float]:
     if loss == "chunked":
         tokens_at_once = min(tokens, cfg.trainer.loss_chunk_tokens)
     elif loss == "liger":  # Liger's fused loss: chunks of next_pow2(tokens / ceil(vocab / hidden)) positions
-        tokens_at_once = min(tokens, 1 << max(0, math.ceil(math.log2(max(1, -(-tokens // -(-vocab // h)))))))
+        positions = -(-tokens // -(-vocab // h))
+        tokens_at_once = min(tokens, 1 << (positions - 1).bit_length())
     elif loss == "cce":  # cut-cross-entropy: blocks of logits in on-chip memory, none written out
         tokens_at_once = 0
     else:

@@ -60,7 +60,7 @@ def chunked_token_loss(hidden: torch.Tensor, head, labels: torch.Tensor, chunk_t
     tokens) from hidden states [B, L, H], without the [B*L, vocab] logits.
     Every chunk is processed, trained tokens or not: skipping the empty ones
     would need to read the labels back from the device."""
-    targets = F.pad(labels, (0, 1), value=IGNORE)[..., 1:].reshape(-1).to(hidden.device)
+    targets = shifted_targets(labels, hidden.device)
     flat = hidden.reshape(-1, hidden.shape[-1])
     total = flat.new_zeros((), dtype=torch.float32)
     for start in range(0, flat.shape[0], chunk_tokens):
@@ -70,6 +70,17 @@ def chunked_token_loss(hidden: torch.Tensor, head, labels: torch.Tensor, chunk_t
                                        use_reentrant=False)
         else:
             total = total + _chunk_loss(flat[part], targets[part], head, softcap, scale)
+    return normalised(total, targets, num_items_in_batch)
+
+
+def shifted_targets(labels: torch.Tensor, device) -> torch.Tensor:
+    """[B*L] next-token targets, as ForCausalLMLoss shifts them: each row's last position has none."""
+    return F.pad(labels, (0, 1), value=IGNORE)[..., 1:].reshape(-1).to(device)
+
+
+def normalised(total: torch.Tensor, targets: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """A summed token loss over num_items_in_batch (the step's trained tokens) when given, else
+    the mean over this batch's trained tokens."""
     if num_items_in_batch is None:
         return total / (targets != IGNORE).sum()
     if torch.is_tensor(num_items_in_batch):
@@ -186,6 +197,11 @@ def gpu_kernels(trainer_cfg) -> Dict[str, str]:
     return out
 
 
+def liger_knobs(trainer_cfg) -> str:
+    """The knobs that ask for Liger, as written on the command line (for messages)."""
+    return " and ".join(k for k, package in gpu_kernels(trainer_cfg).items() if package == "liger_kernel")
+
+
 def liger_kernel_config(trainer_cfg) -> Optional[dict]:
     """The keyword arguments of Liger's _apply_liger_kernel_to_instance; None: Liger is not used.
     Every kernel a family may take is named: an apply function's own defaults are on, so a
@@ -198,29 +214,31 @@ def liger_kernel_config(trainer_cfg) -> Optional[dict]:
             **{k: kernels for k in ("rms_norm", "rope", "swiglu", "geglu", "layer_norm", "relu_squared")}}
 
 
-def gpu_kernel_runtime_problem(trainer_cfg, on_gpu: bool, precision: str = "bf16",
-                               model_type: Optional[str] = None) -> Optional[str]:
-    """Why the knobs' kernels cannot run here: Triton kernels need a CUDA GPU, cut-cross-entropy's
-    backward takes bf16/fp16 hidden states only, and Liger patches only the model families it
-    knows (any other would train unpatched without a word)."""
+def gpu_kernel_runtime_problem(trainer_cfg, on_gpu: bool, precision: str = "bf16") -> Optional[str]:
+    """Why the knobs' kernels cannot run here: Triton kernels need a CUDA GPU, and
+    cut-cross-entropy's backward takes bf16/fp16 hidden states only."""
     kernels = gpu_kernels(trainer_cfg)
     if not kernels:
         return None
-    knobs = " and ".join(kernels)
     if not on_gpu:
-        return (f"{knobs}: their Triton kernels run on a CUDA GPU and this run is on the CPU; "
+        return (f"{' and '.join(kernels)}: their Triton kernels run on a CUDA GPU and this run is on the CPU; "
                 "use trainer.loss=chunked (plain torch) or leave them off")
     if trainer_cfg.loss == "cce" and precision not in ("bf16", "fp16"):
         return (f"trainer.loss=cce: cut-cross-entropy's backward takes bf16 or fp16 hidden states and this run is "
                 f"{precision}; use precision=bf16 or trainer.loss=chunked")
-    if model_type is not None and liger_kernel_config(trainer_cfg) is not None:
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-
-        if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-            liger = " and ".join(k for k, package in kernels.items() if package == "liger_kernel")
-            return (f"{liger}: Liger-Kernel has no kernels for {model_type!r} models (it patches "
-                    f"{', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}); use trainer.loss=chunked or leave them off")
     return None
+
+
+def liger_family_problem(trainer_cfg, model_type: str) -> Optional[str]:
+    """Liger patches only the model families it knows; any other would train unpatched without a word."""
+    if liger_kernel_config(trainer_cfg) is None:
+        return None
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    if model_type in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return None
+    return (f"{liger_knobs(trainer_cfg)}: Liger-Kernel has no kernels for {model_type!r} models (it patches "
+            f"{', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}); use trainer.loss=chunked or leave them off")
 
 
 def use_liger(model, trainer_cfg) -> None:
@@ -233,7 +251,7 @@ def use_liger(model, trainer_cfg) -> None:
     try:
         _apply_liger_kernel_to_instance(model=causal_lm_of(model), **config)
     except (NotImplementedError, AssertionError) as e:  # a kernel this family's function refuses
-        raise LossSetupError(f"{' and '.join(gpu_kernels(trainer_cfg))}: Liger-Kernel refuses this model: {e}; "
+        raise LossSetupError(f"{liger_knobs(trainer_cfg)}: Liger-Kernel refuses this model: {e}; "
                              "use trainer.loss=chunked or leave them off") from None
 
 
@@ -243,7 +261,7 @@ def cce_token_loss(hidden: torch.Tensor, head, labels: torch.Tensor, num_items_i
     out, each block of them made and reduced inside the kernel."""
     from cut_cross_entropy import linear_cross_entropy
 
-    targets = F.pad(labels, (0, 1), value=IGNORE)[..., 1:].reshape(-1).to(hidden.device)
+    targets = shifted_targets(labels, hidden.device)
     flat = hidden.reshape(-1, hidden.shape[-1])
     # Autocast does not reach inside the kernel's own autograd function: the hidden states go in
     # as the autocast dtype lm_head(hidden) would have used (fp32 weights of a full fine-tune or
@@ -253,11 +271,7 @@ def cce_token_loss(hidden: torch.Tensor, head, labels: torch.Tensor, num_items_i
         flat = flat.to(torch.get_autocast_dtype(device))
     total = linear_cross_entropy(flat, head.weight, targets, ignore_index=IGNORE, softcap=softcap,
                                  reduction="sum").float()
-    if num_items_in_batch is None:
-        return total / (targets != IGNORE).sum()
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+    return normalised(total, targets, num_items_in_batch)
 
 
 def use_cce_loss(model, probe: bool = True) -> None:

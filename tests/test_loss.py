@@ -276,7 +276,7 @@ def test_gpu_kernels_are_refused_where_they_cannot_run_naming_the_knob(monkeypat
 
 
 def test_gpu_kernels_need_a_gpu_cce_a_half_precision_and_liger_a_family_it_patches(stand_in_liger):
-    from fttrain.loss import gpu_kernel_runtime_problem
+    from fttrain.loss import gpu_kernel_runtime_problem, liger_family_problem
 
     trainer = compose(["+exp=tiny_sft", "trainer.loss=liger", "trainer.liger_kernels=true"]).trainer
     message = gpu_kernel_runtime_problem(trainer, on_gpu=False)
@@ -287,10 +287,11 @@ def test_gpu_kernels_need_a_gpu_cce_a_half_precision_and_liger_a_family_it_patch
     assert "backward takes bf16 or fp16 hidden states and this run is fp32" in \
         gpu_kernel_runtime_problem(cce, on_gpu=True, precision="fp32")
     assert gpu_kernel_runtime_problem(cce, on_gpu=True, precision="fp16") is None
-    assert gpu_kernel_runtime_problem(trainer, on_gpu=True, precision="fp32", model_type="llama") is None
-    message = gpu_kernel_runtime_problem(trainer, on_gpu=True, model_type="bert")
+    assert gpu_kernel_runtime_problem(trainer, on_gpu=True, precision="fp32") is None
+    assert liger_family_problem(trainer, "llama") is None
+    message = liger_family_problem(trainer, "bert")
     assert "no kernels for 'bert' models (it patches glm4, llama, qwen2)" in message
-    assert gpu_kernel_runtime_problem(cce, on_gpu=True, model_type="bert") is None  # cce is not per family
+    assert liger_family_problem(cce, "bert") is None  # cce is not per family
 
 
 def test_liger_is_refused_in_a_sweep_whose_trials_share_the_process(monkeypatch):

@@ -195,7 +195,7 @@ def gpu_kernel_problems(cfg: DictConfig) -> List[str]:
     trainer, and for a fused loss a head it can read whole: no adapter on lm_head, and a plan that
     holds lm_head (ZeRO-3 gathers its weight only inside the head's own forward, and a fused loss
     reads it outside). The GPU, the precision and, for Liger, the model family are checked when
-    the run starts (fttrain.loss.gpu_kernel_runtime_problem)."""
+    the run starts (fttrain.loss.gpu_kernel_runtime_problem, liger_family_problem)."""
     from fttrain.loss import FUSED_LOSSES, gpu_kernels
 
     trainer, out = cfg.trainer, []

@@ -36,7 +36,7 @@ from fttrain.env import check_world_size, detect_runtime, is_main_process, peak_
 from fttrain.models.load import load_tokenizer, param_counts, resolve_model_path, set_dropout
 from fttrain.rendezvous import launch_token, local_main_first
 from fttrain.preemption import StopOnSignal, remove_pid_file, requeue_job, signal_name, write_pid_file
-from fttrain.loss import gpu_kernel_runtime_problem, liger_kernel_config
+from fttrain.loss import gpu_kernel_runtime_problem, liger_family_problem, liger_kernel_config
 from fttrain.methods import apply_peft, method_of, optimizer_args, quantization_config, trainer_hooks
 from fttrain.tasks import task_of
 
@@ -129,9 +129,7 @@ class Recipe:
         config = AutoConfig.from_pretrained(self.model_path, revision=self.cfg.model.revision,
                                             trust_remote_code=self.cfg.model.trust_remote_code)
         problems = length_problems(self.cfg, config)
-        if liger_kernel_config(self.cfg.trainer) is not None:  # on a GPU by now (setup_launch)
-            problems += filter(None, [gpu_kernel_runtime_problem(self.cfg.trainer, True, self.runtime.precision,
-                                                                 model_type=config.model_type)])
+        problems += filter(None, [liger_family_problem(self.cfg.trainer, config.model_type)])
         if problems:
             raise ConfigCheckError(problems)
 
