@@ -79,6 +79,9 @@ def imported_after_the_trainer_stack(**env) -> set:
 
 @pytest.mark.slow
 def test_the_trainer_stack_imports_none_of_them_when_kept_out():
-    # The same imports load all three when nothing is kept out: the test can fail.
-    assert imported_after_the_trainer_stack(FTTRAIN_IMPORT_ALL="1") == ALL
+    # The same imports load some of them when nothing is kept out, so the test can fail. Which ones
+    # depends on the installed releases: DeepSpeed and torchao always so far, bitsandbytes with
+    # some (not with peft 0.22, transformers 5.25, accelerate 1.16, bitsandbytes 0.50).
+    loaded = imported_after_the_trainer_stack(FTTRAIN_IMPORT_ALL="1")
+    assert loaded <= ALL and len(loaded) >= 2, loaded
     assert imported_after_the_trainer_stack(FTTRAIN_IMPORT_ALL="0") == set()
