@@ -40,16 +40,11 @@ import numpy as np
 
 @lru_cache(maxsize=1)
 def _byte_of_char() -> Dict[str, int]:
-    """The byte-level alphabet backwards: the printable character each byte is written as in
-    a byte-level BPE vocabulary (GPT-2's table: printable Latin-1 bytes as themselves, the
-    other 68 bytes as the characters from U+0100 on) -> that byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {b: b for b in printable}, 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = 256 + extra
-            extra += 1
-    return {chr(c): b for b, c in chars.items()}
+    """The byte-level alphabet backwards: the character each byte is written as in a byte-level
+    BPE vocabulary (GPT-2's table, the one transformers converts such tokenizers with) -> that byte."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def _walk(node) -> Iterator[dict]:
@@ -116,9 +111,10 @@ class ByteTokens:
 
     @classmethod
     def of(cls, backend) -> Optional["ByteTokens"]:
-        """The table of a fast tokenizer's Rust backend, or None where its offsets cannot be read
-        from bytes: not a byte-level decoder, offsets trimmed of whitespace by the post-processor,
-        or a vocabulary entry outside the byte-level alphabet."""
+        """The table of a fast tokenizer's Rust backend, or None where its offsets are not read
+        from bytes: not a byte-level decoder, a normalizer that is not per-character, a prefix
+        space, an added token that strips whitespace, offsets trimmed by the post-processor, a
+        component without a serialisation, or a vocabulary entry outside the byte-level alphabet."""
         if backend is None or not hasattr(backend, "get_vocab") or not hasattr(backend, "encode_batch_fast"):
             return None
         try:  # a custom (Python) component has no serialisation: not read this way
